@@ -1,0 +1,151 @@
+"""Fixtures shared by all test folders."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from chatmaild.config import default_config_text, read_config  # noqa: E402
+
+
+@pytest.fixture
+def make_ini(tmp_path):
+    """make_ini(domain="chat.example.org", **settings) -> path of a chatmail.ini whose
+    mailboxes, TURN secret and other state live under tmp_path."""
+
+    def make(mail_domain="chat.example.org", **settings):
+        values = {
+            "mailboxes_dir": tmp_path / "mail" / mail_domain,
+            "passdb_path": tmp_path / "passdb.sqlite",
+            "turn_secret_path": tmp_path / "turn-secret",
+        }
+        values.update(settings)
+        path = tmp_path / "chatmail.ini"
+        path.write_text(default_config_text(mail_domain, **values))
+        return path
+
+    return make
+
+
+@pytest.fixture
+def config(make_ini):
+    config = read_config(make_ini())
+    config.mailboxes_dir.mkdir(parents=True)
+    return config
+
+
+@pytest.fixture
+def make_config(make_ini):
+    def make(mail_domain="chat.example.org", **settings):
+        config = read_config(make_ini(mail_domain, **settings))
+        config.mailboxes_dir.mkdir(parents=True, exist_ok=True)
+        return config
+
+    return make
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Daemon:
+    """A chatmaild service started as its own process, as systemd would start it."""
+
+    def __init__(self, module, args, env=None):
+        self.stderr_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"daemon-{os.getpid()}-{id(self)}.err"
+        self._stderr = open(self.stderr_path, "w+b")
+        full_env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", f"chatmaild.{module}", *map(str, args)],
+            stdout=subprocess.DEVNULL, stderr=self._stderr, env=full_env,
+        )
+
+    @property
+    def stderr(self):
+        return self.stderr_path.read_text(errors="replace")
+
+    def wait_for(self, ready, timeout=15.0):
+        """Wait until ready() is true; fail with the daemon's stderr if it died."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.stderr}")
+            if ready():
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"daemon not ready after {timeout}s:\n{self.stderr}")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._stderr.close()
+        self.stderr_path.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def start_daemon():
+    """start_daemon(module, *args, ready=callable, env=None) -> Daemon (stopped at the end)."""
+    started = []
+
+    def start(module, *args, ready, env=None, timeout=15.0):
+        daemon = Daemon(module, args, env)
+        started.append(daemon)
+        daemon.wait_for(ready, timeout)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.stop()
+
+
+class DictClient:
+    """Speaks Dovecot's dict protocol over a unix socket, as Dovecot's proxy client does."""
+
+    def __init__(self, socket_path):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(10)
+        self.sock.connect(str(socket_path))
+        self.rfile = self.sock.makefile("rb")
+
+    def send(self, line):
+        self.sock.sendall(line.encode() + b"\n")
+
+    def readline(self):
+        return self.rfile.readline().decode().rstrip("\n")
+
+    def request(self, line):
+        self.send(line)
+        return self.readline()
+
+    def close(self):
+        self.rfile.close()
+        self.sock.close()
+
+
+@pytest.fixture
+def dict_client():
+    clients = []
+
+    def connect(socket_path):
+        client = DictClient(socket_path)
+        clients.append(client)
+        return client
+
+    yield connect
+    for client in clients:
+        client.close()
