@@ -9,7 +9,13 @@ DEPS = python3 python3-aiosmtpd python3-dkim python3-dnspython python3-filelock 
        python3-jinja2 python3-psutil python3-requests python3-pytest python3-setuptools \
        python3-venv python3-pip python3-build gpg sqop shellcheck
 
-.PHONY: all build test test-unit deps bench clean
+# Debian 13 runs Python 3.13 (no crypt module): the unit tests also run there when a 3.13
+# interpreter exists, in a virtualenv cached outside the checkout.
+PY313 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3) $(shell command -v python3.13))
+VENV313 ?= $(HOME)/.cache/chatmail-relay/py313-venv
+PY313_LIBS = aiosmtpd dkimpy dnspython filelock psutil requests pytest jinja2
+
+.PHONY: all build test test-unit test-py313 test-package deps bench clean
 
 all: build
 
@@ -20,10 +26,20 @@ deps:
 build:
 	$(PYTHON) -m build --no-isolation --outdir dist .
 
-test: test-unit
+test: test-unit test-package test-py313
 
 test-unit:
 	$(PYTEST) tests/unit
+
+test-package:
+	$(PYTEST) tests/package
+
+test-py313:
+	@if [ -z "$(PY313)" ]; then echo "test-py313: no Python 3.13 interpreter, skipped"; exit 0; fi; \
+	if [ ! -x $(VENV313)/bin/python ]; then \
+		$(PY313) -m venv $(VENV313) && $(VENV313)/bin/pip install -q $(PY313_LIBS); \
+	fi; \
+	$(VENV313)/bin/python -m pytest tests/unit
 
 bench:
 	$(PYTHON) bench/run.py
