@@ -1,0 +1,182 @@
+"""`chatmail`: the relay administrator's command.
+
+    chatmail setup DOMAIN      write a new chatmail.ini for mail domain DOMAIN
+    chatmail configure         apply chatmail.ini to the mail server
+    chatmail status            show the state of the relay's services
+    chatmail dns               show (or --check) the DNS records the relay needs
+
+Exit codes: 0 success, 1 failure, 2 wrong usage, 3 not available in this version.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from .config import (
+    DEFAULT_INI_PATH,
+    ConfigError,
+    check_mail_domain,
+    default_config_text,
+    parse_ini_params,
+)
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_AVAILABLE = 0, 1, 2, 3
+# Read by the services (vmail), the /new CGI (www-data) and root.
+INI_MODE = 0o644
+
+DESCRIPTION = """\
+Set up and inspect a chatmail relay, the Postfix + Dovecot mail server for Delta Chat.
+All settings live in one file, chatmail.ini (see --config)."""
+
+SETUP_HELP = """\
+Write a new chatmail.ini for mail domain DOMAIN with every other setting at its default,
+commented so that it can be edited. DOMAIN is the relay's fully qualified domain name (its
+addresses look like NAME@DOMAIN); a name starting with '_' (a test relay) or an IPv4
+address makes the relay use a self-signed certificate. An existing chatmail.ini for the
+same domain is left as it is; one for another domain is never overwritten."""
+
+CONFIGURE_HELP = """\
+Apply chatmail.ini to Postfix, Dovecot, nginx, OpenDKIM and the relay's own services,
+and reload whatever changed. Run it after editing chatmail.ini. Running it again without
+changes changes nothing."""
+
+STATUS_HELP = """\
+Show whether the relay's services are running, its certificate's state and the
+settings in effect."""
+
+DNS_HELP = """\
+Show the DNS records the relay needs (A/AAAA, MX, SPF, DKIM, DMARC, MTA-STS, SRV,
+CAA), to be entered at the domain's DNS provider."""
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="chatmail", description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config", metavar="PATH", type=Path, default=Path(DEFAULT_INI_PATH),
+        help=f"the relay's chatmail.ini (default: {DEFAULT_INI_PATH})",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add_command(name, summary, description, handler):
+        command = commands.add_parser(
+            name, help=summary, description=description,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        command.set_defaults(handler=handler)
+        return command
+
+    setup = add_command("setup", "write a new chatmail.ini for a mail domain", SETUP_HELP,
+                        cmd_setup)
+    setup.add_argument("domain", metavar="DOMAIN",
+                       help="the mail domain, e.g. chat.example.org")
+    add_command("configure", "apply chatmail.ini to the mail server", CONFIGURE_HELP,
+                cmd_not_available)
+    add_command("status", "show the state of the relay's services", STATUS_HELP,
+                cmd_not_available)
+    dns = add_command("dns", "show the DNS records the relay needs", DNS_HELP,
+                      cmd_not_available)
+    dns.add_argument("--check", action="store_true",
+                     help="compare the records with what DNS serves now and report the "
+                     "missing or wrong ones (exit status 1 if there are any)")
+    dns.add_argument("--zonefile", metavar="F",
+                     help="write the records to file F in zone file format")
+    return parser
+
+
+def error(message):
+    print(f"chatmail: {message}", file=sys.stderr)
+
+
+def configured_domain(path):
+    """The mail_domain written in an existing ini file (None if it has none)."""
+    params = parse_ini_params(path.read_text(encoding="utf-8"), path)
+    domain = params.get("mail_domain")
+    return domain.strip() if domain is not None else None
+
+
+def create_exclusive(path, data, mode):
+    """Write a new file whole, failing with FileExistsError if `path` already exists.
+
+    The content is written to a temporary file that is then hard-linked into place, so
+    nobody sees a half-written file and a file created meanwhile is not overwritten.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
+
+
+def cmd_setup(args):
+    domain = args.domain
+    problem = check_mail_domain(domain)
+    if problem:
+        error(f"{domain!r} cannot be a mail domain: {problem}")
+        return EXIT_FAILURE
+    path = args.config
+    if path.exists():
+        return check_existing_config(path, domain)
+    try:
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    except OSError as exc:
+        error(f"cannot write {path}: {exc}")
+        return EXIT_FAILURE
+    try:
+        create_exclusive(path, default_config_text(domain).encode("utf-8"), INI_MODE)
+    except FileExistsError:  # created meanwhile
+        return check_existing_config(path, domain)
+    except OSError as exc:
+        error(f"cannot write {path}: {exc}")
+        return EXIT_FAILURE
+    print(f"Wrote {path} for mail domain {domain}.")
+    print("Review the settings in it, then run 'chatmail configure'.")
+    return EXIT_OK
+
+
+def check_existing_config(path, domain):
+    """setup when chatmail.ini exists: fine for the same domain, refused for another."""
+    try:
+        existing = configured_domain(path)
+    except (OSError, UnicodeDecodeError, ConfigError) as exc:
+        error(f"{path} exists but cannot be read ({exc}); not overwriting it. "
+              "Fix or move it away, then run 'chatmail setup' again.")
+        return EXIT_FAILURE
+    if existing == domain:
+        print(f"{path} already exists for mail domain {domain}; left unchanged.")
+        return EXIT_OK
+    error(
+        f"{path} already exists for mail domain {existing!r}, not {domain!r}; "
+        "not overwriting it. To change the relay's domain, edit mail_domain in that file "
+        "(or run 'dpkg-reconfigure chatmail-relay'), then run 'chatmail configure'. "
+        "Addresses of the old domain stop working."
+    )
+    return EXIT_FAILURE
+
+
+def cmd_not_available(args):
+    error(f"'chatmail {args.command}' is not available yet: it arrives with the "
+          "chatmail-relay package.")
+    return EXIT_NOT_AVAILABLE
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""The `chatmail` admin command: help texts, `setup`, and the commands still to come."""
+
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from chatmaild.cli import main
+from chatmaild.config import read_config
+
+from ..conftest import REPO
+
+SUBCOMMANDS = ("setup", "configure", "status", "dns")
+
+
+def run_chatmail(*args):
+    """The command as an admin runs it: its own process, output as printed."""
+    return subprocess.run(
+        [sys.executable, "-m", "chatmaild.cli", *map(str, args)],
+        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)),
+        timeout=60,
+    )
+
+
+def test_without_arguments_prints_help():
+    result = run_chatmail()
+    assert result.returncode == 2
+    assert result.stdout.startswith("usage: chatmail")
+    for command in SUBCOMMANDS:
+        assert command in result.stdout
+    assert "--config" in result.stdout
+
+
+def test_main_help_names_the_default_config(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "/etc/chatmail/chatmail.ini" in out
+    assert "chatmail relay" in out
+
+
+@pytest.mark.parametrize("command,expected", [
+    ("setup", ["DOMAIN", "self-signed", "never overwritten"]),
+    ("configure", ["Apply chatmail.ini", "changes nothing"]),
+    ("status", ["services are running"]),
+    ("dns", ["DNS records", "--check", "--zonefile F"]),
+])
+def test_subcommand_help(command, expected, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: chatmail {command}")
+    for text in expected:
+        assert text in " ".join(out.split()), text
+
+
+def test_unknown_command_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["frobnicate"])
+    assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("domain", ["chat.example.org", "_test.example.org", "192.0.2.7"])
+def test_setup_writes_a_loadable_config(tmp_path, domain, capsys):
+    ini = tmp_path / "etc" / "chatmail" / "chatmail.ini"
+
+    assert main(["--config", str(ini), "setup", domain]) == 0
+
+    config = read_config(ini)
+    assert config.mail_domain_bare == domain
+    assert stat.S_IMODE(ini.stat().st_mode) == 0o644
+    assert sorted(os.listdir(ini.parent)) == ["chatmail.ini"]
+    assert "chatmail configure" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("domain,reason", [
+    ("localhost", "fully qualified"),
+    ("Chat.Example.org", "lower case"),
+    ("chat..example.org", "not a valid domain label"),
+    ("-chat.example.org", "not a valid domain label"),
+    ("chat.example.123", "all digits"),
+    ("", "empty"),
+])
+def test_setup_refuses_bad_domains(tmp_path, domain, reason, capsys):
+    ini = tmp_path / "chatmail.ini"
+    assert main(["--config", str(ini), "setup", "--", domain]) == 1
+    err = capsys.readouterr().err
+    assert "cannot be a mail domain" in err and reason in err
+    assert not ini.exists()
+
+
+def test_setup_keeps_an_existing_config_for_the_same_domain(tmp_path, capsys):
+    ini = tmp_path / "chatmail.ini"
+    main(["--config", str(ini), "setup", "chat.example.org"])
+    edited = ini.read_text() + "max_mailbox_size = 2G\n"
+    ini.write_text(edited)
+
+    assert main(["--config", str(ini), "setup", "chat.example.org"]) == 0
+
+    assert ini.read_text() == edited
+    assert "left unchanged" in capsys.readouterr().out
+
+
+def test_setup_never_overwrites_another_domain(tmp_path):
+    ini = tmp_path / "chatmail.ini"
+    main(["--config", str(ini), "setup", "chat.example.org"])
+    before = ini.read_text()
+
+    result = run_chatmail("--config", ini, "setup", "other.example.net")
+
+    assert result.returncode == 1
+    assert ini.read_text() == before
+    assert "already exists for mail domain 'chat.example.org', not 'other.example.net'" \
+        in result.stderr
+    assert "not overwriting" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_setup_never_overwrites_an_unreadable_file(tmp_path, capsys):
+    ini = tmp_path / "chatmail.ini"
+    ini.write_text("this is not an ini file\n")
+    assert main(["--config", str(ini), "setup", "chat.example.org"]) == 1
+    assert ini.read_text() == "this is not an ini file\n"
+    assert "cannot be read" in capsys.readouterr().err
+
+
+def test_setup_reports_an_unwritable_place(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["--config", str(blocker / "chatmail.ini"), "setup", "chat.example.org"]) == 1
+    assert "cannot write" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["configure"], ["status"], ["dns"],
+                                  ["dns", "--check"], ["dns", "--zonefile", "zone.txt"]])
+def test_commands_of_the_packaging_are_not_available_yet(args, tmp_path):
+    result = run_chatmail("--config", tmp_path / "chatmail.ini", *args)
+    assert result.returncode == 3
+    assert "arrives with the chatmail-relay package" in result.stderr
