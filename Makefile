@@ -7,7 +7,9 @@ PYTEST ?= $(PYTHON) -m pytest
 # Debian packages needed to build and test on a fresh Debian 12 machine.
 DEPS = python3 python3-aiosmtpd python3-dkim python3-dnspython python3-filelock \
        python3-jinja2 python3-psutil python3-requests python3-pytest python3-setuptools \
-       python3-venv python3-pip python3-build gpg sqop shellcheck
+       python3-venv python3-pip python3-build gpg sqop shellcheck fcgiwrap \
+       debhelper dh-python pybuild-plugin-pyproject python3-all help2man lintian \
+       fakeroot dpkg-dev
 
 # Debian 13 runs Python 3.13 (no crypt module): the unit tests also run there when a 3.13
 # interpreter exists, in a virtualenv cached outside the checkout.
@@ -23,15 +25,22 @@ deps:
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEPS) >/dev/null
 
+# Packages are built from a copy of the tree, so the checkout stays clean.
 build:
-	$(PYTHON) -m build --no-isolation --outdir dist .
+	rm -rf build/deb && mkdir -p build/deb/src dist
+	tar --exclude=./.git --exclude=./build --exclude=./dist --exclude='*/__pycache__' \
+		-cf - . | tar -xf - -C build/deb/src
+	cd build/deb/src && dpkg-buildpackage -b -us -uc --no-sign >../build.log 2>&1 \
+		|| { tail -40 ../build.log; exit 1; }
+	rm -f dist/*.deb && mv build/deb/*.deb dist/
+	@ls -1 dist/*.deb
 
 test: test-unit test-package test-py313
 
 test-unit:
 	$(PYTEST) tests/unit
 
-test-package:
+test-package: build
 	$(PYTEST) tests/package
 
 test-py313:

@@ -1,0 +1,55 @@
+"""The built .deb packages: lintian-clean, with the files where units and admins expect them."""
+
+import subprocess
+
+import pytest
+
+from tests.conftest import REPO
+
+DIST = REPO / "dist"
+
+
+def debs():
+    found = sorted(DIST.glob("*.deb"))
+    if not found:
+        pytest.fail("no packages in dist/: run `make build` first")
+    return found
+
+
+def deb_named(name):
+    matches = [deb for deb in debs() if deb.name.startswith(name + "_")]
+    assert matches, f"no {name} package in {DIST}"
+    return matches[0]
+
+
+def contents(deb):
+    out = subprocess.run(["dpkg-deb", "--contents", str(deb)], capture_output=True,
+                         text=True, check=True).stdout
+    return {line.split()[5].lstrip(".") for line in out.splitlines()}
+
+
+def test_lintian_clean():
+    result = subprocess.run(
+        ["lintian", "--fail-on", "error,warning", "--display-info", *map(str, debs())],
+        capture_output=True, text=True)
+    problems = [line for line in result.stdout.splitlines() if line[:2] in ("E:", "W:")]
+    assert result.returncode == 0 and not problems, result.stdout + result.stderr
+
+
+def test_python3_chatmaild_layout():
+    files = contents(deb_named("python3-chatmaild"))
+    assert "/usr/bin/chatmail" in files
+    assert "/usr/share/man/man8/chatmail.8.gz" in files
+    for daemon in ["doveauth", "lastlogin", "chatmail-metadata", "filtermail",
+                   "chatmail-expire", "chatmail-quota-expire", "chatmail-fsreport",
+                   "chatmail-newemail"]:
+        assert f"/usr/libexec/chatmail/{daemon}" in files
+        assert f"/usr/bin/{daemon}" not in files
+    assert "/usr/lib/python3/dist-packages/chatmaild/defaults/appversions.json" in files
+
+
+def test_python3_chatmaild_depends_on_debian_libraries():
+    fields = subprocess.run(["dpkg-deb", "--field", str(deb_named("python3-chatmaild")),
+                             "Depends"], capture_output=True, text=True, check=True).stdout
+    for lib in ["python3-aiosmtpd", "python3-dkim", "python3-filelock", "python3-psutil"]:
+        assert lib in fields
