@@ -3,6 +3,8 @@
 
 PYTHON ?= /usr/bin/python3
 PYTEST ?= $(PYTHON) -m pytest
+# Debian tools must see Debian's python3, not one a version manager put first on PATH.
+SYSTEM_PATH = /usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin
 
 # Debian packages needed to build and test on a fresh Debian 12 machine.
 DEPS = python3 python3-aiosmtpd python3-dkim python3-dnspython python3-filelock \
@@ -30,7 +32,7 @@ build:
 	rm -rf build/deb && mkdir -p build/deb/src dist
 	tar --exclude=./.git --exclude=./build --exclude=./dist --exclude='*/__pycache__' \
 		-cf - . | tar -xf - -C build/deb/src
-	cd build/deb/src && dpkg-buildpackage -b -us -uc --no-sign >../build.log 2>&1 \
+	cd build/deb/src && PATH=$(SYSTEM_PATH) dpkg-buildpackage -b -us -uc --no-sign >../build.log 2>&1 \
 		|| { tail -40 ../build.log; exit 1; }
 	rm -f dist/*.deb && mv build/deb/*.deb dist/
 	@ls -1 dist/*.deb

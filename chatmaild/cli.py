@@ -14,6 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from . import __version__
 from .config import (
     DEFAULT_INI_PATH,
     ConfigError,
@@ -60,6 +61,7 @@ def build_parser():
         "--config", metavar="PATH", type=Path, default=Path(DEFAULT_INI_PATH),
         help=f"the relay's chatmail.ini (default: {DEFAULT_INI_PATH})",
     )
+    parser.add_argument("--version", action="version", version=f"chatmail {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def add_command(name, summary, description, handler):
