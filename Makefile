@@ -23,9 +23,15 @@ PY313_LIBS = aiosmtpd dkimpy dnspython filelock psutil requests pytest jinja2
 
 all: build
 
+# Services in these packages (coturn, fcgiwrap, later postfix, dovecot, nginx) must not start
+# on the build host: a temporary policy-rc.d denies it while they are installed.
 deps:
 	apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEPS) >/dev/null
+	@made=; if [ ! -e /usr/sbin/policy-rc.d ]; then \
+		printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && made=1; \
+	fi; \
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEPS) >/dev/null; \
+	status=$$?; [ -z "$$made" ] || rm -f /usr/sbin/policy-rc.d; exit $$status
 
 # Packages are built from a copy of the tree, so the checkout stays clean.
 build:
