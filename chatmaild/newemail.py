@@ -114,10 +114,24 @@ def respond(environ):
     )
 
 
+USAGE = """\
+usage: chatmail-newemail
+
+A CGI program for the relay's /new endpoint (run by fcgiwrap behind nginx): answers with
+JSON credentials for a new address. The account is created by its first login.
+Reads CHATMAIL_INI, default /etc/chatmail/chatmail.ini.
+"""
+
+
 def main(argv=None, environ=None):
-    """Answer one CGI request. Command line arguments are ignored: CGI servers may pass
-    parts of the query string there."""
-    exit_code, response = respond(os.environ if environ is None else environ)
+    """Answer one CGI request. Command line arguments are ignored under CGI: servers may
+    pass parts of the query string there."""
+    environ = os.environ if environ is None else environ
+    if "GATEWAY_INTERFACE" not in environ:
+        # Run by hand, not by a web server.
+        sys.stdout.write(USAGE)
+        return 0 if set(sys.argv[1:] if argv is None else argv) & {"-h", "--help"} else 2
+    exit_code, response = respond(environ)
     sys.stdout.buffer.write(response)
     sys.stdout.buffer.flush()
     return exit_code
