@@ -8,7 +8,7 @@ SYSTEM_PATH = /usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin
 
 # Debian packages needed to build and test on a fresh Debian 12 machine.
 DEPS = python3 python3-aiosmtpd python3-dkim python3-dnspython python3-filelock \
-       python3-jinja2 python3-psutil python3-requests python3-pytest python3-setuptools \
+       python3-jinja2 python3-psutil python3-pytest python3-setuptools \
        python3-venv python3-pip python3-build gpg sqop shellcheck fcgiwrap coturn openssl dovecot-core \
        debhelper dh-python pybuild-plugin-pyproject python3-all help2man lintian \
        fakeroot dpkg-dev
@@ -17,7 +17,7 @@ DEPS = python3 python3-aiosmtpd python3-dkim python3-dnspython python3-filelock 
 # interpreter exists, in a virtualenv cached outside the checkout.
 PY313 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3) $(shell command -v python3.13))
 VENV313 ?= $(HOME)/.cache/chatmail-relay/py313-venv
-PY313_LIBS = aiosmtpd dkimpy dnspython filelock psutil requests pytest jinja2
+PY313_LIBS = aiosmtpd dkimpy dnspython filelock psutil pytest jinja2
 
 .PHONY: all build test test-unit test-py313 test-package deps bench clean
 
