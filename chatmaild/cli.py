@@ -9,9 +9,7 @@ Exit codes: 0 success, 1 failure, 2 wrong usage, 3 not available in this version
 """
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from . import __version__
@@ -22,6 +20,7 @@ from .config import (
     default_config_text,
     parse_ini_params,
 )
+from .files import write_atomic
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_AVAILABLE = 0, 1, 2, 3
 # Read by the services (vmail), the /new CGI (www-data) and root.
@@ -101,24 +100,6 @@ def configured_domain(path):
     return domain.strip() if domain is not None else None
 
 
-def create_exclusive(path, data, mode):
-    """Write a new file whole, failing with FileExistsError if `path` already exists.
-
-    The content is written to a temporary file that is then hard-linked into place, so
-    nobody sees a half-written file and a file created meanwhile is not overwritten.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.link(tmp, path)
-    finally:
-        os.unlink(tmp)
-
-
 def cmd_setup(args):
     domain = args.domain
     problem = check_mail_domain(domain)
@@ -134,7 +115,7 @@ def cmd_setup(args):
         error(f"cannot write {path}: {exc}")
         return EXIT_FAILURE
     try:
-        create_exclusive(path, default_config_text(domain).encode("utf-8"), INI_MODE)
+        write_atomic(path, default_config_text(domain).encode("utf-8"), INI_MODE, replace=False)
     except FileExistsError:  # created meanwhile
         return check_existing_config(path, domain)
     except OSError as exc:

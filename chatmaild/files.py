@@ -12,8 +12,10 @@ import filelock
 log = logging.getLogger(__name__)
 
 
-def write_atomic(path, data, mode=0o600):
-    """Write bytes so that readers see either the old or the new content, never a part."""
+def write_atomic(path, data, mode=0o600, gid=-1, replace=True):
+    """Write bytes so that readers see either no file, the old or the new content, never
+    a part. With replace=False an existing file is kept and FileExistsError raised, also
+    when another process created it meanwhile (link() does not overwrite)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -21,14 +23,17 @@ def write_atomic(path, data, mode=0o600):
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chown(tmp, -1, gid)
         os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    finally:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        raise
 
 
 class JsonFile:

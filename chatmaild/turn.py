@@ -11,11 +11,12 @@ per relay at install time (`python3 -m chatmaild.turn generate-secret PATH`).
 import base64
 import hashlib
 import hmac
-import os
 import secrets
 import sys
 import time
 from pathlib import Path
+
+from .files import write_atomic
 
 CREDENTIAL_LIFETIME = 5 * 24 * 3600  # as upstream's chatmail-turn
 TURN_PORT = 3478
@@ -75,26 +76,14 @@ def generate_secret(path, group=None):
         return False
     # 32 random bytes as hex: no character that needs quoting in turnserver.conf.
     secret = secrets.token_hex(32)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    gid = -1 if group is None else _gid(group)
+    data = (secret + "\n").encode("ascii")
     try:
-        with os.fdopen(fd, "w", encoding="ascii") as f:
-            f.write(secret + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        if group is not None:
-            os.chown(tmp, -1, _gid(group))
-        os.chmod(tmp, SECRET_FILE_MODE)
-        if stored is not None:
-            os.replace(tmp, path)  # an empty leftover holds no secret
-        else:
-            # link() fails if another installer created the file meanwhile: theirs wins.
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                return False
-    finally:
-        tmp.unlink(missing_ok=True)
+        # An empty leftover holds no secret and may be replaced; otherwise another
+        # installer that created the file meanwhile wins.
+        write_atomic(path, data, SECRET_FILE_MODE, gid, replace=stored is not None)
+    except FileExistsError:
+        return False
     return True
 
 
