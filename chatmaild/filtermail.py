@@ -250,7 +250,7 @@ class OutgoingFilter(BeforeQueueFilter):
         if len(address.split("@")) != 2:
             return f"500 Invalid from address <{printable(address)}>"
         if not self.rate_limiter.is_sending_allowed(address):
-            return f"450 4.7.1: Too much mail from <{printable(address)}>"
+            return f"450 4.7.1: Too much mail from {printable(address)}"
         return None
 
     def inspect(self, envelope):

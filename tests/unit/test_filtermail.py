@@ -215,7 +215,7 @@ def test_outgoing_rate_limit(make_config):
     outgoing = OutgoingFilter(config)
     results = [outgoing.check_MAIL(ALICE) for _ in range(5)]
     assert results[:3] == [None] * 3
-    assert results[3] == f"450 4.7.1: Too much mail from <{ALICE}>"
+    assert results[3] == f"450 4.7.1: Too much mail from {ALICE}"
     assert results[3].startswith("450 4.7.1: Too much mail from")
     assert outgoing.check_MAIL(BOB) is None
 
