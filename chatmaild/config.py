@@ -237,9 +237,11 @@ class Config:
             self.tls_cert_path = "/etc/ssl/certs/mailserver.pem"
             self.tls_key_path = "/etc/ssl/private/mailserver.key"
         else:
+            # certbot's layout (upstream used acmetool's /var/lib/acme/live/<D>/).
             self.tls_cert_mode = "acme"
-            self.tls_cert_path = f"/var/lib/acme/live/{self.mail_domain_bare}/fullchain"
-            self.tls_key_path = f"/var/lib/acme/live/{self.mail_domain_bare}/privkey"
+            live = f"/etc/letsencrypt/live/{self.mail_domain_bare}"
+            self.tls_cert_path = f"{live}/fullchain.pem"
+            self.tls_key_path = f"{live}/privkey.pem"
 
     @property
     def inipath(self):
