@@ -185,13 +185,11 @@ class Config:
         self.notification_url = pop(
             "notification_url", "https://notifications.delta.chat/notify", str
         ).strip()
-        iroh_relay = pop("iroh_relay", None, str)
-        if iroh_relay is None:
-            self.iroh_relay = "https://" + domain
-            self.enable_iroh_relay = True
-        else:
-            self.iroh_relay = iroh_relay.strip()
-            self.enable_iroh_relay = False
+        # Upstream runs its own iroh-relay when the key is absent and announces
+        # https://<domain>. Neither Debian nor Alpine packages iroh-relay, so we never run
+        # one: absent means announce none (clients then use their built-in default).
+        self.iroh_relay = pop("iroh_relay", "", str).strip()
+        self.enable_iroh_relay = False
         self.privacy_postal = pop("privacy_postal", None, str)
         self.privacy_mail = pop("privacy_mail", None, str)
         self.privacy_pdo = pop("privacy_pdo", None, str)

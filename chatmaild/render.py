@@ -17,7 +17,9 @@ conf/<component>/    Jinja2 templates, plus targets.toml listing what they becom
                                              #   by chatmaild/components/<component>.py
 
 Templates see `config` (chatmaild.config.Config), `platform` (the platform's facts as an
-object: platform.postfix_map_type) and `component` (the folder name). Rendering never
+object: platform.postfix_map_type), `component` (the folder name) and `read_text(path)`
+(a file's content without surrounding white space, "" if it does not exist: for secrets
+generated at install, such as coturn's). Rendering never
 touches the system: it returns RenderedFile objects; chatmaild.apply writes them.
 """
 
@@ -112,6 +114,13 @@ def _jinja_environment(folder):
     )
 
 
+def read_text(path):
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return ""
+
+
 def _read_targets(folder):
     try:
         with open(folder / "targets.toml", "rb") as f:
@@ -131,7 +140,8 @@ def render_component(component, config, platform):
     """Render the files of one conf/ folder; returns a list of RenderedFile."""
     folder = conf_dir() / component
     env = _jinja_environment(folder)
-    context = {"config": config, "platform": platform, "component": component}
+    context = {"config": config, "platform": platform, "component": component,
+               "read_text": read_text}
     rendered = []
     for target in _read_targets(folder):
         when = target.get("when")

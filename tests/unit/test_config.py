@@ -64,7 +64,8 @@ def test_defaults_match_upstream(tmp_path):
     assert c.mtail_address is None
     assert not c.disable_ipv6 and not c.imap_rawlog and not c.imap_compress
     assert c.turn_socket_path == "/run/chatmail-turn/turn.socket"
-    assert c.iroh_relay == "https://chat.example.org" and c.enable_iroh_relay
+    # we ship no iroh-relay, so nothing is announced unless configured
+    assert c.iroh_relay == "" and not c.enable_iroh_relay
     assert c.privacy_mail is None
     assert c.tls_cert_mode == "acme"
     assert c.tls_cert_path == "/etc/letsencrypt/live/chat.example.org/fullchain.pem"

@@ -212,8 +212,9 @@ def test_hostile_users_never_touch_files(server, config, tmp_path, user):
     assert not Path("/tmp/evil").exists()
 
 
-def test_irohrelay_defaults_to_the_mail_domain(server):
-    assert server.handle_line(f"L{VENDOR}irohrelay\t{ADDR}", {}) == f"Ohttps://{DOMAIN}\n"
+def test_no_irohrelay_announced_by_default(server):
+    # We ship no iroh-relay, so unless one is configured clients keep their default.
+    assert server.handle_line(f"L{VENDOR}irohrelay\t{ADDR}", {}) == "N\n"
 
 
 @pytest.mark.parametrize("value, reply", [
@@ -356,7 +357,7 @@ def test_daemon_stores_tokens_answers_lookups_and_pushes(
     assert set_token(client, "tok-b", tx="3") == "O"
     assert client.request(f"Lpriv/guid00/devicetoken\t{ADDR}") == "Otok-a tok-b"
     assert client.request(f"L{VENDOR}maxsmtprecipients\t{ADDR}") == "O1000"
-    assert client.request(f"L{VENDOR}irohrelay\t{ADDR}") == f"Ohttps://{DOMAIN}"
+    assert client.request(f"L{VENDOR}irohrelay\t{ADDR}") == "N"
     assert client.request(f"L{VENDOR}turn\t{ADDR}").startswith(f"O{DOMAIN}:3478:")
     assert json.loads(client.request(f"L{VENDOR}appversions\t{ADDR}")[1:])["clients"]
     assert client.request(f"Lshared/0123/comment\t{ADDR}") == "N"
