@@ -9,6 +9,7 @@ Exit codes: 0 success, 1 failure, 2 wrong usage, 3 not available in this version
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -41,6 +42,11 @@ CONFIGURE_HELP = """\
 Apply chatmail.ini to Postfix, Dovecot, nginx, OpenDKIM and the relay's own services,
 and reload whatever changed. Run it after editing chatmail.ini. Running it again without
 changes changes nothing."""
+
+APPLY_FILES_HELP = """\
+One step of 'chatmail configure': render the configuration files from chatmail.ini,
+check them with each daemon's own checker, and write them only if all are valid. Files
+you edited are kept; the new version is put next to them."""
 
 STATUS_HELP = """\
 Show whether the relay's services are running, its certificate's state and the
@@ -75,8 +81,14 @@ def build_parser():
                         cmd_setup)
     setup.add_argument("domain", metavar="DOMAIN",
                        help="the mail domain, e.g. chat.example.org")
-    add_command("configure", "apply chatmail.ini to the mail server", CONFIGURE_HELP,
-                cmd_not_available)
+    configure = add_command("configure", "apply chatmail.ini to the mail server",
+                            CONFIGURE_HELP, cmd_configure)
+    configure.add_argument("--no-reload", action="store_true",
+                           help="write the configuration but do not start or reload services")
+    configure.add_argument("--reload", metavar="SERVICE", action="append", default=[],
+                           help="also reload SERVICE (e.g. after a new certificate)")
+    add_command("apply-files", "(used by configure) render, validate and write the "
+                "configuration files", APPLY_FILES_HELP, cmd_apply_files)
     add_command("status", "show the state of the relay's services", STATUS_HELP,
                 cmd_not_available)
     dns = add_command("dns", "show the DNS records the relay needs", DNS_HELP,
@@ -144,6 +156,50 @@ def check_existing_config(path, domain):
         "Addresses of the old domain stop working."
     )
     return EXIT_FAILURE
+
+
+def load_config_or_error(path):
+    from .config import read_config
+
+    try:
+        return read_config(path)
+    except ConfigError as exc:
+        error(str(exc))
+        return None
+
+
+def cmd_configure(args):
+    from .configure import StepFailed, run_steps
+    from .render import RenderError, load_platform
+
+    if os.geteuid() != 0:
+        error("configure changes system files: run it as root")
+        return EXIT_FAILURE
+    config = load_config_or_error(args.config)
+    if config is None:
+        return EXIT_FAILURE
+    try:
+        run_steps(config, load_platform(), no_reload=args.no_reload, reload=args.reload)
+    except (StepFailed, RenderError) as exc:
+        error(str(exc))
+        return EXIT_FAILURE
+    print("chatmail configure: done")
+    return EXIT_OK
+
+
+def cmd_apply_files(args):
+    from .configure import apply_configuration
+    from .render import RenderError, load_platform
+
+    config = load_config_or_error(args.config)
+    if config is None:
+        return EXIT_FAILURE
+    try:
+        return apply_configuration(config, load_platform(),
+                                   os.environ.get("CHATMAIL_RELOAD_LIST"))
+    except RenderError as exc:
+        error(str(exc))
+        return EXIT_FAILURE
 
 
 def cmd_not_available(args):

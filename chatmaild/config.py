@@ -11,6 +11,7 @@ from importlib import resources
 from pathlib import Path
 
 DEFAULT_INI_PATH = "/etc/chatmail/chatmail.ini"
+ACME_TLS_DIR = "/etc/chatmail/tls"
 SECTION = "params"
 
 # key -> (default, parser). Parsers raise ValueError with the expected form.
@@ -235,11 +236,12 @@ class Config:
             self.tls_cert_path = "/etc/ssl/certs/mailserver.pem"
             self.tls_key_path = "/etc/ssl/private/mailserver.key"
         else:
-            # certbot's layout (upstream used acmetool's /var/lib/acme/live/<D>/).
+            # Services read these stable paths: links to a self-signed bootstrap
+            # certificate until certbot has one, then to certbot's live files. So a relay
+            # works from the first install on, before DNS and ACME do.
             self.tls_cert_mode = "acme"
-            live = f"/etc/letsencrypt/live/{self.mail_domain_bare}"
-            self.tls_cert_path = f"{live}/fullchain.pem"
-            self.tls_key_path = f"{live}/privkey.pem"
+            self.tls_cert_path = f"{ACME_TLS_DIR}/fullchain.pem"
+            self.tls_key_path = f"{ACME_TLS_DIR}/privkey.pem"
 
     @property
     def inipath(self):

@@ -135,7 +135,15 @@ def test_setup_reports_an_unwritable_place(tmp_path, capsys):
     assert "cannot write" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args", [["configure"], ["status"], ["dns"],
+def test_configure_with_a_broken_ini_changes_nothing(tmp_path):
+    ini = tmp_path / "chatmail.ini"
+    ini.write_text("[params]\nmail_domain = Not A Domain\n")
+    result = run_chatmail("--config", ini, "configure")
+    assert result.returncode == 1
+    assert "mail_domain" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args", [["status"], ["dns"],
                                   ["dns", "--check"], ["dns", "--zonefile", "zone.txt"]])
 def test_commands_of_the_packaging_are_not_available_yet(args, tmp_path):
     result = run_chatmail("--config", tmp_path / "chatmail.ini", *args)

@@ -68,8 +68,8 @@ def test_defaults_match_upstream(tmp_path):
     assert c.iroh_relay == "" and not c.enable_iroh_relay
     assert c.privacy_mail is None
     assert c.tls_cert_mode == "acme"
-    assert c.tls_cert_path == "/etc/letsencrypt/live/chat.example.org/fullchain.pem"
-    assert c.tls_key_path == "/etc/letsencrypt/live/chat.example.org/privkey.pem"
+    assert c.tls_cert_path == "/etc/chatmail/tls/fullchain.pem"
+    assert c.tls_key_path == "/etc/chatmail/tls/privkey.pem"
     assert str(c.mailboxes_dir) == "/home/vmail/mail/chat.example.org"
     assert str(c.passdb_path) == "/home/vmail/passdb.sqlite"
     assert c.postfix_myhostname == "chat.example.org"
