@@ -43,6 +43,11 @@ Apply chatmail.ini to Postfix, Dovecot, nginx, OpenDKIM and the relay's own serv
 and reload whatever changed. Run it after editing chatmail.ini. Running it again without
 changes changes nothing."""
 
+SET_HELP = """\
+Change settings in chatmail.ini, keeping its comments and the admin's other lines. The
+result is checked first: if any value is invalid, the file is left unchanged. Run
+'chatmail configure' afterwards to apply it."""
+
 APPLY_FILES_HELP = """\
 One step of 'chatmail configure': render the configuration files from chatmail.ini,
 check them with each daemon's own checker, and write them only if all are valid. Files
@@ -87,6 +92,9 @@ def build_parser():
                            help="write the configuration but do not start or reload services")
     configure.add_argument("--reload", metavar="SERVICE", action="append", default=[],
                            help="also reload SERVICE (e.g. after a new certificate)")
+    setting = add_command("set", "change settings in chatmail.ini", SET_HELP, cmd_set)
+    setting.add_argument("settings", metavar="KEY=VALUE", nargs="+",
+                         help="a setting to change, e.g. max_mailbox_size=1G")
     add_command("apply-files", "(used by configure) render, validate and write the "
                 "configuration files", APPLY_FILES_HELP, cmd_apply_files)
     add_command("status", "show the state of the relay's services", STATUS_HELP,
@@ -200,6 +208,31 @@ def cmd_apply_files(args):
     except RenderError as exc:
         error(str(exc))
         return EXIT_FAILURE
+
+
+def cmd_set(args):
+    from .config import Config, set_ini_values
+
+    values = {}
+    for item in args.settings:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            error(f"expected KEY=VALUE, got {item!r}")
+            return EXIT_USAGE
+        values[key.strip()] = value.strip()
+    try:
+        text = args.config.read_text(encoding="utf-8")
+        new_text = set_ini_values(text, values)
+        Config(args.config, parse_ini_params(new_text, args.config))
+    except OSError as exc:
+        error(f"cannot read {args.config}: {exc.strerror}")
+        return EXIT_FAILURE
+    except ConfigError as exc:
+        error(f"{exc} (nothing was changed)")
+        return EXIT_FAILURE
+    if new_text != text:
+        write_atomic(args.config, new_text.encode("utf-8"), INI_MODE)
+    return EXIT_OK
 
 
 def cmd_not_available(args):

@@ -202,7 +202,8 @@ class Config:
         self.max_imap_connections = pop("max_imap_connections", "10000", parse_positive_int)
         self.max_smtp_connections = pop("max_smtp_connections", "1000", parse_positive_int)
 
-        self._set_tls(pop("tls_external_cert_and_key", "", str).strip())
+        self._set_tls(pop("tls_cert_mode", "", str).strip(),
+                      pop("tls_external_cert_and_key", "", str).strip())
 
         mailboxes_dir = pop("mailboxes_dir", f"/home/vmail/mail/{domain}", str)
         self.mailboxes_dir = Path(mailboxes_dir.strip())
@@ -221,27 +222,39 @@ class Config:
         except ValueError as exc:
             raise ConfigError(f"{self._inipath}: {key} = {raw!r}: expected {exc}") from None
 
-    def _set_tls(self, external):
-        if external:
+    def _set_tls(self, mode, external):
+        """Upstream derives the mode: external paths given, else self-signed for '_'
+        domains and IPv4 relays, else ACME. Ours may also be set explicitly
+        (tls_cert_mode), e.g. a self-signed certificate for a private relay."""
+        implied = "self" if self.mail_domain_bare.startswith("_") or self.ipv4_relay else "acme"
+        if mode not in ("", "acme", "self", "external"):
+            raise ConfigError(f"{self._inipath}: tls_cert_mode = {mode!r}: expected acme, "
+                              "self or external")
+        if mode == "external" and not external:
+            raise ConfigError(f"{self._inipath}: tls_cert_mode = external needs "
+                              "tls_external_cert_and_key = /path/fullchain.pem /path/privkey.pem")
+        if mode == "acme" and implied == "self":
+            raise ConfigError(f"{self._inipath}: tls_cert_mode = acme: a certificate "
+                              f"authority cannot certify {self.mail_domain_bare}; use self")
+        mode = mode or ("external" if external else implied)
+        if mode == "external":
             parts = external.split()
             if len(parts) != 2:
                 raise ConfigError(
                     f"{self._inipath}: tls_external_cert_and_key = {external!r}: expected "
                     "two paths separated by a space: /path/fullchain.pem /path/privkey.pem"
                 )
-            self.tls_cert_mode = "external"
             self.tls_cert_path, self.tls_key_path = parts
-        elif self.mail_domain_bare.startswith("_") or self.ipv4_relay:
-            self.tls_cert_mode = "self"
+        elif mode == "self":
             self.tls_cert_path = "/etc/ssl/certs/mailserver.pem"
             self.tls_key_path = "/etc/ssl/private/mailserver.key"
         else:
             # Services read these stable paths: links to a self-signed bootstrap
             # certificate until certbot has one, then to certbot's live files. So a relay
             # works from the first install on, before DNS and ACME do.
-            self.tls_cert_mode = "acme"
             self.tls_cert_path = f"{ACME_TLS_DIR}/fullchain.pem"
             self.tls_key_path = f"{ACME_TLS_DIR}/privkey.pem"
+        self.tls_cert_mode = mode
 
     @property
     def inipath(self):

@@ -149,3 +149,25 @@ def test_commands_of_the_packaging_are_not_available_yet(args, tmp_path):
     result = run_chatmail("--config", tmp_path / "chatmail.ini", *args)
     assert result.returncode == 3
     assert "arrives with the chatmail-relay package" in result.stderr
+
+
+def test_set_changes_keys_and_keeps_comments(tmp_path):
+    ini = tmp_path / "chatmail.ini"
+    assert run_chatmail("--config", ini, "setup", "chat.example.org").returncode == 0
+    result = run_chatmail("--config", ini, "set", "mail_domain=new.example.org",
+                          "max_mailbox_size=1G")
+    assert result.returncode == 0, result.stderr
+    text = ini.read_text()
+    assert "mail_domain = new.example.org\n" in text and "max_mailbox_size = 1G\n" in text
+    assert "# Mailbox quota" in text
+
+
+@pytest.mark.parametrize("setting", ["mail_domain=Bad Domain", "max_mailbox_size=lots",
+                                     "tls_cert_mode=magic"])
+def test_set_refuses_invalid_values_and_changes_nothing(tmp_path, setting):
+    ini = tmp_path / "chatmail.ini"
+    run_chatmail("--config", ini, "setup", "chat.example.org")
+    before = ini.read_bytes()
+    result = run_chatmail("--config", ini, "set", setting)
+    assert result.returncode == 1 and "nothing was changed" in result.stderr
+    assert ini.read_bytes() == before

@@ -215,3 +215,22 @@ def test_mailbox_path_refuses_hostile_names(config):
                 "a\n@chat.example.org", "nodomain", "a@b@chat.example.org"]:
         with pytest.raises(ValueError):
             config.mailbox_path(bad)
+
+
+def test_explicit_tls_cert_mode(make_ini):
+    assert read_config(make_ini(tls_cert_mode="self")).tls_cert_mode == "self"
+    assert read_config(make_ini(tls_cert_mode="acme")).tls_cert_mode == "acme"
+    c = read_config(make_ini(tls_cert_mode="external",
+                             tls_external_cert_and_key="/a/full.pem /a/key.pem"))
+    assert (c.tls_cert_mode, c.tls_key_path) == ("external", "/a/key.pem")
+
+
+@pytest.mark.parametrize("domain,settings,expected", [
+    ("chat.example.org", {"tls_cert_mode": "letsencrypt"}, "expected acme, self or external"),
+    ("chat.example.org", {"tls_cert_mode": "external"}, "needs tls_external_cert_and_key"),
+    ("_chat.example.org", {"tls_cert_mode": "acme"}, "cannot certify"),
+    ("203.0.113.5", {"tls_cert_mode": "acme"}, "cannot certify"),
+])
+def test_bad_tls_cert_mode(make_ini, domain, settings, expected):
+    with pytest.raises(ConfigError, match=expected):
+        read_config(make_ini(domain, **settings))
