@@ -42,6 +42,10 @@ class GeneratedFiles:
         self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         text = json.dumps(self.hashes, indent=1, sort_keys=True) + "\n"
         write_atomic(self.path, text.encode(), 0o644)
+        # The same paths for the package's postrm, which is shell and may run after
+        # python3-chatmaild is gone.
+        listing = "".join(f"{path}\n" for path in sorted(self.hashes))
+        write_atomic(self.path.with_suffix(".list"), listing.encode(), 0o644)
 
     def forget(self, path):
         self.hashes.pop(str(path), None)
@@ -133,4 +137,5 @@ def remove_generated(state_dir, root="/"):
             continue
         removed.append(key)
     record.path.unlink(missing_ok=True)
+    record.path.with_suffix(".list").unlink(missing_ok=True)
     return removed

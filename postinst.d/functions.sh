@@ -37,3 +37,10 @@ service() {
 is_ipv4_relay() {
 	[ -n "$CHATMAIL_IPV4_RELAY" ]
 }
+
+# record_created PATH: a file made at install (key, certificate, secret) that purge
+# removes. Files the admin brought are never recorded.
+record_created() {
+	list=$PLATFORM_STATE_DIR/created.list
+	grep -qxF "$1" "$list" 2>/dev/null || echo "$1" >>"$list"
+}

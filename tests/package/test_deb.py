@@ -53,3 +53,33 @@ def test_python3_chatmaild_depends_on_debian_libraries():
                              "Depends"], capture_output=True, text=True, check=True).stdout
     for lib in ["python3-aiosmtpd", "python3-dkim", "python3-filelock", "python3-psutil"]:
         assert lib in fields
+
+
+def test_chatmail_relay_layout():
+    files = contents(deb_named("chatmail-relay"))
+    assert "/usr/share/chatmail-relay/conf/platform.toml" in files
+    assert "/usr/share/chatmail-relay/postinst.d/50-files" in files
+    assert "/usr/share/chatmail-relay/postinst.d/functions.sh" in files
+    assert "/usr/share/chatmail-relay/hooks/certbot-deploy" in files
+    # nothing we generate is a dpkg conffile (unattended-upgrades would stall on it)
+    conffiles = subprocess.run(["dpkg-deb", "--ctrl-tarfile", str(deb_named("chatmail-relay"))],
+                               capture_output=True).stdout
+    assert b"./conffiles" not in conffiles
+
+
+def test_steps_are_executable_in_the_package():
+    out = subprocess.run(["dpkg-deb", "--contents", str(deb_named("chatmail-relay"))],
+                         capture_output=True, text=True, check=True).stdout
+    steps = [line for line in out.splitlines() if "/postinst.d/" in line and "/postinst.d/functions" not in line and not line.endswith("/")]
+    assert steps
+    for line in steps:
+        assert line.startswith("-rwxr-xr-x"), line
+
+
+def test_maintainer_scripts_are_shellcheck_clean():
+    scripts = [REPO / "debian" / name for name in
+               ("chatmail-relay.config", "chatmail-relay.postinst", "chatmail-relay.postrm")]
+    scripts += sorted((REPO / "postinst.d").iterdir()) + sorted((REPO / "hooks").iterdir())
+    result = subprocess.run(["shellcheck", "-x", "-s", "sh", *map(str, scripts)],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stdout

@@ -73,3 +73,11 @@ def test_purge_removes_what_we_generated_only(tmp_path):
     assert removed == ["/etc/a.conf", "/etc/b.conf"]
     assert sorted(os.listdir(tmp_path / "etc")) == ["other.conf"]
     assert GeneratedFiles(tmp_path / STATE.lstrip("/")).hashes == {}
+
+
+def test_plain_list_of_generated_files_for_the_postrm(tmp_path):
+    apply_files([item("/etc/b.conf", "b\n"), item("/etc/a.conf", "a\n")], STATE, root=tmp_path)
+    listing = tmp_path / STATE.lstrip("/") / "generated.list"
+    assert listing.read_text() == "/etc/a.conf\n/etc/b.conf\n"
+    remove_generated(STATE, root=tmp_path)
+    assert not listing.exists()
