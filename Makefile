@@ -11,7 +11,9 @@ DEPS = python3 python3-aiosmtpd python3-dkim python3-dnspython python3-filelock 
        python3-jinja2 python3-psutil python3-pytest python3-setuptools \
        python3-venv python3-pip python3-build gpg sqop shellcheck fcgiwrap coturn openssl dovecot-core \
        debhelper dh-python pybuild-plugin-pyproject python3-all help2man lintian \
-       fakeroot dpkg-dev
+       fakeroot dpkg-dev po-debconf \
+       postfix dovecot-core dovecot-imapd dovecot-lmtpd nginx libnginx-mod-stream \
+       opendkim opendkim-tools
 
 # Debian 13 runs Python 3.13 (no crypt module): the unit tests also run there when a 3.13
 # interpreter exists, in a virtualenv cached outside the checkout.
@@ -19,7 +21,7 @@ PY313 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3) $(she
 VENV313 ?= $(HOME)/.cache/chatmail-relay/py313-venv
 PY313_LIBS = aiosmtpd dkimpy dnspython filelock psutil pytest jinja2
 
-.PHONY: all build test test-unit test-py313 test-package deps bench clean
+.PHONY: all build test test-unit test-config test-py313 test-package deps bench clean
 
 all: build
 
@@ -30,6 +32,7 @@ deps:
 	@made=; if [ ! -e /usr/sbin/policy-rc.d ]; then \
 		printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && made=1; \
 	fi; \
+	echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEPS) >/dev/null; \
 	status=$$?; [ -z "$$made" ] || rm -f /usr/sbin/policy-rc.d; exit $$status
 
@@ -43,10 +46,15 @@ build:
 	rm -f dist/*.deb && mv build/deb/*.deb dist/
 	@ls -1 dist/*.deb
 
-test: test-unit test-package test-py313
+test: test-unit test-config test-package test-py313
 
 test-unit:
 	$(PYTEST) tests/unit
+
+# Every template rendered for a matrix of configurations and checked with the real
+# postconf, doveconf, nginx and opendkim.
+test-config:
+	$(PYTEST) tests/config
 
 test-package: build
 	$(PYTEST) tests/package
