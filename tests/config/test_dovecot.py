@@ -1,0 +1,794 @@
+"""conf/dovecot: rendered for every relay configuration, checked by Dovecot's own parser
+(doveconf), then run: a real Dovecot started with our files, as the systemd drop-in
+starts it, with doveauth, chatmail-metadata and lastlogin behind it, driven over IMAP
+(TLS 1.3) and LMTP.
+
+The live part needs root (Dovecot's master, users vmail and postfix); it moves every
+path of the relay into a temporary directory and every port to a free one.
+"""
+
+import imaplib
+import os
+import re
+import secrets
+import shlex
+import shutil
+import smtplib
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from chatmaild.components import dovecot
+from chatmaild.config import default_config_text, read_config
+from chatmaild.render import load_platform, render_component
+from tests.conftest import REPO, free_port
+from tests.unit.push_server import PushServer
+
+pytestmark = pytest.mark.skipif(not shutil.which("doveconf"), reason="needs dovecot-core")
+
+MAIN = "/etc/dovecot/chatmail/dovecot.conf"
+AUTH = "/etc/dovecot/chatmail/auth.conf"
+LUA = "/etc/dovecot/chatmail/push_notification.lua"
+DROPIN = "/etc/systemd/system/dovecot.service.d/chatmail.conf"
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+
+def doveconf(files, platform, *args):
+    """doveconf's output for the rendered `files` ({path: RenderedFile}), run on scratch
+    copies; the copies' paths in it are turned back into the installed ones."""
+    items = dovecot.dovecot_config_files(list(files.values()), platform)
+    with tempfile.TemporaryDirectory(prefix="doveconf-test.") as scratch:
+        copies = dovecot.write_scratch_copies(items, Path(scratch))
+        main = copies[dovecot.main_config(items).path]
+        proc = subprocess.run(["doveconf", "-c", main, *args],
+                              capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    return subprocess.CompletedProcess(
+        proc.args, proc.returncode, dovecot.unredirect(proc.stdout, copies),
+        dovecot.unredirect(proc.stderr, copies))
+
+
+def settings(files, platform, *names, protocol=None):
+    """{name: value} as Dovecot resolves them (`doveconf -h`), e.g. "plugin/quota_rule";
+    with `protocol`, inside that protocol's filter, $mail_plugins expanded."""
+    scope = ["-f", f"protocol={protocol}"] if protocol else []
+    output = doveconf(files, platform, *scope, "-h", *names).stdout
+    return dict(zip(names, output.split("\n")))
+
+
+def dropin_command(files, key):
+    """The last `key=` line of the systemd drop-in (the one after the reset)."""
+    lines = [line for line in files[DROPIN].content.splitlines() if line.startswith(key + "=")]
+    return lines[-1][len(key) + 1:]
+
+
+# -- rendering and doveconf -------------------------------------------------------------
+
+
+def test_files_and_paths(relay_config, debian12, render):
+    files = render("dovecot", relay_config, debian12)
+    assert sorted(files) == sorted([MAIN, AUTH, LUA, DROPIN])
+    for item in files.values():
+        assert (item.mode, item.owner, item.group) == (0o644, "root", "root")
+        assert item.reload == ["dovecot"]
+
+
+@pytest.mark.parametrize("platform", ["debian13", "alpine"])
+def test_nothing_for_dovecot_24_yet(relay_config, platform, render):
+    """Dovecot 2.4 rejects 2.3 syntax: no half-working configuration, not even the
+    drop-in, which would start Dovecot with a file that does not exist."""
+    assert render("dovecot", relay_config, load_platform(platform)) == {}
+
+
+def test_doveconf_accepts_every_configuration(relay_config, debian12, render):
+    files = render("dovecot", relay_config, debian12)
+    assert dovecot.validate(list(files.values()), debian12) == []
+    # Not even a warning (e.g. about client limits too low for the process limits).
+    assert doveconf(files, debian12, "-n").stderr == ""
+
+
+def test_validate_names_the_installed_file(relay_config, debian12, render):
+    files = render("dovecot", relay_config, debian12)
+    files[MAIN].content += "no_such_setting = 1\n"
+    line = files[MAIN].content.count("\n")
+    assert dovecot.validate(list(files.values()), debian12) == [
+        f"Fatal: Error in configuration file {MAIN} line {line}: Unknown setting: no_such_setting"
+    ]
+
+
+def test_validate_without_doveconf(relay_config, debian12, render, monkeypatch):
+    files = render("dovecot", relay_config, debian12)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert dovecot.validate(list(files.values()), debian12) == [
+        "doveconf not found: is dovecot-core installed?"]
+
+
+def test_scratch_copies_point_at_each_other(relay_config, debian12, render, tmp_path):
+    items = dovecot.dovecot_config_files(
+        list(render("dovecot", relay_config, debian12).values()), debian12)
+    copies = dovecot.write_scratch_copies(items, tmp_path)
+    assert copies[MAIN] == str(tmp_path) + MAIN
+    text = Path(copies[MAIN]).read_text()
+    assert f"args = {tmp_path}{AUTH}\n" in text
+    assert f"lua:file={tmp_path}{LUA}\n" in text
+    assert f"{tmp_path}{tmp_path}" not in text
+
+
+def test_redirect_replaces_each_path_once():
+    moves = {"/etc/a": "/tmp/x/etc/a", "/etc/a/b.conf": "/tmp/y/b.conf"}
+    assert dovecot.redirect("/etc/a/b.conf /etc/a/c", moves) == "/tmp/y/b.conf /tmp/x/etc/a/c"
+
+
+def test_settings(relay_config, debian12, render):
+    config = relay_config
+    files = render("dovecot", config, debian12)
+    quota_mb = config.max_mailbox_size_mb
+    assert settings(files, debian12, *EXPECTED_SETTINGS) == {
+        "protocols": "imap lmtp",
+        "auth_mechanisms": "plain",
+        "imap_capability": "+XDELTAPUSH XCHATMAIL",
+        "default_client_limit": "20000",
+        "first_valid_uid": "100",
+        "mail_uid": "vmail",
+        "mail_gid": "vmail",
+        "mail_privileged_group": "vmail",
+        "mail_location": f"maildir:{config.mailboxes_dir}/%u",
+        "mail_cache_max_size": "500 k",
+        "mail_plugins": "zlib quota",
+        "mail_attribute_dict": "proxy:/run/chatmail-metadata/metadata.socket:metadata",
+        "lmtp_add_received_header": "no",
+        "ssl": "required",
+        "ssl_min_protocol": "TLSv1.3",
+        "ssl_prefer_server_ciphers": "yes",
+        "service/imap/process_limit": str(config.max_imap_connections),
+        "service/imap-login/service_count": "0",
+        "service/imap-login/vsz_limit": "1 G",
+        "service/imap-login/process_min_avail": "10",
+        "service/auth-worker/user": "vmail",
+        "service/lmtp/user": "vmail",
+        "service/quota-warning/executable":
+            "script /usr/libexec/chatmail/chatmail-quota-expire",
+        "service/quota-warning/user": "vmail",
+        "plugin/quota": "maildir:User quota",
+        "plugin/quota_rule": f"*:storage={quota_mb}M",
+        "plugin/quota_grace": "0",
+        "plugin/quota_max_mail_size": str(config.max_message_size),
+        "plugin/quota_warning":
+            f"storage=75%% quota-warning {quota_mb * 70 // 100} {config.mailboxes_dir}/%u",
+        "plugin/zlib_save": "gz",
+        "plugin/last_login_dict": "proxy:/run/chatmail-lastlogin/lastlogin.socket:lastlogin",
+        "plugin/last_login_precision": "s",
+        "plugin/push_notification_driver": f"lua:file={LUA}",
+    }
+    compress = " imap_zlib" if config.imap_compress else ""
+    assert settings(files, debian12, "mail_plugins", "imap_metadata", protocol="imap") == {
+        "mail_plugins": "zlib quota imap_quota last_login" + compress,
+        "imap_metadata": "yes",
+    }
+    assert settings(files, debian12, "mail_plugins", "mail_fsync", protocol="lmtp") == {
+        "mail_plugins": "zlib quota mail_lua notify push_notification push_notification_lua",
+        "mail_fsync": "never",
+    }
+
+
+EXPECTED_SETTINGS = [
+    "protocols", "auth_mechanisms", "imap_capability", "default_client_limit",
+    "first_valid_uid", "mail_uid", "mail_gid", "mail_privileged_group", "mail_location",
+    "mail_cache_max_size", "mail_plugins", "mail_attribute_dict", "lmtp_add_received_header",
+    "ssl", "ssl_min_protocol", "ssl_prefer_server_ciphers", "service/imap/process_limit",
+    "service/imap-login/service_count", "service/imap-login/vsz_limit",
+    "service/imap-login/process_min_avail", "service/auth-worker/user", "service/lmtp/user",
+    "service/quota-warning/executable", "service/quota-warning/user", "plugin/quota",
+    "plugin/quota_rule", "plugin/quota_grace", "plugin/quota_max_mail_size",
+    "plugin/quota_warning", "plugin/zlib_save", "plugin/last_login_dict",
+    "plugin/last_login_precision", "plugin/push_notification_driver",
+]
+
+
+def test_tls_files(relay_config, debian12, render):
+    """The certificate of the TLS mode (doveconf -h would try to read them)."""
+    text = render("dovecot", relay_config, debian12)[MAIN].content
+    assert f"\nssl_cert = <{relay_config.tls_cert_path}\n" in text
+    assert f"\nssl_key = <{relay_config.tls_key_path}\n" in text
+    assert "\nssl_dh = </usr/share/dovecot/dh.pem\n" in text
+
+
+def test_postfix_sockets(relay_config, debian12, render):
+    normalized = doveconf(render("dovecot", relay_config, debian12), debian12, "-n").stdout
+    for name, mode in [("auth", "0660"), ("dovecot-lmtp", "0600")]:
+        listener = (f"  unix_listener /var/spool/postfix/private/{name} {{\n"
+                    f"    group = postfix\n    mode = {mode}\n    user = postfix\n  }}\n")
+        assert listener in normalized
+
+
+def test_conditional_settings(relay_config, debian12, render):
+    config = relay_config
+    files = render("dovecot", config, debian12)
+    names = ["listen", "auth_username_chars", "mail_server_admin", "imap_hibernate_timeout",
+             "service/imap/executable", "plugin/imap_compress_deflate_level"]
+    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_@"
+    assert settings(files, debian12, *names) == {
+        "listen": "0.0.0.0" if config.disable_ipv6 else "*, ::",
+        "auth_username_chars": chars + "[]" if config.ipv4_relay else chars,
+        "mail_server_admin": f"mailto:{config.privacy_mail}" if config.privacy_mail else "",
+        "imap_hibernate_timeout": "0" if config.imap_compress else "30 secs",
+        "service/imap/executable": "imap postlogin" if config.imap_rawlog else "imap",
+        "plugin/imap_compress_deflate_level": "6" if config.imap_compress else "",
+    }
+    rawlog = settings(files, debian12, "rawlog_dir", protocol="imap")["rawlog_dir"]
+    assert rawlog == ("%h" if config.imap_rawlog else "")
+
+
+# The metrics upstream defines; dashboards know them by these names.
+METRICS = [
+    "imap_command", "imap_command_duration", "imap_command_slow", "imap_idle",
+    "imap_idle_duration", "imap_idle_commands", "imap_idle_failed", "imap_hibernated",
+    "imap_hibernated_failed", "imap_unhibernated", "imap_unhibernated_reason",
+    "imap_unhibernated_reason_sleep", "imap_unhibernated_failed",
+    "imap_hibernation_duration", "auth_request", "auth_request_duration", "auth_failed",
+    "auth_passdb", "auth_master_login", "auth_master_login_failed", "mail_delivery",
+    "mail_delivery_duration", "mail_delivery_failed", "client_connected",
+    "client_disconnected",
+]
+
+
+def test_statistics_only_with_mtail_address(relay_config, debian12, render):
+    files = render("dovecot", relay_config, debian12)
+    normalized = doveconf(files, debian12, "-n").stdout
+    defined = re.findall(r"^metric (\S+) \{$", normalized, re.MULTILINE)
+    if relay_config.mtail_address:
+        assert sorted(defined) == sorted(METRICS)
+        listener = settings(files, debian12, "service/stats/inet_listener/http/address",
+                            "service/stats/inet_listener/http/port")
+        assert list(listener.values()) == [relay_config.mtail_address, "3904"]
+    else:
+        assert defined == []
+        assert "inet_listener http" not in normalized
+
+
+def test_auth_conf(relay_config, debian12, render):
+    lines = render("dovecot", relay_config, debian12)[AUTH].content.splitlines()
+    assert [line for line in lines if line and not line.startswith("#")] == [
+        "uri = proxy:/run/doveauth/doveauth.socket:auth",
+        "iterate_disable = no",
+        "iterate_prefix = userdb/",
+        "default_pass_scheme = plain",
+        'password_key = passdb/%Ew"%Eu',
+        "user_key = userdb/%Eu",
+    ]
+
+
+def test_systemd_dropin(relay_config, debian12, render):
+    files = render("dovecot", relay_config, debian12)
+    text = files[DROPIN].content
+    assert text.count("[Service]\n") == 1
+    # A drop-in adds to ExecStart= lists: each must be emptied before it is set.
+    for key in ["ExecStart", "ExecReload", "ExecStop"]:
+        assert f"\n{key}=\n{key}=/usr" in text
+    assert dropin_command(files, "ExecStart") == f"/usr/sbin/dovecot -F -c {MAIN}"
+    assert dropin_command(files, "ExecReload") == f"/usr/bin/doveadm -c {MAIN} reload"
+    assert dropin_command(files, "ExecStop") == f"/usr/bin/doveadm -c {MAIN} stop"
+    assert "\nRestart=always\nRestartSec=30\n" in text
+    assert "\nEnvironment=TZ=:/etc/localtime\n" in text
+
+
+def test_no_debian_conffile_is_written_or_read(relay_config, debian12, render):
+    """No file of Debian's dovecot-core (conffiles) is written or read."""
+    files = render("dovecot", relay_config, debian12)
+    conffiles = Path("/var/lib/dpkg/info/dovecot-core.conffiles")
+    if conffiles.exists():
+        assert not set(files) & set(conffiles.read_text().split())
+    assert "!include conf.d" not in files[MAIN].content
+    assert files[MAIN].content.rstrip().endswith("!include_try /etc/dovecot/local.conf")
+
+
+# -- a real Dovecot ----------------------------------------------------------------------
+
+# The relay's services as the packaged units run them: Debian's python3, user vmail,
+# UMask 0077. (The venv interpreter of a test run may not be reachable for vmail.)
+SERVICE_PYTHON = "/usr/bin/python3"
+VMAIL = "vmail"
+PERMISSIVE = {"max_load_1m": "99999", "min_available_memory": "0", "min_free_disk_space": "0"}
+
+# The dict services Dovecot asks, and where their units make them listen.
+SERVICES = [
+    ("doveauth", "/run/doveauth/doveauth.socket"),
+    ("metadata", "/run/chatmail-metadata/metadata.socket"),
+    ("lastlogin", "/run/chatmail-lastlogin/lastlogin.socket"),
+]
+
+LIVE_CONFIGS = {
+    # mtail metrics, the operator contact, a tiny quota for the quota-warning test
+    "domain": {"mail_domain": "chat.example.org", "mtail_address": "127.0.0.1",
+               "privacy_mail": "privacy@example.org", "max_mailbox_size": "1M"},
+    # IP-literal addresses, COMPRESS, rawlog
+    "ipv4": {"mail_domain": "127.0.0.1", "imap_compress": "true", "imap_rawlog": "true"},
+}
+
+
+def live_skip_reason():
+    if os.geteuid() != 0:
+        return "needs root (Dovecot's master process)"
+    if not shutil.which("dovecot") or not os.path.exists("/usr/lib/dovecot/imap"):
+        return "needs dovecot-core and dovecot-imapd"
+    if not os.path.exists("/usr/lib/dovecot/lmtp"):
+        return "needs dovecot-lmtpd"
+    if subprocess.run(["getent", "passwd", "postfix"], capture_output=True).returncode:
+        return "needs the postfix user (package postfix): it owns Dovecot's SASL and LMTP sockets"
+    if not shutil.which("openssl") or not os.access(SERVICE_PYTHON, os.X_OK):
+        return f"needs openssl and {SERVICE_PYTHON}"
+    return None
+
+
+def ensure_vmail_user():
+    """The mail user, created as Debian's adduser makes system users (uid from 100 up,
+    below Dovecot's default first_valid_uid of 500) if the host has none yet."""
+    if subprocess.run(["getent", "passwd", VMAIL], capture_output=True).returncode == 0:
+        return
+    if shutil.which("adduser"):
+        command = ["adduser", "--system", "--group", "--home", "/home/vmail",
+                   "--no-create-home", "--quiet", VMAIL]
+    else:
+        command = ["useradd", "--system", "--user-group", "--home-dir", "/home/vmail",
+                   "--no-create-home", "--shell", "/usr/sbin/nologin", VMAIL]
+    subprocess.run(command, check=True)
+
+
+def make_certificate(cert, key):
+    """A self-signed P-256 certificate for 127.0.0.1, as clients of a test relay see it."""
+    cert.parent.mkdir(parents=True)
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-noenc", "-days", "2", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True)
+
+
+def chown_vmail(path, mode):
+    shutil.chown(path, VMAIL, VMAIL)
+    os.chmod(path, mode)
+
+
+class LiveRelay:
+    """Everything of one test relay: its directory, config, ports and processes."""
+
+    def __init__(self, ini_settings, push):
+        # Short: unix socket paths must stay below 108 bytes.
+        self.root = Path(tempfile.mkdtemp(prefix="dvl-", dir="/tmp"))
+        self.root.chmod(0o755)
+        self.push = push
+        self.platform = load_platform("debian12")
+        self.processes = []
+        self.config = self.write_ini(dict(ini_settings))
+        self.imap_port, self.imaps_port, self.stats_port = free_port(), free_port(), free_port()
+        self.moves = self.relocations()
+        make_certificate(self.root / "tls" / "cert.pem", self.root / "tls" / "key.pem")
+        self.quota_calls = self.write_quota_expire_wrapper()
+        self.make_postfix_private_dir()
+        self.files = self.write_dovecot_files()
+
+    @property
+    def domain(self):
+        return self.config.mail_domain
+
+    def path(self, installed):
+        """Where an installed path of the relay is in this test relay."""
+        return dovecot.redirect(installed, self.moves)
+
+    def write_ini(self, ini_settings):
+        """chatmail.ini with the relay's state in the test directory."""
+        mail = self.root / "mail"
+        mail.mkdir()
+        chown_vmail(mail, 0o700)
+        domain = ini_settings.pop("mail_domain")
+        mailboxes = mail / domain
+        mailboxes.mkdir()
+        chown_vmail(mailboxes, 0o700)
+        turn_secret = self.root / "turn-secret"
+        turn_secret.write_text("test-turn-secret\n")
+        ini = self.root / "chatmail.ini"
+        ini.write_text(default_config_text(
+            domain, mailboxes_dir=mailboxes, passdb_path=self.root / "passdb.sqlite",
+            turn_secret_path=turn_secret, notification_url=self.push.url, iroh_relay="",
+            **PERMISSIVE, **ini_settings))
+        return read_config(ini)
+
+    def relocations(self):
+        """Installed path -> path in this test relay, for every path our files name."""
+        root, platform = str(self.root), self.platform
+        moves = {
+            platform.dovecot_config_dir: f"{root}/etc/dovecot",
+            platform.postfix_queue_dir: f"{root}/spool",
+            platform.libexec_dir: f"{root}/libexec",
+            self.config.tls_cert_path: f"{root}/tls/cert.pem",
+            self.config.tls_key_path: f"{root}/tls/key.pem",
+        }
+        for _, socket_path in SERVICES:
+            folder = os.path.dirname(socket_path) + "/"
+            moves[folder] = root + folder
+        return moves
+
+    def make_postfix_private_dir(self):
+        """Postfix's private/ (made by the postfix package), where Dovecot puts the SASL and
+        LMTP sockets."""
+        private = Path(self.path(f"{self.platform.postfix_queue_dir}/private"))
+        private.mkdir(parents=True)
+        shutil.chown(private, "postfix", "root")
+        private.chmod(0o700)
+
+    def write_quota_expire_wrapper(self):
+        """chatmail-quota-expire as installed, recording its arguments and exit status."""
+        calls = self.root / "quota-expire.calls"
+        calls.touch()
+        chown_vmail(calls, 0o600)
+        wrapper = Path(self.path(f"{self.platform.libexec_dir}/chatmail-quota-expire"))
+        wrapper.parent.mkdir(parents=True)
+        wrapper.write_text(
+            "#!/bin/sh\n"
+            f'echo "$*" >>{calls}\n'
+            f"PYTHONPATH={REPO} {SERVICE_PYTHON} -c "
+            "'import sys; from chatmaild.expire import quota_expire_main as m; sys.exit(m())' "
+            '"$@"\n'
+            f'echo "exit $?" >>{calls}\n')
+        wrapper.chmod(0o755)
+        return calls
+
+    def instance_overrides(self):
+        """Appended to our dovecot.conf: this instance's own directories and ports."""
+        text = (
+            "\n# -- test instance --\n"
+            f"base_dir = {self.root}/run/dovecot\n"
+            f"state_dir = {self.root}/state\n"
+            f"instance_name = chatmail-test-{self.root.name}\n"
+            f"log_path = {self.root}/dovecot.log\n"
+            "listen = 127.0.0.1\n"
+            "service imap-login {\n"
+            f"  inet_listener imap {{\n    port = {self.imap_port}\n  }}\n"
+            f"  inet_listener imaps {{\n    port = {self.imaps_port}\n  }}\n"
+            "}\n"
+        )
+        if self.config.mtail_address:
+            text += ("service stats {\n"
+                     f"  inet_listener http {{\n    port = {self.stats_port}\n  }}\n"
+                     "}\n")
+        return text
+
+    def write_dovecot_files(self):
+        files = {item.path: item for item in
+                 render_component("dovecot", self.config, self.platform)}
+        for item in dovecot.dovecot_config_files(list(files.values()), self.platform):
+            target = Path(self.path(item.path))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            content = dovecot.redirect(item.content, self.moves)
+            if target.name == dovecot.MAIN_CONFIG_NAME:
+                content += self.instance_overrides()
+            target.write_text(content)
+        return files
+
+    def dropin_command(self, key):
+        """A command of the systemd drop-in, pointed at this test relay's files."""
+        return shlex.split(self.path(dropin_command(self.files, key)))
+
+    def start(self):
+        for module, socket_path in SERVICES:
+            self.start_service(module, Path(self.path(socket_path)))
+        self.dovecot_log = open(self.root / "dovecot.stderr", "wb")
+        self.dovecot = subprocess.Popen(self.dropin_command("ExecStart"),
+                                        stdout=self.dovecot_log, stderr=subprocess.STDOUT)
+        self.wait_until(lambda: self.accepts(self.imaps_port), "Dovecot's imaps listener")
+        lmtp = Path(self.path("/var/spool/postfix/private/dovecot-lmtp"))
+        self.wait_until(lmtp.exists, "Dovecot's LMTP socket")
+
+    def start_service(self, module, socket_path):
+        """A relay service as its unit runs it: user vmail, UMask 0077, in its runtime
+        directory (systemd's RuntimeDirectory=, owned by the unit's user)."""
+        socket_path.parent.mkdir(parents=True)
+        chown_vmail(socket_path.parent, 0o755)
+        log = open(self.root / f"{module}.log", "wb")
+        proc = subprocess.Popen(
+            [SERVICE_PYTHON, "-m", f"chatmaild.{module}", str(socket_path),
+             str(self.config.inipath)],
+            user=VMAIL, group=VMAIL, extra_groups=[], umask=0o077, cwd=self.root,
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO),
+                 "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"},
+            stdout=log, stderr=subprocess.STDOUT)
+        self.processes.append((proc, log))
+        self.wait_until(socket_path.exists, f"{module} at {socket_path}", proc)
+
+    def wait_until(self, ready, what, proc=None, timeout=15):
+        proc = proc or getattr(self, "dovecot", None)
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if proc is not None and proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"{what} did not come up:\n{self.logs()}")
+            time.sleep(0.02)
+
+    @staticmethod
+    def accepts(port):
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", port)) == 0
+
+    def logs(self):
+        texts = []
+        for name in sorted(self.root.glob("*.log")) + sorted(self.root.glob("*.stderr")):
+            texts.append(f"--- {name.name}\n{name.read_text(errors='replace')[-4000:]}")
+        return "\n".join(texts)
+
+    def doveadm(self, *args):
+        """doveadm of this instance, found through our dovecot.conf as the drop-in does."""
+        command = self.dropin_command("ExecReload")[:-1] + list(args)
+        return subprocess.run(command, capture_output=True, text=True, timeout=30)
+
+    def stop(self):
+        stopped = self.stop_dovecot()
+        self.stop_services()
+        shutil.rmtree(self.root, ignore_errors=True)
+        assert stopped in (0, None), f"the drop-in's ExecStop failed ({stopped})"
+
+    def stop_dovecot(self):
+        """Stop Dovecot with the drop-in's ExecStop; its exit status."""
+        if getattr(self, "dovecot", None) is None:
+            return None
+        stop = subprocess.Popen(self.dropin_command("ExecStop"))
+        # Reaped at once, as systemd would: doveadm waits while the master's pid
+        # exists, which a zombie child of ours still does.
+        try:
+            self.dovecot.wait(10)
+        except subprocess.TimeoutExpired:
+            self.dovecot.kill()
+            self.dovecot.wait()
+        self.dovecot_log.close()
+        return stop.wait(30)
+
+    def stop_services(self):
+        for proc, log in self.processes:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.close()
+
+    # -- clients --
+
+    def tls_context(self, maximum=None):
+        context = ssl.create_default_context(cafile=self.root / "tls" / "cert.pem")
+        if maximum:
+            context.maximum_version = maximum
+        return context
+
+    def imap(self):
+        return imaplib.IMAP4_SSL("127.0.0.1", self.imaps_port, ssl_context=self.tls_context(),
+                                 timeout=15)
+
+    def login(self, addr, password):
+        client = self.imap()
+        client.login(addr, password)
+        return client
+
+    def new_address(self):
+        return "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789")
+                       for _ in range(9)) + "@" + self.domain
+
+    def deliver(self, sender, recipient, body="Hello", extra_headers=""):
+        """Deliver one message over LMTP, as Postfix's local_transport does."""
+        message = (f"From: <{sender}>\r\nTo: <{recipient}>\r\nSubject: test\r\n"
+                   f"{extra_headers}\r\n{body}\r\n")
+        lmtp = smtplib.LMTP(self.path("/var/spool/postfix/private/dovecot-lmtp"))
+        try:
+            return lmtp.sendmail(sender, [recipient], message.encode())
+        finally:
+            lmtp.quit()
+
+
+@pytest.fixture(scope="module")
+def push():
+    server = PushServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module", params=sorted(LIVE_CONFIGS))
+def relay(request, push):
+    reason = live_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    ensure_vmail_user()
+    relay = LiveRelay(LIVE_CONFIGS[request.param], push)
+    try:
+        relay.start()
+        yield relay
+    finally:
+        relay.stop()
+
+
+# A generated password's characters include " \ and ': %E escaping in auth.conf.
+PASSWORD = "Pa\"ss\\wo'rd-42x"
+
+
+def getmetadata(client, mailbox, key):
+    """The value of one IMAP METADATA entry (RFC 5464), None if it has none; imaplib has
+    no METADATA commands, so they go out as extension commands."""
+    client.untagged_responses.pop("METADATA", None)
+    typ, data = client.xatom("GETMETADATA", mailbox, key)
+    assert typ == "OK", data
+    responses = client.untagged_responses.pop("METADATA", None)
+    if not responses:
+        return None
+    first = responses[0]
+    if isinstance(first, tuple):  # sent as a literal: (b'... {size}', value)
+        return first[1].decode()
+    quoted = re.search(rb' "((?:[^"\\]|\\.)*)"\)$', first)
+    if quoted is None:
+        assert first.endswith(b" NIL)"), first
+        return None
+    return re.sub(rb"\\(.)", rb"\1", quoted.group(1)).decode()
+
+
+def test_first_login_creates_account_then_checks_password(relay):
+    addr = relay.new_address()
+    relay.login(addr, PASSWORD).logout()
+    password_file = relay.config.mailboxes_dir / addr / "password"
+    assert password_file.read_text().startswith("{SHA512-CRYPT}$6$")
+    with pytest.raises(imaplib.IMAP4.error):
+        relay.login(addr, PASSWORD + "x")
+    relay.login(addr, PASSWORD).logout()
+    listed = relay.doveadm("user", "*")
+    assert listed.returncode == 0, listed.stderr
+    assert addr in listed.stdout.split()
+
+
+def test_tls_1_3_only(relay):
+    client = relay.imap()
+    assert client.sock.version() == "TLSv1.3"
+    client.logout()
+    with pytest.raises(ssl.SSLError):
+        imaplib.IMAP4_SSL("127.0.0.1", relay.imaps_port, timeout=15,
+                          ssl_context=relay.tls_context(maximum=ssl.TLSVersion.TLSv1_2))
+
+
+class IMAP4FromElsewhere(imaplib.IMAP4):
+    """Connects from 127.0.0.2: Dovecot trusts a client whose address equals its own
+    (127.0.0.1 to 127.0.0.1) as if it used TLS, unlike a client from elsewhere."""
+
+    def _create_socket(self, timeout):
+        return socket.create_connection((self.host, self.port), timeout,
+                                        source_address=("127.0.0.2", 0))
+
+
+def test_port_143_logs_in_only_after_starttls(relay):
+    client = IMAP4FromElsewhere("127.0.0.1", relay.imap_port, timeout=15)
+    assert {"STARTTLS", "LOGINDISABLED"} <= set(client.capabilities)
+    with pytest.raises(imaplib.IMAP4.error):
+        client.login(relay.new_address(), PASSWORD)
+    client.starttls(ssl_context=relay.tls_context())
+    client.login(relay.new_address(), PASSWORD)
+    client.logout()
+
+
+def test_capabilities(relay):
+    client = relay.login(relay.new_address(), PASSWORD)
+    client.untagged_responses.pop("CAPABILITY", None)  # the pre-login list
+    _, [line] = client.capability()
+    capabilities = set(line.decode().split())
+    client.logout()
+    assert {"XCHATMAIL", "XDELTAPUSH", "METADATA", "QUOTA"} <= capabilities
+    assert ("COMPRESS=DEFLATE" in capabilities) == relay.config.imap_compress
+
+
+def test_metadata_comes_from_chatmail_metadata(relay):
+    client = relay.login(relay.new_address(), PASSWORD)
+    prefix = "/shared/vendor/deltachat/"
+    assert getmetadata(client, '""', prefix + "maxsmtprecipients") == "1000"
+    host, port, user, password = getmetadata(client, '""', prefix + "turn").rsplit(":", 3)
+    assert (host, port) == (relay.domain, "3478") and user.isdigit() and password
+    assert getmetadata(client, '""', prefix + "appversions").startswith(("{", "["))
+    assert getmetadata(client, '""', prefix + "irohrelay") is None  # none configured
+    admin = getmetadata(client, '""', "/shared/admin")
+    client.logout()
+    if relay.config.privacy_mail:
+        assert admin == f"mailto:{relay.config.privacy_mail}"
+    else:
+        assert admin is None
+
+
+def test_incoming_message_pushes_device_token(relay):
+    """SETMETADATA stores the token in chatmail-metadata; an LMTP delivery runs
+    push_notification.lua, whose /private/messagenew makes chatmail-metadata push."""
+    addr = relay.new_address()
+    token = "token-" + secrets.token_hex(8)
+    client = relay.login(addr, PASSWORD)
+    typ, data = client.xatom("SETMETADATA", "INBOX", f'(/private/devicetoken "{token}")')
+    assert typ == "OK", data
+    assert getmetadata(client, "INBOX", "/private/devicetoken") == token
+
+    relay.deliver(addr, addr)  # sent to oneself: no push
+    relay.deliver("sender@example.org", addr)  # incoming: push
+    deadline = time.monotonic() + 10
+    while token not in relay.push.tokens() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)  # a push for the first message would have been queued before
+    assert relay.push.tokens().count(token) == 1, relay.logs()
+
+    client.select("INBOX")
+    typ, [count] = client.search(None, "ALL")
+    assert len(count.split()) == 2
+    client.logout()
+
+
+def test_login_is_recorded_by_lastlogin(relay):
+    """lastlogin rounds the login time to the day, in the password file's mtime."""
+    addr = relay.new_address()
+    relay.login(addr, PASSWORD).logout()  # creates the account (mtime: now)
+    password_file = relay.config.mailboxes_dir / addr / "password"
+    relay.wait_until(lambda: password_file.stat().st_mtime % 86400 == 0, "the last-login day")
+
+
+def test_quota_warning_runs_chatmail_quota_expire(relay):
+    if relay.config.max_mailbox_size_mb != 1:
+        pytest.skip("the quota is filled in the 1M configuration only")
+    addr = relay.new_address()
+    relay.login(addr, PASSWORD).logout()
+    # Random text: compression (zlib_save) must not keep the mailbox below 75 %.
+    body = "\r\n".join(secrets.token_urlsafe(57) for _ in range(2500))  # ~190 kB
+    for _ in range(12):
+        try:
+            relay.deliver("sender@example.org", addr, body)
+        except smtplib.SMTPDataError as exc:  # the quota is enforced, no grace
+            assert (exc.smtp_code, b"Quota exceeded" in exc.smtp_error) == (552, True)
+            break
+    else:
+        raise AssertionError("12 messages of 190 kB fit in a 1 MB quota")
+    # Dovecot ran it (asynchronously) when the mailbox passed 75 %: trim to 70 % of 1 MB
+    # in whole megabytes, and it accepted those arguments.
+    expected = [f"0 {relay.config.mailboxes_dir}/{addr}", "exit 0"]
+    relay.wait_until(lambda: relay.quota_calls.read_text().splitlines()[:2] == expected,
+                     "chatmail-quota-expire", timeout=5)
+
+
+def test_rawlog_when_enabled(relay):
+    addr = relay.new_address()
+    client = relay.login(addr, PASSWORD)
+    client.noop()
+    client.logout()
+    maildir = relay.config.mailboxes_dir / addr
+
+    def rawlogs():
+        return sorted(p.suffix for p in maildir.iterdir() if p.suffix in (".in", ".out"))
+
+    if relay.config.imap_rawlog:
+        relay.wait_until(lambda: rawlogs() == [".in", ".out"], "rawlog files", timeout=5)
+    else:
+        assert rawlogs() == []
+
+
+def test_metrics_when_mtail_address_is_set(relay):
+    url = f"http://127.0.0.1:{relay.stats_port}/metrics"
+    if not relay.config.mtail_address:
+        assert not relay.accepts(relay.stats_port)
+        return
+    relay.login(relay.new_address(), PASSWORD).logout()
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    assert 'dovecot_auth_request_total{success="yes"}' in text
+    for name in ["imap_command", "mail_delivery", "client_connected"]:
+        assert f"# TYPE dovecot_{name} " in text
+
+
+def test_reload_through_the_dropin_command(relay):
+    result = subprocess.run(relay.dropin_command("ExecReload"), capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    time.sleep(0.2)
+    relay.wait_until(lambda: relay.accepts(relay.imaps_port), "imaps after reload")
+    relay.login(relay.new_address(), PASSWORD).logout()
