@@ -56,11 +56,13 @@ class ApplyResult:
     changed: list = field(default_factory=list)  # paths written
     kept: list = field(default_factory=list)  # paths with an admin's edit, left alone
     reload: set = field(default_factory=set)  # services whose files changed
+    restart: set = field(default_factory=set)  # ... and must restart, not just reload
 
     def merge(self, other):
         self.changed += other.changed
         self.kept += other.kept
         self.reload |= other.reload
+        self.restart |= other.restart
 
 
 def _ids(owner, group):
@@ -103,6 +105,7 @@ def apply_file(item, record, root="/"):
     _remove_stale_proposal(target)
     result.changed.append(key)
     result.reload.update(item.reload)
+    result.restart.update(item.restart)
     return result
 
 

@@ -54,12 +54,15 @@ check them with each daemon's own checker, and write them only if all are valid.
 you edited are kept; the new version is put next to them."""
 
 STATUS_HELP = """\
-Show whether the relay's services are running, its certificate's state and the
-settings in effect."""
+Show whether the relay's services are running, its settings, the certificate and when
+it expires, the ports it listens on, Postfix's queue and which Dovecot build runs. Exit
+status 0 when nothing is wrong, 1 with a list of what is."""
 
 DNS_HELP = """\
 Show the DNS records the relay needs (A/AAAA, MX, SPF, DKIM, DMARC, MTA-STS, SRV,
-CAA), to be entered at the domain's DNS provider."""
+CAA) as a zone file, to be entered at the domain's DNS provider. With --check, look each
+one up and report it as OK, MISSING or WRONG with the record to publish. Reading the DKIM
+key needs root. A relay whose mail domain is an IPv4 address needs no DNS."""
 
 
 def build_parser():
@@ -98,15 +101,48 @@ def build_parser():
     add_command("apply-files", "(used by configure) render, validate and write the "
                 "configuration files", APPLY_FILES_HELP, cmd_apply_files)
     add_command("status", "show the state of the relay's services", STATUS_HELP,
-                cmd_not_available)
-    dns = add_command("dns", "show the DNS records the relay needs", DNS_HELP,
-                      cmd_not_available)
+                cmd_status)
+    dns = add_command("dns", "show the DNS records the relay needs", DNS_HELP, cmd_dns)
     dns.add_argument("--check", action="store_true",
                      help="compare the records with what DNS serves now and report the "
-                     "missing or wrong ones (exit status 1 if there are any)")
+                     "missing or wrong ones (exit status 1 if a required one is)")
     dns.add_argument("--zonefile", metavar="F",
                      help="write the records to file F in zone file format")
+    dns.add_argument("--ipv4", metavar="ADDRESS", action="append", type=ipv4_address,
+                     help="the relay's public IPv4 address (default: the host's public "
+                     "addresses; give it behind NAT); may be repeated")
+    dns.add_argument("--ipv6", metavar="ADDRESS", action="append", type=ipv6_address,
+                     help="the relay's IPv6 address (default: the host's stable global "
+                     "addresses); may be repeated")
+    dns.add_argument("--nameserver", metavar="IP", action="append", type=ip_address,
+                     help="ask this DNS server (default: the domain's authoritative "
+                     "servers); may be repeated")
+    dns.add_argument("--nameserver-port", metavar="PORT", type=int, default=53,
+                     help="the port of --nameserver (default: 53)")
+    dns.add_argument("--dkim-key", metavar="FILE", default=None,
+                     help="OpenDKIM's private key (default: opendkim.private in the "
+                     "platform's DKIM key directory, /etc/dkimkeys on Debian)")
     return parser
+
+
+def ip_address(text, version=None):
+    import ipaddress
+
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an IP address: {text!r}") from None
+    if version and address.version != version:
+        raise argparse.ArgumentTypeError(f"not an IPv{version} address: {text!r}")
+    return str(address)
+
+
+def ipv4_address(text):
+    return ip_address(text, 4)
+
+
+def ipv6_address(text):
+    return ip_address(text, 6)
 
 
 def error(message):
@@ -233,6 +269,44 @@ def cmd_set(args):
     if new_text != text:
         write_atomic(args.config, new_text.encode("utf-8"), INI_MODE)
     return EXIT_OK
+
+
+def cmd_status(args):
+    from . import status
+    from .render import RenderError, load_platform
+
+    config = load_config_or_error(args.config)
+    if config is None:
+        return EXIT_FAILURE
+    try:
+        platform = load_platform()
+    except RenderError as exc:
+        error(str(exc))
+        return EXIT_FAILURE
+    return status.main(config, platform)
+
+
+def cmd_dns(args):
+    from . import dns
+    from .render import RenderError, load_platform
+
+    config = load_config_or_error(args.config)
+    if config is None:
+        return EXIT_FAILURE
+    dkim_key = args.dkim_key
+    if dkim_key is None:
+        try:
+            dkim_key = f"{load_platform().dkim_key_dir}/{dns.DKIM_SELECTOR}.private"
+        except RenderError as exc:
+            error(str(exc))
+            return EXIT_FAILURE
+    try:
+        return dns.run(config, check=args.check, zonefile=args.zonefile, ipv4=args.ipv4,
+                       ipv6=args.ipv6, nameservers=args.nameserver,
+                       port=args.nameserver_port, dkim_key=dkim_key)
+    except OSError as exc:
+        error(str(exc))
+        return EXIT_FAILURE
 
 
 def cmd_not_available(args):

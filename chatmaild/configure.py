@@ -7,7 +7,8 @@ environment (CHATMAIL_* and PLATFORM_*), so none of them parses chatmail.ini or 
 which distribution it runs on. One step calls `chatmail apply-files`, which renders
 conf/, validates every component with its daemon's own checker and only then writes
 anything (apply_configuration below). Services to reload are collected in the file
-$CHATMAIL_RELOAD_LIST; the last step reloads them.
+$CHATMAIL_RELOAD_LIST (a line "NAME" to reload, "NAME restart" to restart); a later
+step acts on them.
 """
 
 import os
@@ -120,6 +121,7 @@ def apply_configuration(config, platform, reload_list=None):
     if reload_list:
         with open(reload_list, "a", encoding="utf-8") as f:
             f.writelines(f"{service}\n" for service in sorted(result.reload))
+            f.writelines(f"{service} restart\n" for service in sorted(result.restart))
     return 0
 
 

@@ -11,6 +11,8 @@ conf/<component>/    Jinja2 templates, plus targets.toml listing what they becom
     owner = "root"                           # optional, default root (a platform key
     group = "root"                           #   such as "{vmail_user}" works too)
     reload = ["dovecot"]                     # optional: services to reload on change
+    restart = ["dovecot"]                    # optional: services to restart on change
+                                             #   (needed when a unit drop-in changes)
     when = "not config.ipv4_relay"           # optional Jinja expression
     kind = "file"                            # optional: "file" (default) is written by
                                              #   chatmaild.apply; any other kind is applied
@@ -93,6 +95,7 @@ class RenderedFile:
     owner: str = "root"
     group: str = "root"
     reload: list = field(default_factory=list)
+    restart: list = field(default_factory=list)
     kind: str = "file"
 
 
@@ -160,6 +163,7 @@ def render_component(component, config, platform):
             owner=_expand(target.get("owner", "root"), platform),
             group=_expand(target.get("group", "root"), platform),
             reload=list(target.get("reload", [])),
+            restart=list(target.get("restart", [])),
             kind=target.get("kind", "file"),
         ))
     return rendered

@@ -97,3 +97,11 @@ def test_invalid_configuration_changes_nothing(demo_data_dir, make_config, monke
     assert apply_configuration(bad, load_platform("debian12")) == 1
     assert (demo_data_dir / "etc/demo.conf").read_text() == "limit = 31457280\n"
     assert "bad limit" in capsys.readouterr().err
+
+
+def test_restart_list_for_changed_unit_dropins(demo_data_dir, config):
+    (demo_data_dir / "data/conf/demo/targets.toml").write_text(
+        '[[file]]\ntemplate = "a.j2"\npath = "{etc}/demo.conf"\nrestart = ["demo"]\n')
+    reload_list = demo_data_dir / "reload"
+    apply_configuration(config, load_platform("debian12"), reload_list)
+    assert reload_list.read_text() == "demo restart\n"
