@@ -67,7 +67,8 @@ def check_config(config):
     section = "Configuration"
     findings = [
         Finding(section, "mail domain", INFO, config.mail_domain),
-        Finding(section, "TLS mode", INFO, f"{config.tls_cert_mode} ({config.tls_cert_path})"),
+        Finding(section, "TLS mode", INFO,
+                f"{config.tls_cert_mode} ({describe_path(config.tls_cert_path)})"),
         Finding(section, "privacy settings", INFO,
                 "present" if config.privacy_mail else "not set (privacy_* in chatmail.ini)"),
     ]
@@ -77,6 +78,15 @@ def check_config(config):
             "no part of the relay reads them: check their spelling in chatmail.ini"))
     findings.append(check_mailboxes(config))
     return findings
+
+
+def describe_path(path):
+    """The path, and where it leads if it is a link (acme mode links to certbot's files
+    once there are any)."""
+    path = Path(path)
+    if path.is_symlink():
+        return f"{path} -> {path.resolve()}"
+    return str(path)
 
 
 def check_mailboxes(config):

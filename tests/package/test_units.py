@@ -1,0 +1,300 @@
+"""The systemd units of chatmail-relay (debian/chatmail-relay.<unit>.service|timer): they
+start the services python3-chatmaild installs with arguments those services accept, on the
+sockets Dovecot's configuration names, as the user Dovecot's processes run as; and
+systemd-analyze accepts them."""
+
+import configparser
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chatmaild.render import load_platform
+from tests.conftest import REPO
+
+DEBIAN = REPO / "debian"
+PREFIX = "chatmail-relay."
+INI = "/etc/chatmail/chatmail.ini"
+LIBEXEC = "/usr/libexec/chatmail"
+TEXTFILE = "/var/lib/chatmail-relay/metrics/fsreport.prom"
+
+# unit -> its ExecStart, as the service expects to be called (upstream's arguments)
+EXEC_START = {
+    "doveauth.service": f"{LIBEXEC}/doveauth /run/doveauth/doveauth.socket {INI}",
+    "lastlogin.service": f"{LIBEXEC}/lastlogin /run/chatmail-lastlogin/lastlogin.socket {INI}",
+    "chatmail-metadata.service":
+        f"{LIBEXEC}/chatmail-metadata /run/chatmail-metadata/metadata.socket {INI}",
+    "filtermail.service": f"{LIBEXEC}/filtermail {INI} outgoing",
+    "filtermail-incoming.service": f"{LIBEXEC}/filtermail {INI} incoming",
+    "chatmail-expire.service": f"{LIBEXEC}/chatmail-expire {INI} -v --remove",
+    "chatmail-fsreport.service": f"{LIBEXEC}/chatmail-fsreport {INI} --textfile {TEXTFILE}",
+}
+DICT_SERVICES = ["doveauth.service", "lastlogin.service", "chatmail-metadata.service"]
+# The Dovecot settings that name each dict socket (conf/dovecot/<version>/).
+DOVECOT_DICT_USERS = {
+    "doveauth.service": "uri = proxy:{}:auth",
+    "lastlogin.service": "last_login_dict = proxy:{}:lastlogin",
+    "chatmail-metadata.service": "mail_attribute_dict = proxy:{}:metadata",
+}
+TIMERS = {"chatmail-expire.timer": "*-*-* 00:02:00", "chatmail-fsreport.timer": "*-*-* 08:02:00"}
+
+
+def unit_files():
+    return sorted(DEBIAN.glob(PREFIX + "*.service")) + sorted(DEBIAN.glob(PREFIX + "*.timer"))
+
+
+def unit_name(path):
+    return path.name[len(PREFIX):]
+
+
+def read_unit(path):
+    parser = configparser.RawConfigParser(strict=True, delimiters=("=",),
+                                          comment_prefixes=("#", ";"),
+                                          inline_comment_prefixes=None)
+    parser.optionxform = str  # systemd keys are case-sensitive
+    parser.read_string(path.read_text(), source=str(path))
+    return parser
+
+
+@pytest.fixture(scope="module")
+def units():
+    return {unit_name(path): read_unit(path) for path in unit_files()}
+
+
+def console_scripts():
+    """name -> 'module:function' from setup.cfg, what python3-chatmaild installs."""
+    parser = configparser.ConfigParser()
+    parser.read(REPO / "setup.cfg")
+    scripts = {}
+    for line in parser["options.entry_points"]["console_scripts"].strip().splitlines():
+        name, _, target = line.partition("=")
+        scripts[name.strip()] = target.strip()
+    return scripts
+
+
+def libexec_daemons():
+    """The services debian/rules moves to /usr/libexec/chatmail."""
+    text = (DEBIAN / "rules").read_text().replace("\\\n", " ")
+    return re.search(r"^DAEMONS\s*=\s*(.*)$", text, re.M).group(1).split()
+
+
+def test_every_unit_is_there(units):
+    assert set(units) == set(EXEC_START) | set(TIMERS)
+
+
+@pytest.mark.parametrize("unit", sorted(EXEC_START))
+def test_exec_start_runs_a_packaged_service(units, unit):
+    exec_start = units[unit]["Service"]["ExecStart"]
+    assert exec_start == EXEC_START[unit]
+    binary = Path(shlex.split(exec_start)[0])
+    assert binary.parent == Path(LIBEXEC)
+    assert binary.name in libexec_daemons()
+    assert binary.name in console_scripts()
+
+
+@pytest.mark.parametrize("unit", sorted(EXEC_START))
+def test_runs_as_vmail_with_private_files(units, unit):
+    service = units[unit]["Service"]
+    for platform in ("debian12", "debian13"):
+        vmail = load_platform(platform).vmail_user
+        assert (service["User"], service["Group"]) == (vmail, vmail)
+    assert service["UMask"] == "0077"
+    assert units[unit]["Unit"]["ConditionPathExists"] == INI
+
+
+@pytest.mark.parametrize("unit", DICT_SERVICES)
+def test_dict_socket_is_where_dovecot_looks(units, unit):
+    service = units[unit]["Service"]
+    socket = Path(shlex.split(service["ExecStart"])[1])
+    # systemd creates /run/<RuntimeDirectory> for vmail and removes it on stop.
+    assert socket.parent == Path("/run") / service["RuntimeDirectory"]
+    # Ready only when the socket exists, so Dovecot (ordered after) finds it.
+    assert f"[ -S {socket} ]" in service["ExecStartPost"]
+    assert "dovecot.service" in units[unit]["Unit"]["Before"].split()
+    setting = DOVECOT_DICT_USERS[unit].format(socket)
+    templates = list((REPO / "conf" / "dovecot").rglob("*.j2"))
+    if not templates:
+        pytest.skip("conf/dovecot has no templates yet")
+    assert any(setting in path.read_text() for path in templates), setting
+
+
+def test_dovecot_processes_that_use_the_sockets_run_as_vmail():
+    """The sockets are 0700 vmail (UMask=0077): Dovecot's auth-worker (passdb/userdb),
+    imap and lmtp (metadata, last login) must run as vmail."""
+    conf = REPO / "conf" / "dovecot" / "2.3" / "dovecot.conf.j2"
+    if not conf.exists():
+        pytest.skip("conf/dovecot/2.3/dovecot.conf.j2 not there yet")
+    text = conf.read_text()
+    block = re.search(r"service auth-worker \{(.*?)\n\}", text, re.S).group(1)
+    assert re.search(r"user = (vmail|\{\{ vmail \}\})", block)
+
+
+@pytest.mark.parametrize("unit", ["filtermail.service", "filtermail-incoming.service"])
+def test_filters_listen_before_postfix(units, unit):
+    before = units[unit]["Unit"]["Before"].split()
+    # Debian's postfix.service only starts postfix@-.service, which runs the daemons.
+    assert "postfix.service" in before and "postfix@-.service" in before
+
+
+@pytest.mark.parametrize("unit", [u for u in EXEC_START if u.endswith(".service")
+                                  and "expire" not in u and "fsreport" not in u])
+def test_daemons_restart(units, unit):
+    service = units[unit]["Service"]
+    assert service["Restart"] == "always"
+    assert service["RestartSec"] == ("5" if unit == "chatmail-metadata.service" else "30")
+    assert units[unit]["Install"]["WantedBy"] == "multi-user.target"
+
+
+@pytest.mark.parametrize("timer", sorted(TIMERS))
+def test_timers(units, timer):
+    assert units[timer]["Timer"]["OnCalendar"] == TIMERS[timer]
+    assert units[timer]["Install"]["WantedBy"] == "timers.target"
+    service = units[timer.replace(".timer", ".service")]
+    assert service["Service"]["Type"] == "oneshot"
+    assert not service.has_section("Install")  # started by the timer only
+    persistent = units[timer]["Timer"].get("Persistent", "no")
+    assert persistent == ("true" if "fsreport" in timer else "no")
+
+
+HARDENING = {
+    "NoNewPrivileges": "yes", "CapabilityBoundingSet": "", "ProtectSystem": "strict",
+    "PrivateTmp": "yes", "PrivateDevices": "yes", "ProtectKernelTunables": "yes",
+    "ProtectKernelModules": "yes", "ProtectControlGroups": "yes",
+    "RestrictSUIDSGID": "yes", "SystemCallFilter": "@system-service",
+}
+# What each service needs: writable paths below the mailboxes, address families.
+NEEDS = {
+    "doveauth.service": ("-/home/vmail", "AF_UNIX"),
+    "lastlogin.service": ("-/home/vmail", "AF_UNIX"),
+    "chatmail-metadata.service": ("-/home/vmail", "AF_UNIX AF_INET AF_INET6"),
+    "filtermail.service": (None, "AF_UNIX AF_INET"),
+    "filtermail-incoming.service": (None, "AF_UNIX AF_INET AF_INET6"),
+    "chatmail-expire.service": ("-/home/vmail", "AF_UNIX"),
+    "chatmail-fsreport.service": (None, "AF_UNIX"),
+}
+
+
+@pytest.mark.parametrize("unit", sorted(EXEC_START))
+def test_hardening(units, unit):
+    service = units[unit]["Service"]
+    for key, value in HARDENING.items():
+        assert service.get(key) == value, key
+    writable, families = NEEDS[unit]
+    assert service.get("ReadWritePaths") == writable
+    assert service["RestrictAddressFamilies"] == families
+
+
+def test_mailboxes_are_below_the_writable_path(config):
+    """The default mailboxes_dir lies below what ReadWritePaths= opens."""
+    home = load_platform("debian12").vmail_home
+    assert NEEDS["doveauth.service"][0] == "-" + home
+    default = f"/home/vmail/mail/{config.mail_domain}"
+    assert default.startswith(home + "/")
+
+
+# -- the command lines work -------------------------------------------------------------------
+
+
+def unit_args(units, unit, replace):
+    args = shlex.split(units[unit]["Service"]["ExecStart"])[1:]
+    return [replace.get(arg, arg) for arg in args]
+
+
+def test_expire_accepts_its_unit_arguments(units, config, capsys):
+    from chatmaild.expire import daily_expire_main
+
+    args = unit_args(units, "chatmail-expire.service", {INI: str(config.inipath)})
+    assert daily_expire_main(args) == 0
+    assert capsys.readouterr().out.startswith("Removed ")  # --remove: not a dry run
+
+
+def test_fsreport_writes_its_textfile(units, config, tmp_path):
+    from chatmaild.fsreport import main
+
+    textfile = tmp_path / "metrics" / "fsreport.prom"
+    textfile.parent.mkdir()
+    args = unit_args(units, "chatmail-fsreport.service", {
+        INI: str(config.inipath), TEXTFILE: str(textfile)})
+    assert main(args) == 0
+    assert "chatmail_accounts" in textfile.read_text()
+    service = units["chatmail-fsreport.service"]["Service"]
+    assert "/var/lib/" + service["StateDirectory"] == "/var/lib/chatmail-relay/metrics"
+
+
+@pytest.mark.parametrize("unit", ["filtermail.service", "filtermail-incoming.service"])
+def test_filtermail_accepts_its_unit_arguments(units, unit):
+    from chatmaild.filtermail import parse_args
+
+    args = parse_args(unit_args(units, unit, {}))
+    assert args.inipath == INI and args.mode in ("outgoing", "incoming")
+
+
+@pytest.mark.parametrize("unit", DICT_SERVICES)
+def test_dict_service_serves_its_socket_and_start_post_sees_it(units, unit, config, tmp_path,
+                                                               start_daemon):
+    """Start the service as the unit does (socket and ini replaced by test paths); the
+    unit's ExecStartPost then finds the socket."""
+    service = units[unit]["Service"]
+    socket = shlex.split(service["ExecStart"])[1]
+    test_socket = tmp_path / "run" / Path(socket).name
+    test_socket.parent.mkdir()
+    module = console_scripts()[Path(shlex.split(service["ExecStart"])[0]).name].split(":")[0]
+    args = unit_args(units, unit, {socket: str(test_socket), INI: str(config.inipath)})
+    start_daemon(module.rpartition(".")[2], *args, ready=test_socket.exists)
+    post = service["ExecStartPost"].replace(socket, str(test_socket))
+    subprocess.run(shlex.split(post), check=True, timeout=30)
+
+
+# -- systemd-analyze ----------------------------------------------------------------------
+
+
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+HOST_UNITS = Path("/lib/systemd/system")
+
+
+@pytest.fixture(scope="module")
+def unit_root(tmp_path_factory):
+    """A root directory with systemd's own units, our units, stand-ins for the packaged
+    executables and the helpers the units call: what `systemd-analyze --root` checks."""
+    if not SYSTEMD_ANALYZE or not (HOST_UNITS / "sysinit.target").exists():
+        pytest.skip("needs systemd-analyze and systemd's units (apt install systemd)")
+    root = tmp_path_factory.mktemp("root")
+    shutil.copytree(HOST_UNITS, root / "lib/systemd/system", symlinks=True)
+    system = root / "etc/systemd/system"
+    system.mkdir(parents=True)
+    for path in unit_files():
+        shutil.copy(path, system / unit_name(path))
+    (root / LIBEXEC.lstrip("/")).mkdir(parents=True)
+    for name in libexec_daemons():
+        stub = root / LIBEXEC.lstrip("/") / name
+        stub.write_text(f"#!{sys.executable}\n")
+        stub.chmod(0o755)
+    (root / "usr/bin").mkdir(parents=True, exist_ok=True)
+    shutil.copy("/usr/bin/timeout", root / "usr/bin/timeout")
+    return root
+
+
+def analyze(root, *args):
+    return subprocess.run([SYSTEMD_ANALYZE, *args, f"--root={root}"], capture_output=True,
+                          text=True, cwd=root / "etc/systemd/system", timeout=120)
+
+
+def test_systemd_analyze_verify(unit_root):
+    names = [unit_name(path) for path in unit_files()]
+    result = analyze(unit_root, "verify", "--man=no", *names)
+    # Unknown keys and other mistakes are only warnings: any output is a failure.
+    assert result.returncode == 0 and not result.stdout and not result.stderr, (
+        result.stdout + result.stderr)
+
+
+@pytest.mark.parametrize("unit", sorted(EXEC_START))
+def test_systemd_analyze_security(unit_root, unit):
+    result = analyze(unit_root, "security", "--offline=yes", "--no-pager", unit)
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+    assert match, result.stdout + result.stderr
+    # 0 is sealed, 10 is unprotected; upstream's units score about 9.
+    assert float(match.group(1)) <= 2.0

@@ -1,0 +1,111 @@
+"""A real authoritative DNS server for tests: NSD (Debian package `nsd`) on 127.0.0.1 and a
+free port, serving a zone file the test writes.
+
+NSD rather than a DNS server written in the test: it is an independent implementation
+that loads the zone file `chatmail dns` prints exactly as an admin's DNS provider would,
+so a syntax slip in our records fails the test; and being authoritative-only it never
+sends a query anywhere, so tests stay on this host.
+"""
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+NSD = shutil.which("nsd") or "/usr/sbin/nsd"
+
+CONFIG = """\
+server:
+    ip-address: 127.0.0.1@{port}
+    username: ""
+    chroot: ""
+    zonesdir: "{dir}"
+    database: ""
+    zonelistfile: "{dir}/zone.list"
+    xfrdfile: "{dir}/xfrd.state"
+    xfrdir: "{dir}"
+    pidfile: "{dir}/nsd.pid"
+    logfile: "{dir}/nsd.log"
+    server-count: 1
+    verbosity: 1
+remote-control:
+    control-enable: no
+zone:
+    name: "{origin}"
+    zonefile: "{dir}/zone"
+"""
+
+ZONE_HEAD = """\
+$ORIGIN {origin}.
+$TTL 3600
+@ IN SOA ns.{origin}. hostmaster.{origin}. 1 3600 600 86400 3600
+@ IN NS ns.{origin}.
+ns IN A 127.0.0.1
+"""
+
+
+class Nsd:
+    def __init__(self, directory, origin, records, port):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.origin = origin.rstrip(".")
+        self.port = port
+        (self.dir / "nsd.conf").write_text(CONFIG.format(port=port, dir=self.dir,
+                                                         origin=self.origin))
+        (self.dir / "zone").write_text(ZONE_HEAD.format(origin=self.origin) + records)
+        self.proc = subprocess.Popen([NSD, "-d", "-c", str(self.dir / "nsd.conf")],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def log(self):
+        path = self.dir / "nsd.log"
+        return path.read_text() if path.exists() else ""
+
+    def wait_ready(self, timeout=10.0):
+        import dns.exception
+        import dns.message
+        import dns.query
+
+        query = dns.message.make_query(self.origin + ".", "SOA")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"nsd exited {self.proc.returncode}: "
+                                     f"{self.proc.stderr.read().decode()}\n{self.log()}")
+            try:
+                dns.query.udp(query, "127.0.0.1", port=self.port, timeout=0.2)
+                return
+            except (dns.exception.Timeout, OSError):
+                time.sleep(0.05)
+        raise AssertionError(f"nsd not answering after {timeout}s:\n{self.log()}")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc.stderr.close()
+
+
+@pytest.fixture
+def nsd(tmp_path):
+    """nsd(origin, records) -> a running Nsd serving `records` (zone file lines)."""
+    from ..conftest import free_port
+
+    if not Path(NSD).exists():
+        pytest.skip("needs NSD (apt install nsd) for a real DNS server")
+    servers = []
+
+    def serve(origin, records):
+        server = Nsd(tmp_path / f"nsd{len(servers)}", origin, records, free_port())
+        servers.append(server)
+        server.wait_ready()
+        return server
+
+    yield serve
+    for server in servers:
+        server.stop()
