@@ -13,7 +13,7 @@ DEPS = python3 python3-aiosmtpd python3-dkim python3-dnspython python3-filelock 
        debhelper dh-python pybuild-plugin-pyproject python3-all help2man lintian \
        fakeroot dpkg-dev po-debconf \
        postfix dovecot-core dovecot-imapd dovecot-lmtpd nginx libnginx-mod-stream \
-       opendkim opendkim-tools
+       opendkim opendkim-tools nsd systemd
 
 # Debian 13 runs Python 3.13 (no crypt module): the unit tests also run there when a 3.13
 # interpreter exists, in a virtualenv cached outside the checkout.
