@@ -1,25 +1,17 @@
-"""OpenDKIM: checking our configuration with opendkim itself, and the signing key.
+"""OpenDKIM: our configuration checked by opendkim itself.
 
 validate() runs `opendkim -n` (parse the configuration and open its tables, then exit) on
 scratch copies of the rendered configuration file and tables, and checks that the tables
 refer to each other. opendkim -n does not read private keys, so a relay whose key is not
-generated yet validates too.
-
-apply() handles the kind "dkim-key": a key generated once with opendkim-genkey, where
-it is missing, and never replaced (its public half is published in DNS).
+made yet (postinst.d/30-dkim makes it) validates too.
 """
 
-import grp
 import os
-import pwd
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
-from ..apply import ApplyResult
-
-KEY_KIND = "dkim-key"
 # Where the tools are when PATH lacks the sbin directories (non-root shells on Debian).
 SBIN_PATH = "/usr/sbin:/sbin"
 
@@ -29,56 +21,14 @@ def _tool(name):
     return shutil.which(name, path=path) or name
 
 
-# --- the signing key ------------------------------------------------------------------------
-
-def dns_record_path(key_path):
-    """opendkim-genkey writes the DNS record for <selector>.private as <selector>.txt."""
-    return Path(key_path).with_suffix(".txt")
-
-
-def generate_key(key_path, domain, owner, group, mode=0o600):
-    """Make the private key `key_path` (selector = its name without .private) and its DNS
-    record next to it with opendkim-genkey, both owned by owner:group."""
-    key_path = Path(key_path)
-    selector = key_path.name.removesuffix(".private")
-    proc = subprocess.run(
-        [_tool("opendkim-genkey"), "-D", str(key_path.parent), "-d", domain, "-s", selector],
-        capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"opendkim-genkey failed: {proc.stderr.strip()}")
-    uid, gid = pwd.getpwnam(owner).pw_uid, grp.getgrnam(group).gr_gid
-    for path in (key_path, dns_record_path(key_path)):
-        os.chown(path, uid, gid)
-    # OpenDKIM refuses to use a key that others can read.
-    key_path.chmod(mode)
-
-
-def apply(files, platform, root="/"):
-    """Generate each missing dkim-key item below `root`; existing keys stay untouched."""
-    result = ApplyResult()
-    for item in files:
-        if item.kind != KEY_KIND:
-            continue
-        key_path = Path(root) / item.path.lstrip("/")
-        if key_path.exists():
-            continue
-        key_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        generate_key(key_path, item.content.strip(), item.owner, item.group, item.mode)
-        result.changed += [item.path, str(dns_record_path(item.path))]
-        result.reload.update(item.reload)
-    return result
-
-
-# --- validation -----------------------------------------------------------------------------
-
 def _table_entries(text):
     """A KeyTable or SigningTable -> [(key, value)], comments and blank lines skipped."""
     entries = []
     for line in text.splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
-            key, _, value = line.partition(" ")
-            entries.append((key, value.strip()))
+            key, *value = line.split(None, 1)
+            entries.append((key, "".join(value)))
     return entries
 
 
@@ -119,8 +69,9 @@ def validate(files, platform):
     relays, which then validate trivially)."""
     if not any(item.path == platform.opendkim_chatmail_config for item in files):
         return []
-    rendered = {Path(item.path).name: item.content for item in files}
-    problems = table_problems(rendered.get("KeyTable", ""), rendered.get("SigningTable", ""))
+    rendered = {item.path: item.content for item in files}
+    problems = table_problems(rendered.get(f"{platform.dkim_key_dir}/KeyTable", ""),
+                              rendered.get(f"{platform.dkim_key_dir}/SigningTable", ""))
     with tempfile.TemporaryDirectory(prefix="chatmail-opendkim-") as tmp:
         scratch = Path(tmp)
         conf_copy = _scratch_copies(files, platform, scratch)

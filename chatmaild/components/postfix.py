@@ -31,6 +31,8 @@ MASTER_KIND = "postconf-master"
 SERVICE_TYPES = ("inet", "unix", "unix-dgram", "fifo", "pass")
 # master.cf columns 3-7 as `postconf -F` names them.
 MASTER_FIELDS = ("private", "unprivileged", "chroot", "wakeup", "process_limit")
+# main.cf settings that take effect only when Postfix starts, not on `postfix reload`.
+RESTART_SETTINGS = {"inet_interfaces", "inet_protocols"}
 # Where the tools are when PATH lacks the sbin directories (non-root shells on Debian).
 SBIN_PATH = "/usr/sbin:/sbin"
 
@@ -60,6 +62,8 @@ def parse_main(text):
     for line in _content_lines(text):
         if line.startswith("!"):
             key, value = _split_setting(line[1:])
+            if not key:
+                raise PostconfError(f"main.cf settings: nothing to remove in {line!r}")
             removals[key] = value
             continue
         key, value = _split_setting(line)
@@ -86,8 +90,21 @@ class Service:
     def entry(self, params=None):
         """The entry as one line, as `postconf -M -e` takes it."""
         params = self.params if params is None else params
-        options = [f"-o {name}={value}" for name, value in params.items()]
+        # Postfix 3 takes a value with spaces in braces (postconf writes it so, too).
+        options = [f"-o {{{name}={value}}}" if len(value.split()) > 1 else f"-o {name}={value}"
+                   for name, value in params.items()]
         return " ".join([self.name, self.type, *self.fields.values(), self.command, *options])
+
+
+def _option_text(first, words):
+    """The text of one -o option starting with word `first`; an option in Postfix 3's
+    `-o { name = value with spaces }` form takes the words up to the closing brace."""
+    if not first.startswith("{"):
+        return first
+    parts = [first]
+    while not parts[-1].endswith("}"):
+        parts.append(next(words, "}"))
+    return " ".join(parts)[1:-1].strip()
 
 
 def _split_options(words):
@@ -96,8 +113,9 @@ def _split_options(words):
     words = iter(words)
     for word in words:
         if word == "-o" or (word.startswith("-o") and "=" in word):
-            option = next(words, "") if word == "-o" else word[2:]
+            option = _option_text(next(words, "") if word == "-o" else word[2:], words)
             name, sep, value = option.partition("=")
+            name, value = name.strip(), value.strip()
             if not sep or not name:
                 raise PostconfError(f"master.cf: '-o {option}' is not '-o name=value'")
             params[name] = value
@@ -231,10 +249,13 @@ def plan_main(text, live):
 
 
 def main_commands(text, live):
-    """The postconf invocations (argument lists) that make main.cf match `text`."""
+    """The postconf invocations (argument lists) that make main.cf match `text`, and
+    whether they change a setting that takes a restart."""
     to_set, to_remove = plan_main(text, live)
-    return [[option, *arguments] for option, arguments in (("-e", to_set), ("-X", to_remove))
-            if arguments]
+    changed = {argument.partition("=")[0] for argument in to_set} | set(to_remove)
+    commands = [[option, *arguments]
+                for option, arguments in (("-e", to_set), ("-X", to_remove)) if arguments]
+    return commands, bool(changed & RESTART_SETTINGS)
 
 
 @dataclass
@@ -292,35 +313,40 @@ def plan_master(text, fields, params):
 # --- applying -------------------------------------------------------------------------------
 
 def _plan_all(items, config_dir):
-    """[(item, postconf invocations)], reading the live configuration before any edit:
-    postconf pauses up to two seconds when it reads a main.cf written a moment ago, to
-    let it "cool down"; writing does not pause."""
+    """[(item, postconf invocations, restart needed)], reading the live configuration
+    before any edit: postconf pauses up to two seconds when it reads a main.cf written a
+    moment ago, to let it "cool down"; writing does not pause."""
     main_live = live_main(config_dir)
     fields, params = live_fields(config_dir), live_params(config_dir)
     plans = []
     for item in items:
         if item.kind == MAIN_KIND:
-            plans.append((item, main_commands(item.content, main_live)))
+            plans.append((item, *main_commands(item.content, main_live)))
         else:
-            plans.append((item, plan_master(item.content, fields, params).commands()))
+            # master.cf is read again on `postfix reload`, new listeners included.
+            plans.append((item, plan_master(item.content, fields, params).commands(), False))
     return plans
 
 
 def apply(files, platform, config_dir=None):
     """Edit the live main.cf/master.cf (or those in `config_dir`) to match the rendered
-    postconf-* items. Returns an ApplyResult naming the files changed."""
+    postconf-* items. Returns an ApplyResult naming the files changed, with the item's
+    services to reload, or to restart for a setting a reload does not apply."""
     config_dir = Path(config_dir or platform.postfix_config_dir)
     items = [item for item in files if item.kind in (MAIN_KIND, MASTER_KIND)]
     result = ApplyResult()
     if not items:
         return result
-    seeded = ensure_config_files(config_dir, platform)
-    for item, commands in _plan_all(items, config_dir):
+    created = ensure_config_files(config_dir, platform)
+    for item, commands, restart in _plan_all(items, config_dir):
         for arguments in commands:
             run_postconf(config_dir, *arguments)
-        if commands or seeded:
-            result.changed.append(str(config_dir / Path(item.path).name))
+        path = str(config_dir / Path(item.path).name)
+        if commands or path in created:
+            result.changed.append(path)
             result.reload.update(item.reload)
+        if restart:
+            result.restart.update(item.reload)
     return result
 
 
