@@ -120,7 +120,7 @@ def build_parser():
     dns.add_argument("--nameserver-port", metavar="PORT", type=int, default=53,
                      help="the port of --nameserver (default: 53)")
     dns.add_argument("--dkim-key", metavar="FILE", default=None,
-                     help="OpenDKIM's private key (default: opendkim.private in the "
+                     help="OpenDKIM's private key (default: DOMAIN.private in the "
                      "platform's DKIM key directory, /etc/dkimkeys on Debian)")
     return parser
 
@@ -296,7 +296,8 @@ def cmd_dns(args):
     dkim_key = args.dkim_key
     if dkim_key is None:
         try:
-            dkim_key = f"{load_platform().dkim_key_dir}/{dns.DKIM_SELECTOR}.private"
+            # postinst.d/30-dkim keeps one key per mail domain
+            dkim_key = f"{load_platform().dkim_key_dir}/{config.mail_domain_bare}.private"
         except RenderError as exc:
             error(str(exc))
             return EXIT_FAILURE

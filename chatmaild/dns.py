@@ -16,7 +16,7 @@ from pathlib import Path
 
 TTL = 3600
 DKIM_SELECTOR = "opendkim"
-DEFAULT_DKIM_KEY = "/etc/dkimkeys/opendkim.private"
+
 LETSENCRYPT_DIR = "/etc/letsencrypt"
 # certbot keeps accounts per ACME server: accounts/<host><path>/<account id>/regr.json
 LETSENCRYPT_SERVER = "acme-v02.api.letsencrypt.org/directory"
@@ -97,7 +97,7 @@ def host_ipv6_addresses(if_inet6="/proc/net/if_inet6"):
     return sorted(set(found), key=found.index)
 
 
-def dkim_public_key(key_path=DEFAULT_DKIM_KEY):
+def dkim_public_key(key_path):
     """The base64 public key of OpenDKIM's private key, as it goes into the TXT record."""
     try:
         result = subprocess.run(["openssl", "rsa", "-in", str(key_path), "-pubout"],
@@ -561,7 +561,7 @@ def check_summary(results):
 # -- command ------------------------------------------------------------------------------
 
 
-def gather_facts(config, ipv4=None, ipv6=None, dkim_key=DEFAULT_DKIM_KEY,
+def gather_facts(config, ipv4=None, ipv6=None, dkim_key=None,
                  letsencrypt_dir=LETSENCRYPT_DIR, resolver=None, problems=None):
     """The facts from options, the host and DNS; `problems` collects what is missing."""
     problems = problems if problems is not None else []
@@ -592,7 +592,7 @@ def published_sts_id(config, resolver):
 
 
 def run(config, out=print, check=False, zonefile=None, ipv4=None, ipv6=None,
-        nameservers=None, port=53, dkim_key=DEFAULT_DKIM_KEY,
+        nameservers=None, port=53, dkim_key=None,
         letsencrypt_dir=LETSENCRYPT_DIR, timeout=5.0):
     """The `chatmail dns` command; returns the exit status."""
     if config.ipv4_relay:
