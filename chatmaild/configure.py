@@ -7,8 +7,8 @@ environment (CHATMAIL_* and PLATFORM_*), so none of them parses chatmail.ini or 
 which distribution it runs on. One step calls `chatmail apply-files`, which renders
 conf/, validates every component with its daemon's own checker and only then writes
 anything (apply_configuration below). Services to reload are collected in the file
-$CHATMAIL_RELOAD_LIST (a line "NAME" to reload, "NAME restart" to restart); a later
-step acts on them.
+$CHATMAIL_RELOAD_LIST; services to restart (a changed unit drop-in) in
+<state_dir>/pending-restarts, kept until done. The services step acts on both.
 """
 
 import os
@@ -22,6 +22,7 @@ from .apply import NEW_SUFFIX, ApplyResult, apply_files
 from .components import component_module
 from .render import data_dir, render_all
 
+PENDING_RESTARTS = "pending-restarts"
 STEP_NAME = re.compile(r"^[0-9][0-9]-[a-z0-9][a-z0-9-]*$")
 
 
@@ -121,7 +122,13 @@ def apply_configuration(config, platform, reload_list=None):
     if reload_list:
         with open(reload_list, "a", encoding="utf-8") as f:
             f.writelines(f"{service}\n" for service in sorted(result.reload))
-            f.writelines(f"{service} restart\n" for service in sorted(result.restart))
+    if result.restart:
+        # Kept until the services step has done it: a restart that was interrupted or
+        # failed is retried by the next `chatmail configure`, or the daemon would keep
+        # running with a unit definition that is no longer on disk.
+        pending = Path(platform.state_dir) / PENDING_RESTARTS
+        with open(pending, "a", encoding="utf-8") as f:
+            f.writelines(f"{service}\n" for service in sorted(result.restart))
     return 0
 
 

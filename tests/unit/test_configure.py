@@ -104,4 +104,5 @@ def test_restart_list_for_changed_unit_dropins(demo_data_dir, config):
         '[[file]]\ntemplate = "a.j2"\npath = "{etc}/demo.conf"\nrestart = ["demo"]\n')
     reload_list = demo_data_dir / "reload"
     apply_configuration(config, load_platform("debian12"), reload_list)
-    assert reload_list.read_text() == "demo restart\n"
+    assert reload_list.read_text() == ""
+    assert (demo_data_dir / "state/pending-restarts").read_text() == "demo\n"
