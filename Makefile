@@ -13,13 +13,13 @@ DEPS = python3 python3-aiosmtpd python3-dkim python3-dnspython python3-filelock 
        debhelper dh-python pybuild-plugin-pyproject python3-all help2man lintian \
        fakeroot dpkg-dev po-debconf \
        postfix dovecot-core dovecot-imapd dovecot-lmtpd nginx libnginx-mod-stream \
-       opendkim opendkim-tools nsd systemd
+       opendkim opendkim-tools nsd systemd python3-qrcode zbar-tools debootstrap systemd-container
 
 # Debian 13 runs Python 3.13 (no crypt module): the unit tests also run there when a 3.13
 # interpreter exists, in a virtualenv cached outside the checkout.
 PY313 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3) $(shell command -v python3.13))
 VENV313 ?= $(HOME)/.cache/chatmail-relay/py313-venv
-PY313_LIBS = aiosmtpd dkimpy dnspython filelock psutil pytest jinja2
+PY313_LIBS = aiosmtpd dkimpy dnspython filelock psutil pytest jinja2 qrcode pypng
 
 .PHONY: all build test test-unit test-config test-py313 test-package deps bench clean
 

@@ -7,9 +7,10 @@ directory to a scratch directory, puts our rendered files in, points the include
 nginx.conf and of our files at the copy and runs `nginx -T` on it, so nothing in /etc is
 touched and the result is what nginx would say after installation.
 
-One conflict nginx -T does not see: a site that listens on port 443 itself. The stream
-multiplexer needs port 443 for all addresses, so nginx would fail to start (bind: address
-in use) although the test passes; validate() looks for such listeners in nginx's dump.
+Two conflicts nginx -T lets pass: a site that listens on port 443 itself (the stream
+multiplexer needs port 443 for all addresses, so nginx would fail to start: bind: address
+in use), which validate() looks for in nginx's dump; and another server for one of the
+relay's names on the same port, which nginx only warns about and then ignores.
 """
 
 import os
@@ -24,7 +25,12 @@ CERTIFICATE_DIRECTIVE = re.compile(r"^(\s*ssl_certificate(?:_key)?\s+)([^;\s]+)(
 DUMP_FILE_HEADER = re.compile(r"^# configuration file (.+):$", re.M)
 LISTEN_DIRECTIVE = re.compile(r"(?:^|[;{}])\s*listen\s+([^;]*);")
 COMMENT = re.compile(r"#[^\n]*")
+LOG_LINE = re.compile(r"^\S+ \S+ \[(\w+)\] \d+#\d+: (.*)$")
 HTTPS_PORT = "443"
+# nginx starts anyway and silently serves the name from the first server only: either the
+# relay's pages or the admin's site would be gone.
+NAME_CONFLICT_HINT = (" (two servers answer to this name on this port and nginx would use "
+                      "only the first: remove the relay's names from the other server)")
 
 
 def validate(files, platform, stand_in_certificates=False):
@@ -32,11 +38,13 @@ def validate(files, platform, stand_in_certificates=False):
     (empty list: none).
 
     With `stand_in_certificates`, every certificate our files name is replaced by a
-    scratch self-signed one, for checking the configuration on a machine that has none
-    (tests, or before certbot's first run); otherwise a missing certificate is a problem.
+    scratch self-signed one, for checking the configuration where there is none (tests);
+    otherwise a missing certificate is a problem.
     """
     config_dir = Path(platform.nginx_config_dir)
     problems = missing_prerequisites(platform, config_dir)
+    problems += [f"{item.path} is not below {config_dir}; nginx would not read it"
+                 for item in files if not Path(item.path).is_relative_to(config_dir)]
     if problems:
         return problems
     with tempfile.TemporaryDirectory(prefix="chatmail-nginx-") as scratch:
@@ -45,18 +53,17 @@ def validate(files, platform, stand_in_certificates=False):
         shutil.copytree(config_dir, copy, symlinks=True)
         point_includes_at(copy / "nginx.conf", config_dir, copy)
         stand_in = make_stand_in_certificate(scratch) if stand_in_certificates else None
-        placed = {}
+        ours = set()
         for item in files:
-            target, item_problems = place_file(item, config_dir, copy, stand_in, scratch)
-            problems += item_problems
-            placed[target] = item
-        if problems:
-            return unique(problems)
-        dump, errors = run_nginx_dump(copy / "nginx.conf")
-        if errors:
-            return unique(in_real_paths(line, copy, config_dir) for line in errors)
-        if any(listens_on_https_port(item.content) for item in files):
-            problems += foreign_https_listeners(dump, set(placed), copy, config_dir)
+            target, certificate_problems = place_file(item, config_dir, copy, stand_in, scratch)
+            problems += certificate_problems
+            ours.add(target)
+        dump, errors, warnings = run_nginx_dump(copy / "nginx.conf")
+        problems += [in_real_paths(line, copy, config_dir) for line in errors]
+        problems += [in_real_paths(line, copy, config_dir) + NAME_CONFLICT_HINT
+                     for line in warnings if "conflicting server name" in line]
+        if not errors and any(listens_on_https_port(item.content) for item in files):
+            problems += foreign_https_listeners(dump, ours, copy, config_dir)
     return unique(problems)
 
 
@@ -88,12 +95,9 @@ def point_includes_at(path, config_dir, copy):
 
 
 def place_file(item, config_dir, copy, stand_in, scratch):
-    """Write one rendered file into the copy; returns (its path there, problems)."""
-    try:
-        relative = Path(item.path).relative_to(config_dir)
-    except ValueError:
-        return None, [f"{item.path} is not below {config_dir}; nginx would not read it"]
-    target = copy / relative
+    """Write one rendered file into the copy; returns (its path there, problems with the
+    certificates it names)."""
+    target = copy / Path(item.path).relative_to(config_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
     # The copy may hold a symlink to a real file (sites-enabled style): never write through.
     target.unlink(missing_ok=True)
@@ -133,16 +137,28 @@ def make_stand_in_certificate(directory):
 
 
 def run_nginx_dump(main_config):
-    """(nginx -T's dump of the whole configuration, [error lines]); errors mean nginx
-    would refuse the configuration."""
+    """(nginx -T's dump of the whole configuration, [error lines], [warning lines]);
+    errors mean nginx would refuse the configuration."""
     result = subprocess.run(
         [nginx_binary(), "-T", "-q", "-c", str(main_config)],
         capture_output=True, text=True, errors="replace")
+    lines = [without_timestamp(line) for line in result.stderr.splitlines()
+             if line.strip() and "test failed" not in line]
+    warnings = [line for line in lines if line.startswith("warning: ")]
     if result.returncode == 0:
-        return result.stdout, []
-    errors = [line.removeprefix("nginx: ") for line in result.stderr.splitlines()
-              if line.strip() and "test failed" not in line]
-    return result.stdout, errors or [f"nginx -t failed with exit code {result.returncode}"]
+        return result.stdout, [], warnings
+    errors = [line for line in lines if line not in warnings]
+    errors = errors or [f"nginx -T failed with exit code {result.returncode}"]
+    return result.stdout, errors, warnings
+
+
+def without_timestamp(line):
+    """'2026/01/02 03:04:05 [emerg] 12#12: text' -> 'error: text'."""
+    match = LOG_LINE.match(line.removeprefix("nginx: "))
+    if not match:
+        return line.removeprefix("nginx: ")
+    level, text = match.groups()
+    return f"{'warning' if level in ('warn', 'notice', 'info') else 'error'}: {text}"
 
 
 def in_real_paths(text, copy, config_dir):

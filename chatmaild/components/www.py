@@ -5,6 +5,7 @@ python3-qrcode and installs it through chatmaild.apply, so the image is hash-tra
 every other generated file (an image the admin replaced is kept).
 """
 
+import importlib.util
 import io
 import xml.etree.ElementTree as ET
 from dataclasses import replace
@@ -73,9 +74,7 @@ def validate(files, platform):
 
 
 def qr_problems(item):
-    try:
-        import qrcode  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("qrcode") is None:
         return [f"{item.path}: python3-qrcode is not installed"]
     if not item.content.strip() or "\n" in item.content.strip():
         return [f"{item.path}: the QR code text must be one line, not {item.content!r}"]
