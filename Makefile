@@ -18,10 +18,10 @@ DEPS = python3 python3-aiosmtpd python3-dkim python3-dnspython python3-filelock 
 # Debian 13 runs Python 3.13 (no crypt module): the unit tests also run there when a 3.13
 # interpreter exists, in a virtualenv cached outside the checkout.
 PY313 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3) $(shell command -v python3.13))
-VENV313 ?= $(HOME)/.cache/chatmail-relay/py313-venv
+VENV313 ?= $(HOME)/.cache/chatmail-relay/py313-$(shell echo $(PY313_LIBS) | md5sum | cut -c1-8)
 PY313_LIBS = aiosmtpd dkimpy dnspython filelock psutil pytest jinja2 qrcode pypng
 
-.PHONY: all build test test-unit test-config test-py313 test-package deps bench clean
+.PHONY: all build test test-unit test-config test-py313 test-package test-system deps bench clean
 
 all: build
 
@@ -46,7 +46,7 @@ build:
 	rm -f dist/*.deb && mv build/deb/*.deb dist/
 	@ls -1 dist/*.deb
 
-test: test-unit test-config test-package test-py313
+test: test-unit test-config test-package test-system test-py313
 
 test-unit:
 	$(PYTEST) tests/unit
@@ -58,6 +58,11 @@ test-config:
 
 test-package: build
 	$(PYTEST) tests/package
+
+# Installs dist/ in a fresh Debian 12 booted with systemd-nspawn (root file system cached
+# outside the checkout by tests/system/rootfs.sh) and uses the relay like its users.
+test-system: build
+	$(PYTEST) tests/system
 
 test-py313:
 	@if [ -z "$(PY313)" ]; then echo "test-py313: no Python 3.13 interpreter, skipped"; exit 0; fi; \

@@ -1,0 +1,106 @@
+"""A throw-away Debian with a real systemd, booted with systemd-nspawn (see
+../shared/spec/testing.md): an overlay on the cached root file system (rootfs.sh), its own
+network namespace with only loopback, our dist/ mounted read-only at /srv/dist."""
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+
+
+def build_rootfs(suite="bookworm"):
+    out = subprocess.run([str(HERE / "rootfs.sh"), suite], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"rootfs.sh failed:\n{out.stderr}")
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+class Container:
+    def __init__(self, name, rootfs, workdir):
+        self.name = name
+        self.rootfs = Path(rootfs)
+        self.workdir = Path(workdir)
+        self.root = self.workdir / "root"
+        self.nspawn = None
+        self.leader = None
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def boot(self, timeout=60):
+        for sub in ("upper", "work", "root"):
+            (self.workdir / sub).mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                        f"lowerdir={self.rootfs},upperdir={self.workdir}/upper,"
+                        f"workdir={self.workdir}/work", str(self.root)], check=True)
+        (self.root / "etc/hostname").write_text(self.name + "\n")
+        Path("/run/systemd/nspawn").mkdir(parents=True, exist_ok=True)
+        self.log = open(self.workdir / "console.log", "wb")
+        self.nspawn = subprocess.Popen(
+            ["systemd-nspawn", "-D", str(self.root), "-b", "--register=no", "--keep-unit",
+             f"--machine={self.name}", "--private-network",
+             f"--bind-ro={REPO / 'dist'}:/srv/dist"],
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        self.leader = self._wait_for_leader(timeout)
+        self._wait_until_running(timeout)
+
+    def _wait_for_leader(self, timeout):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.nspawn.poll() is not None:
+                raise RuntimeError(f"nspawn exited: {self.console()}")
+            children = Path(f"/proc/{self.nspawn.pid}/task/{self.nspawn.pid}/children")
+            pids = children.read_text().split() if children.exists() else []
+            if pids:
+                return int(pids[0])
+            time.sleep(0.1)
+        raise RuntimeError("the container's init did not start")
+
+    def _wait_until_running(self, timeout):
+        deadline = time.monotonic() + timeout
+        state = ""
+        while time.monotonic() < deadline:
+            state = self.run("systemctl is-system-running", check=False).stdout.strip()
+            if state in ("running", "degraded"):
+                return
+            time.sleep(0.3)
+        raise RuntimeError(f"systemd did not come up (state {state!r})")
+
+    def stop(self):
+        if self.nspawn and self.nspawn.poll() is None:
+            self.nspawn.terminate()  # nspawn shuts the container down on SIGTERM
+            try:
+                self.nspawn.wait(30)
+            except subprocess.TimeoutExpired:
+                self.nspawn.kill()
+                self.nspawn.wait()
+        if os.path.ismount(self.root):
+            subprocess.run(["umount", "-l", str(self.root)], check=False)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def console(self):
+        return (self.workdir / "console.log").read_text(errors="replace")[-3000:]
+
+    # -- commands inside ----------------------------------------------------------
+
+    def run(self, command, check=True, input=None, timeout=600, env=None):
+        """Run a shell command inside the container (all its namespaces)."""
+        full_env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                    "LANG": "C.UTF-8", "DEBIAN_FRONTEND": "noninteractive"}
+        full_env.update(env or {})
+        result = subprocess.run(
+            ["nsenter", "-t", str(self.leader), "-a", "env", "-i",
+             *[f"{k}={v}" for k, v in full_env.items()], "sh", "-c", command],
+            input=input, capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode:
+            raise AssertionError(f"`{command}` exited {result.returncode}:\n"
+                                 f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+        return result
+
+    def python(self, code, check=True, timeout=120):
+        """Run Python code inside the container (Debian's python3)."""
+        return self.run("python3 -", input=code, check=check, timeout=timeout)

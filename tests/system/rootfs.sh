@@ -1,0 +1,40 @@
+#!/bin/sh
+# Build (once) a Debian root file system for the system tests: minbase with systemd and
+# every package chatmail-relay depends on, so tests can install our .debs with no network.
+# Cached outside the checkout, keyed by this script and debian/control.
+# Usage: tests/system/rootfs.sh SUITE  -> prints the rootfs path
+set -eu
+suite=${1:-bookworm}
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+cache=${CHATMAIL_TEST_CACHE:-/var/cache/chatmail-relay-test}
+key=$(cat "$0" "$repo/debian/control" | sha256sum | cut -c1-16)
+rootfs=$cache/rootfs-$suite-$key
+if [ -d "$rootfs" ]; then
+	echo "$rootfs"
+	exit 0
+fi
+mkdir -p "$cache"
+tmp=$(mktemp -d "$cache/.build-$suite.XXXXXX")
+trap 'umount "$tmp/proc" 2>/dev/null || true; rm -rf "$tmp"' EXIT
+echo "system tests: building a $suite root file system (cached as $rootfs)" >&2
+debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,iproute2,ca-certificates \
+	"$suite" "$tmp" http://deb.debian.org/debian >"$tmp.log" 2>&1 || { tail -20 "$tmp.log" >&2; exit 1; }
+# Nothing may start in the chroot: it shares the host's network.
+printf '#!/bin/sh\nexit 101\n' >"$tmp/usr/sbin/policy-rc.d"
+chmod 755 "$tmp/usr/sbin/policy-rc.d"
+# The Depends of our packages, and what the tests use inside the container.
+deps=$(sed -n '/^Package: \(chatmail-relay\|python3-chatmaild\)$/,/^Description/p' "$repo/debian/control" |
+	sed -n '/^Depends:/,/^[A-Z][A-Za-z-]*:/{s/^Depends://;/^[A-Z]/d;p}' | tr ',' '\n' |
+	sed -n 's/^[[:space:]]*\([a-z0-9][a-z0-9.+-]*\).*/\1/p' | grep -vx python3-chatmaild | sort -u | tr '\n' ' ')
+mount -t proc proc "$tmp/proc"
+echo "postfix postfix/main_mailer_type select No configuration" | chroot "$tmp" debconf-set-selections
+# shellcheck disable=SC2086 # one package per word
+chroot "$tmp" sh -c "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	--no-install-recommends $deps debconf-utils procps python3 >/dev/null && apt-get clean"
+umount "$tmp/proc"
+rm -f "$tmp/usr/sbin/policy-rc.d" "$tmp/etc/hostname"
+rm -f "$tmp.log"
+mv "$tmp" "$rootfs"
+trap - EXIT
+echo "$rootfs"
