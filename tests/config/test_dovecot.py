@@ -78,7 +78,10 @@ def test_files_and_paths(relay_config, debian12, render):
     assert sorted(files) == sorted([MAIN, AUTH, LUA, DROPIN])
     for item in files.values():
         assert (item.mode, item.owner, item.group) == (0o644, "root", "root")
-        assert item.reload == ["dovecot"]
+    for path in (MAIN, AUTH, LUA):
+        assert files[path].reload == ["dovecot"]
+    # a changed -c in the unit only takes effect on a restart
+    assert files[DROPIN].restart == ["dovecot"] and files[DROPIN].reload == []
 
 
 @pytest.mark.parametrize("platform", ["debian13", "alpine"])
