@@ -81,7 +81,7 @@ def apply_file(item, record, root="/"):
     """Install one RenderedFile (see chatmaild.render) below `root`."""
     result = ApplyResult()
     target = Path(root) / item.path.lstrip("/")
-    new = item.content.encode()
+    new = item.content if isinstance(item.content, bytes) else item.content.encode()
     uid, gid = _ids(item.owner, item.group)
     try:
         current = target.read_bytes()

@@ -11,6 +11,7 @@ conf/<component>/    Jinja2 templates, plus targets.toml listing what they becom
     owner = "root"                           # optional, default root (a platform key
     group = "root"                           #   such as "{vmail_user}" works too)
     reload = ["dovecot"]                     # optional: services to reload on change
+                                             #   ("{coturn_service}": a platform fact)
     restart = ["dovecot"]                    # optional: services to restart on change
                                              #   (needed when a unit drop-in changes)
     when = "not config.ipv4_relay"           # optional Jinja expression
@@ -90,7 +91,7 @@ def load_platform(name=None):
 class RenderedFile:
     component: str
     path: str
-    content: str
+    content: str  # or bytes, for files a component's apply() makes (images)
     mode: int = 0o644
     owner: str = "root"
     group: str = "root"
@@ -162,8 +163,8 @@ def render_component(component, config, platform):
             mode=int(target.get("mode", "0644"), 8),
             owner=_expand(target.get("owner", "root"), platform),
             group=_expand(target.get("group", "root"), platform),
-            reload=list(target.get("reload", [])),
-            restart=list(target.get("restart", [])),
+            reload=[_expand(name, platform) for name in target.get("reload", [])],
+            restart=[_expand(name, platform) for name in target.get("restart", [])],
             kind=target.get("kind", "file"),
         ))
     return rendered

@@ -20,14 +20,6 @@ QR_BOX_SIZE = 8
 QR_BORDER = 4
 
 
-class EncodedContent(bytes):
-    """Content that is already bytes: apply_file() encodes text, and encoding this returns
-    it unchanged."""
-
-    def encode(self, *args, **kwargs):
-        return bytes(self)
-
-
 def qr_png(text):
     """A PNG image of a QR code saying `text`. Drawn by qrcode's pure-Python PNG writer
     (python3-png, which python3-qrcode depends on): the same text always gives the same
@@ -55,7 +47,7 @@ def apply(files, platform, root="/"):
     try:
         for item in files:
             if item.kind == QRCODE:
-                image = EncodedContent(qr_png(item.content.strip()))
+                image = qr_png(item.content.strip())
                 result.merge(apply_file(replace(item, content=image, kind="file"), record, root))
     finally:
         record.save()
