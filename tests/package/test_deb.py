@@ -79,7 +79,8 @@ def test_steps_are_executable_in_the_package():
 
 def test_maintainer_scripts_are_shellcheck_clean():
     scripts = [REPO / "debian" / name for name in
-               ("chatmail-relay.config", "chatmail-relay.postinst", "chatmail-relay.postrm")]
+               ("chatmail-relay.config", "chatmail-relay.postinst", "chatmail-relay.prerm",
+                "chatmail-relay.postrm")]
     scripts += sorted((REPO / "postinst.d").iterdir()) + sorted((REPO / "hooks").iterdir())
     result = subprocess.run(["shellcheck", "-x", "-s", "sh", *map(str, scripts)],
                             capture_output=True, text=True, cwd=REPO)

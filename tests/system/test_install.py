@@ -83,3 +83,46 @@ def test_users_login_create_accounts_and_cleartext_is_refused(relay):
 def test_configure_again_changes_nothing(relay):
     out = relay.run("chatmail configure").stdout
     assert "updated" not in out and "restarting" not in out and "reloading" not in out, out
+
+
+NEW_DOMAIN = "_new.example.org"
+
+
+def test_reconfigure_noninteractive_to_a_new_domain(relay):
+    relay.run(f'echo "chatmail-relay chatmail-relay/mail_domain string {NEW_DOMAIN}" '
+              "| debconf-set-selections && dpkg-reconfigure -f noninteractive chatmail-relay",
+              timeout=600)
+    assert f"mail_domain = {NEW_DOMAIN}" in relay.run("cat /etc/chatmail/chatmail.ini").stdout
+    out = relay.python(CLIENT.format(domain=NEW_DOMAIN)).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["login"] == "OK"
+    assert result["cleartext"] == "523 Encryption Needed: Invalid Unencrypted Mail"
+    # the old domain's mailboxes stay; the new domain has its own DKIM key
+    relay.run(f"test -s /home/vmail/mail/{DOMAIN}/abcdefghi@{DOMAIN}/password")
+    relay.run(f"test -s /etc/dkimkeys/{NEW_DOMAIN}.private")
+    assert relay.run("chatmail status", check=False).returncode == 0
+
+
+def test_an_edit_of_chatmail_ini_wins_over_the_stored_answer(relay):
+    relay.run("chatmail set max_mailbox_size=1G && dpkg-reconfigure -f noninteractive chatmail-relay")
+    ini = relay.run("cat /etc/chatmail/chatmail.ini").stdout
+    assert "max_mailbox_size = 1G" in ini and f"mail_domain = {NEW_DOMAIN}" in ini
+
+
+def test_remove_keeps_data_purge_removes_what_we_generated_reinstall_works(relay):
+    relay.run("apt-get remove -y -q chatmail-relay")
+    relay.run("test -f /etc/chatmail/chatmail.ini")
+    relay.run(f"test -s /home/vmail/mail/{NEW_DOMAIN}/abcdefghi@{NEW_DOMAIN}/password")
+    assert relay.run("systemctl is-active doveauth", check=False).stdout.strip() != "active"
+
+    relay.run("apt-get purge -y -q chatmail-relay")
+    for gone in ("/etc/chatmail", "/etc/dovecot/chatmail/dovecot.conf",
+                 f"/etc/dkimkeys/{NEW_DOMAIN}.private", "/var/lib/chatmail-relay",
+                 "/etc/systemd/system/dovecot.service.d/chatmail.conf"):
+        assert relay.run(f"test -e {gone}", check=False).returncode != 0, f"{gone} survived purge"
+    # mailboxes are kept unless the admin said otherwise
+    relay.run(f"test -s /home/vmail/mail/{NEW_DOMAIN}/abcdefghi@{NEW_DOMAIN}/password")
+
+    result = relay.run(INSTALL, check=False, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+    assert relay.run("chatmail status", check=False).returncode == 0
