@@ -326,10 +326,8 @@ class Expiry:
         return f"Dry run, nothing removed (use --remove): would remove {counts}"
 
 
-def daily_expire_main(argv=None):
-    """Remove expired messages and inactive addresses as chatmail.ini says (dry run
-    unless --remove is given)."""
-    parser = ArgumentParser(prog="chatmail-expire", description=daily_expire_main.__doc__)
+def add_ini_and_days_arguments(parser):
+    """The arguments chatmail-expire and chatmail-fsreport share with upstream's."""
     parser.add_argument(
         "chatmail_ini", nargs="?", default=DEFAULT_INI_PATH,
         help=f"path of chatmail.ini (default: {DEFAULT_INI_PATH})",
@@ -338,6 +336,13 @@ def daily_expire_main(argv=None):
         "--days", type=int, default=0,
         help="assume the date to be DAYS days older than now",
     )
+
+
+def daily_expire_main(argv=None):
+    """Remove expired messages and inactive addresses as chatmail.ini says (dry run
+    unless --remove is given)."""
+    parser = ArgumentParser(prog="chatmail-expire", description=daily_expire_main.__doc__)
+    add_ini_and_days_arguments(parser)
     parser.add_argument(
         "--maxnum", type=int, default=None,
         help="look at no more than MAXNUM mailboxes",

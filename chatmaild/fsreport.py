@@ -17,7 +17,7 @@ from argparse import ArgumentParser
 from datetime import datetime, timezone
 
 from .config import DEFAULT_INI_PATH, ConfigError, read_config
-from .expire import iter_mailboxes
+from .expire import add_ini_and_days_arguments, iter_mailboxes
 from .files import write_atomic
 
 DAY = 86400
@@ -192,14 +192,7 @@ def parse_args(argv):
         prog="chatmail-fsreport",
         description="Report the storage used by all mailboxes and messages, and logins.",
     )
-    parser.add_argument(
-        "chatmail_ini", nargs="?", default=DEFAULT_INI_PATH,
-        help=f"path of chatmail.ini (default: {DEFAULT_INI_PATH})",
-    )
-    parser.add_argument(
-        "--days", type=int, default=0,
-        help="assume the date to be DAYS days older than now",
-    )
+    add_ini_and_days_arguments(parser)
     parser.add_argument(
         "--min-login-age", type=int, default=0, metavar="DAYS", dest="min_login_age",
         help="sum up message sizes only of addresses whose last login is at least DAYS old",

@@ -53,6 +53,17 @@ def make_config(make_ini):
     return make
 
 
+def stop_process(proc, timeout=5):
+    """Terminate a test's server process, killing it if it does not exit in time."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -88,13 +99,7 @@ class Daemon:
         raise AssertionError(f"daemon not ready after {timeout}s:\n{self.stderr}")
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self._stderr.close()
         self.stderr_path.unlink(missing_ok=True)
 

@@ -21,7 +21,7 @@ from chatmaild.apply import apply_files
 from chatmaild.components import nginx as nginx_component
 from chatmaild.components import www
 from chatmaild.render import render_component
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, stop_process
 
 SYSLOG = "access_log syslog:server=unix:/dev/log,facility=local7;"
 ADMIN_SITE_NAME = "admin.example"
@@ -217,12 +217,7 @@ http {{
 
     def stop(self):
         for proc in reversed(self.processes):
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
         self.imap.close()
         self.smtp.close()
 

@@ -9,6 +9,7 @@ from chatmaild import render as render_module
 from chatmaild.components import coturn
 from chatmaild.render import load_platform
 from chatmaild.turn import TURN_PORT, make_credentials
+from tests.conftest import stop_process
 from tests.unit.test_turn import (
     ALLOCATE_ERROR,
     ALLOCATE_SUCCESS,
@@ -148,12 +149,7 @@ def rendered_coturn(relay_config, debian12, render, installed, tmp_path):
         wait_until_answering(proc, port, log_path)
         yield port, log_path
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def allocate(port, credentials):

@@ -29,6 +29,7 @@ from chatmaild.config import default_config_text, read_config
 from chatmaild.render import load_platform, render_component
 from tests.conftest import REPO, free_port
 from tests.unit.push_server import PushServer
+from tests.conftest import stop_process
 
 pytestmark = pytest.mark.skipif(not shutil.which("doveconf"), reason="needs dovecot-core")
 
@@ -554,12 +555,7 @@ class LiveRelay:
 
     def stop_services(self):
         for proc, log in self.processes:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
             log.close()
 
     # -- clients --

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tests.conftest import stop_process
 
 NSD = shutil.which("nsd") or "/usr/sbin/nsd"
 
@@ -81,13 +82,7 @@ class Nsd:
         raise AssertionError(f"nsd not answering after {timeout}s:\n{self.log()}")
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.proc.stderr.close()
 
 

@@ -25,7 +25,7 @@ from chatmaild.turn import (
     make_credentials,
     read_secret,
 )
-from tests.conftest import REPO
+from tests.conftest import REPO, stop_process
 
 DOMAIN = "chat.example.org"
 TURN_KEY = "shared/0123/vendor/vendor.dovecot/pvt/server/vendor/deltachat/turn"
@@ -266,12 +266,7 @@ class Coturn:
             return "(no log)"
 
     def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
 
 
 needs_coturn = pytest.mark.skipif(
