@@ -16,7 +16,7 @@ import time
 from argparse import ArgumentParser
 from datetime import datetime, timezone
 
-from .config import DEFAULT_INI_PATH, ConfigError, read_config
+from .config import ConfigError, read_config
 from .expire import add_ini_and_days_arguments, iter_mailboxes
 from .files import write_atomic
 
