@@ -23,9 +23,11 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 from ..apply import ApplyResult
 
+UNDO_FILE = "postfix-undo"
 MAIN_KIND = "postconf-main"
 MASTER_KIND = "postconf-master"
 SERVICE_TYPES = ("inet", "unix", "unix-dgram", "fifo", "pass")
@@ -312,12 +314,17 @@ def plan_master(text, fields, params):
 
 # --- applying -------------------------------------------------------------------------------
 
-def _plan_all(items, config_dir):
-    """[(item, postconf invocations, restart needed)], reading the live configuration
-    before any edit: postconf pauses up to two seconds when it reads a main.cf written a
-    moment ago, to let it "cool down"; writing does not pause."""
-    main_live = live_main(config_dir)
-    fields, params = live_fields(config_dir), live_params(config_dir)
+def read_live(config_dir):
+    """Everything the plans need, read before any edit: postconf pauses up to two seconds
+    when it reads a main.cf written a moment ago, to let it "cool down"; writing does not
+    pause."""
+    return SimpleNamespace(main=live_main(config_dir), fields=live_fields(config_dir),
+                           params=live_params(config_dir), entries=live_entries(config_dir))
+
+
+def _plan_all(items, live):
+    """[(item, postconf invocations, restart needed)]"""
+    main_live, fields, params = live.main, live.fields, live.params
     plans = []
     for item in items:
         if item.kind == MAIN_KIND:
@@ -328,17 +335,87 @@ def _plan_all(items, config_dir):
     return plans
 
 
-def apply(files, platform, config_dir=None):
+def live_entries(config_dir):
+    """{'name/type': whole master.cf entry} (postconf -M)."""
+    entries = {}
+    for line in run_postconf(config_dir, "-M")[0].splitlines():
+        words = line.split()
+        if len(words) >= 2:
+            entries[f"{words[0]}/{words[1]}"] = line
+    return entries
+
+
+def undo_commands(commands, main_live, entries, params):
+    """For each postconf edit, (target, option, argument) that restores the state before
+    it: the value it had, or its absence."""
+    undo = []
+    for option, *arguments in commands:
+        for argument in arguments:
+            name, _, _ = argument.partition("=")
+            name = name.strip()
+            if option in ("-e", "-X"):
+                old = main_live.get(name)
+                undo.append((f"main:{name}", "-X", name) if old is None
+                            else (f"main:{name}", "-e", f"{name}={old}"))
+            elif option in ("-Me", "-MX"):
+                old = entries.get(name)
+                undo.append((f"service:{name}", "-MX", name) if old is None
+                            else (f"service:{name}", "-Me", f"{name} = {old}"))
+            elif option == "-Fe":
+                key, _, field_name = name.rpartition("/")
+                old = live_field(entries.get(key), field_name)
+                if old is not None:
+                    undo.append((f"field:{name}", "-Fe", f"{name}={old}"))
+            else:  # -Pe, -PX
+                key, _, param = name.rpartition("/")
+                old = params.get(key, {}).get(param)
+                undo.append((f"param:{name}", "-PX", name) if old is None
+                            else (f"param:{name}", "-Pe", f"{name}={old}"))
+    return undo
+
+
+def live_field(entry, field_name):
+    if entry is None or field_name not in MASTER_FIELDS:
+        return None
+    return entry.split()[2 + MASTER_FIELDS.index(field_name)]
+
+
+def record_undo(undo_file, undo):
+    """Keep the first recorded state of every setting we change, for purge (the package's
+    postrm replays the file's lines, newest first, as `postconf OPTION ARGUMENT`)."""
+    undo_file = Path(undo_file)
+    try:
+        lines = undo_file.read_text().splitlines()
+    except FileNotFoundError:
+        lines = []
+    known = {line.split("\t", 1)[0] for line in lines}
+    for target, option, argument in undo:
+        if target not in known:
+            known.add(target)
+            lines.append(f"{target}\t{option}\t{argument}")
+    undo_file.parent.mkdir(parents=True, exist_ok=True)
+    undo_file.write_text("".join(line + "\n" for line in lines))
+
+
+def apply(files, platform, config_dir=None, undo_file=None):
     """Edit the live main.cf/master.cf (or those in `config_dir`) to match the rendered
     postconf-* items. Returns an ApplyResult naming the files changed, with the item's
-    services to reload, or to restart for a setting a reload does not apply."""
+    services to reload, or to restart for a setting a reload does not apply. How to undo
+    each edit is recorded in `undo_file` (default: <state_dir>/postfix-undo for the live
+    configuration)."""
+    if undo_file is None and config_dir is None:
+        undo_file = Path(platform.state_dir) / UNDO_FILE
     config_dir = Path(config_dir or platform.postfix_config_dir)
     items = [item for item in files if item.kind in (MAIN_KIND, MASTER_KIND)]
     result = ApplyResult()
     if not items:
         return result
     created = ensure_config_files(config_dir, platform)
-    for item, commands, restart in _plan_all(items, config_dir):
+    live = read_live(config_dir)
+    for item, commands, restart in _plan_all(items, live):
+        if undo_file is not None:
+            record_undo(undo_file, undo_commands(commands, live.main, live.entries,
+                                                 live.params))
         for arguments in commands:
             run_postconf(config_dir, *arguments)
         path = str(config_dir / Path(item.path).name)
@@ -363,7 +440,7 @@ def _copy_live_config(platform, scratch):
 
 def _cool_down(scratch):
     """Date our scratch main.cf back, so that postconf reads it without the pause it
-    makes for a file written a moment ago (see _plan_all)."""
+    makes for a file written a moment ago (see read_live)."""
     main_cf = scratch / "main.cf"
     past = main_cf.stat().st_mtime - 10
     os.utime(main_cf, (past, past))

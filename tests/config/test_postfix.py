@@ -90,9 +90,10 @@ def live_dir(tmp_path):
 
 
 @pytest.fixture
-def platform(debian12, live_dir):
+def platform(debian12, live_dir, tmp_path):
     """debian12, but with its live Postfix configuration in live_dir."""
-    return SimpleNamespace(**{**vars(debian12), "postfix_config_dir": str(live_dir)})
+    return SimpleNamespace(**{**vars(debian12), "postfix_config_dir": str(live_dir),
+                              "state_dir": str(tmp_path / "state")})
 
 
 @pytest.fixture
@@ -510,3 +511,37 @@ def test_parse_main_requires_key_value():
         postfix.parse_main("just_a_word\n")
     assert postfix.parse_main("a = 1\n!b\n!c = x y\n# d = 2\n") == (
         {"a": "1"}, {"b": None, "c": "x y"})
+
+
+# --- purge: undoing our edits ------------------------------------------------------------
+
+def replay_undo(platform, live_dir):
+    """What the package's postrm does on purge: the recorded commands, newest first."""
+    lines = (Path(platform.state_dir) / postfix.UNDO_FILE).read_text().splitlines()
+    for line in reversed(lines):
+        _, option, argument = line.split("\t", 2)
+        postfix.run_postconf(live_dir, option, argument)
+
+
+def test_undo_restores_the_admins_configuration(rendered, platform, live_dir):
+    seed_debian(live_dir, extra_main="delay_warning_time = 4h\nmessage_size_limit = 1000\n",
+                extra_master="mysvc unix - - y - - pipe\n  flags=F user=nobody argv=/bin/true\n")
+    before = (postconf(live_dir, "-n"), postconf(live_dir, "-M"),
+              postconf(live_dir, "-P"))
+    apply(postconf_items(rendered), platform)
+    apply(postconf_items(rendered), platform)  # a second run records nothing new
+    assert postconf(live_dir, "-n") != before[0]
+    replay_undo(platform, live_dir)
+    assert (postconf(live_dir, "-n"), postconf(live_dir, "-M"),
+            postconf(live_dir, "-P")) == before
+
+
+def test_undo_keeps_the_first_state_across_changes(make_config, debian12, render, platform,
+                                                    live_dir):
+    seed_debian(live_dir)
+    before = postconf(live_dir, "-n")
+    apply(postconf_items(render("postfix", make_config(), debian12)), platform)
+    apply(postconf_items(render("postfix", make_config(max_message_size="1000000"),
+                                debian12)), platform)
+    replay_undo(platform, live_dir)
+    assert postconf(live_dir, "-n") == before

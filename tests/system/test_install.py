@@ -120,6 +120,9 @@ def test_remove_keeps_data_purge_removes_what_we_generated_reinstall_works(relay
                  f"/etc/dkimkeys/{NEW_DOMAIN}.private", "/var/lib/chatmail-relay",
                  "/etc/systemd/system/dovecot.service.d/chatmail.conf"):
         assert relay.run(f"test -e {gone}", check=False).returncode != 0, f"{gone} survived purge"
+    # Postfix is back to what it was before the relay: no filters, no SASL services
+    assert "10080" not in relay.run("postconf -P").stdout
+    assert relay.run("postconf -n").stdout.count("mua_") == 0
     # mailboxes are kept unless the admin said otherwise
     relay.run(f"test -s /home/vmail/mail/{NEW_DOMAIN}/abcdefghi@{NEW_DOMAIN}/password")
 
