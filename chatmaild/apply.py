@@ -55,12 +55,16 @@ class GeneratedFiles:
 class ApplyResult:
     changed: list = field(default_factory=list)  # paths written
     kept: list = field(default_factory=list)  # paths with an admin's edit, left alone
+    removed: list = field(default_factory=list)  # generated files no longer wanted
+    orphaned: list = field(default_factory=list)  # ... that were edited, so left alone
     reload: set = field(default_factory=set)  # services whose files changed
     restart: set = field(default_factory=set)  # ... and must restart, not just reload
 
     def merge(self, other):
         self.changed += other.changed
         self.kept += other.kept
+        self.removed += other.removed
+        self.orphaned += other.orphaned
         self.reload |= other.reload
         self.restart |= other.restart
 
@@ -114,15 +118,38 @@ def _remove_stale_proposal(target):
 
 
 def apply_files(items, state_dir, root="/"):
-    """Install every RenderedFile of kind "file"; returns an ApplyResult."""
+    """Install every RenderedFile of kind "file", and remove files we generated earlier
+    that the configuration no longer renders (e.g. OpenDKIM's on a relay that became an
+    IPv4 relay); returns an ApplyResult."""
     record = GeneratedFiles(Path(root) / str(state_dir).lstrip("/"))
     result = ApplyResult()
     try:
         for item in items:
             if item.kind == "file":
                 result.merge(apply_file(item, record, root))
+        result.merge(remove_stale(record, {item.path for item in items}, root))
     finally:
         record.save()
+    return result
+
+
+def remove_stale(record, rendered_paths, root="/"):
+    """Delete generated files that are no longer rendered, unless someone edited them."""
+    result = ApplyResult()
+    for key in sorted(set(record.hashes) - set(rendered_paths)):
+        target = Path(root) / key.lstrip("/")
+        try:
+            current = target.read_bytes()
+        except FileNotFoundError:
+            record.forget(key)
+            continue
+        if sha256(current) == record.hashes[key]:
+            target.unlink()
+            _remove_stale_proposal(target)
+            record.forget(key)
+            result.removed.append(key)
+        else:
+            result.orphaned.append(key)
     return result
 
 

@@ -144,6 +144,10 @@ def apply_special_kinds(files, platform):
 def report(result):
     for path in result.changed:
         print(f"  updated {path}")
+    for path in result.removed:
+        print(f"  removed {path} (no longer needed)")
+    for path in result.orphaned:
+        print(f"  {path} is no longer needed, but you changed it: left in place")
     for path in result.kept:
         print(f"  kept your changes to {path}; the new version is {path}{NEW_SUFFIX}"
               " (merge it, then run 'chatmail configure')")

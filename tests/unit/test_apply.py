@@ -81,3 +81,15 @@ def test_plain_list_of_generated_files_for_the_postrm(tmp_path):
     assert listing.read_text() == "/etc/a.conf\n/etc/b.conf\n"
     remove_generated(STATE, root=tmp_path)
     assert not listing.exists()
+
+
+def test_files_no_longer_rendered_are_removed_unless_edited(tmp_path):
+    apply_files([item("/etc/a.conf", "a\n"), item("/etc/b.conf", "b\n"),
+                 item("/etc/c.conf", "c\n")], STATE, root=tmp_path)
+    (tmp_path / "etc/c.conf").write_text("c, edited\n")
+    result = apply_files([item("/etc/a.conf", "a\n")], STATE, root=tmp_path)
+    assert result.removed == ["/etc/b.conf"] and result.orphaned == ["/etc/c.conf"]
+    assert not (tmp_path / "etc/b.conf").exists()
+    assert (tmp_path / "etc/c.conf").read_text() == "c, edited\n"
+    # an edited leftover stays recorded as ours, so purge still removes it
+    assert "/etc/c.conf" in GeneratedFiles(tmp_path / STATE.lstrip("/")).hashes
