@@ -12,6 +12,26 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 
 
+DELTACHAT_VERSION = "2.65.0"
+
+
+def deltachat_venv():
+    """A virtualenv with PyPI's deltachat-rpc-server (the core the apps use) and
+    deltachat-rpc-client, made with Debian's python3, so that mounted at the same path it
+    runs inside the container too. Cached outside the checkout, keyed by the version."""
+    cache = Path(os.environ.get("CHATMAIL_TEST_CACHE", "/var/cache/chatmail-relay-test"))
+    venv = cache / f"deltachat-venv-{DELTACHAT_VERSION}"
+    done = venv / ".complete"
+    if not done.exists():
+        shutil.rmtree(venv, ignore_errors=True)
+        subprocess.run(["/usr/bin/python3", "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet",
+                        f"deltachat-rpc-server=={DELTACHAT_VERSION}",
+                        f"deltachat-rpc-client=={DELTACHAT_VERSION}"], check=True)
+        done.touch()
+    return venv
+
+
 def build_rootfs(suite="bookworm"):
     out = subprocess.run([str(HERE / "rootfs.sh"), suite], capture_output=True, text=True)
     if out.returncode:
@@ -20,8 +40,10 @@ def build_rootfs(suite="bookworm"):
 
 
 class Container:
-    def __init__(self, name, rootfs, workdir):
+    def __init__(self, name, rootfs, workdir, binds=()):
+        """`binds`: (host path, container path) pairs mounted read-only."""
         self.name = name
+        self.binds = list(binds)
         self.rootfs = Path(rootfs)
         self.workdir = Path(workdir)
         self.root = self.workdir / "root"
@@ -42,7 +64,8 @@ class Container:
         self.nspawn = subprocess.Popen(
             ["systemd-nspawn", "-D", str(self.root), "-b", "--register=no", "--keep-unit",
              f"--machine={self.name}", "--private-network",
-             f"--bind-ro={REPO / 'dist'}:/srv/dist"],
+             f"--bind-ro={REPO / 'dist'}:/srv/dist",
+             *[f"--bind-ro={host}:{inside}" for host, inside in self.binds]],
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
             start_new_session=True)
         self.leader = self._wait_for_leader(timeout)

@@ -31,6 +31,15 @@ try:
     result["wrong_password"] = "accepted"
 except imaplib.IMAP4.error:
     result["wrong_password"] = "refused"
+refused = []
+# (upper case is not refused: Dovecot lowercases login names before doveauth sees them)
+for bad in ("short@" + domain, "waytoolongname@" + domain, "a.b+c/de@" + domain,
+            "abcdefghi@other.org"):
+    try:
+        imaplib.IMAP4_SSL("127.0.0.1", 993, ssl_context=ctx).login(bad, password)
+    except imaplib.IMAP4.error:
+        refused.append(bad)
+result["invalid_names_refused"] = len(refused)
 smtp = smtplib.SMTP("127.0.0.1", 587)
 smtp.starttls(context=ctx)
 smtp.login(addr, password)
@@ -76,6 +85,7 @@ def test_users_login_create_accounts_and_cleartext_is_refused(relay):
     assert result["login"] == "OK"
     assert "XCHATMAIL" in result["capabilities"] and "XDELTAPUSH" in result["capabilities"]
     assert result["wrong_password"] == "refused"
+    assert result["invalid_names_refused"] == 4
     assert result["cleartext"] == "523 Encryption Needed: Invalid Unencrypted Mail"
     assert result["port25_plain"].startswith("530 ") and "STARTTLS" in result["port25_plain"]
     assert relay.run(f"test -s /home/vmail/mail/{DOMAIN}/abcdefghi@{DOMAIN}/password").returncode == 0
