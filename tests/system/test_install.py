@@ -96,6 +96,81 @@ def test_configure_again_changes_nothing(relay):
     assert "updated" not in out and "restarting" not in out and "reloading" not in out, out
 
 
+REFUSALS = r'''
+import json, smtplib, ssl, sys
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+domain = sys.argv[1]
+addr, password = "abcdefghi@" + domain, "correct-horse-battery"
+other = "zyxwvutsr@" + domain
+result = {}
+
+def submission():
+    smtp = smtplib.SMTP("127.0.0.1", 587)
+    smtp.starttls(context=ctx)
+    smtp.login(addr, password)
+    return smtp
+
+def reply(call):
+    try:
+        call()
+        return "250"
+    except smtplib.SMTPRecipientsRefused as e:
+        code, text = list(e.recipients.values())[0]
+        return f"{code} {text.decode()}"
+    except smtplib.SMTPResponseException as e:
+        return f"{e.smtp_code} {e.smtp_error.decode()}"
+
+smtp = submission()
+forged = f"From: {other}\r\nTo: {addr}\r\nSubject: x\r\n\r\nx\r\n"
+result["forged_from"] = reply(lambda: smtp.sendmail(addr, [addr], forged))
+smtp.quit()
+smtp = submission()
+result["login_mismatch"] = reply(lambda: smtp.sendmail("someone@example.org", [addr], forged))
+smtp.quit()
+
+plain = smtplib.SMTP("127.0.0.1", 587)
+plain.ehlo("client.example")
+result["auth_offered_without_tls"] = plain.has_extn("auth")
+plain.quit()
+
+mx = smtplib.SMTP("127.0.0.1", 25)
+mx.starttls(context=ctx)
+# To an address without a mailbox, so the cleartext rule does not answer first.
+nobody = "nobodyhere@" + domain
+mail = f"From: sender@example.org\r\nTo: {nobody}\r\nSubject: x\r\n\r\nx\r\n"
+result["no_dkim"] = reply(lambda: mx.sendmail("sender@example.org", [nobody], mail))
+mx.quit()
+
+smtp = submission()
+codes, refusal = [], ""
+for _ in range(15):
+    # Postfix hands MAIL FROM to the filter when the first recipient is accepted.
+    smtp.mail(addr)
+    code, text = smtp.rcpt(addr)
+    codes.append(code)
+    refusal = refusal or (text.decode() if code == 450 else "")
+    smtp.rset()
+result["rate_codes"], result["rate_refusal"] = codes, refusal
+smtp.quit()
+print(json.dumps(result))
+'''
+
+
+def test_refuses_what_it_must_with_upstreams_reply_codes(relay):
+    out = relay.run(f"python3 - {DOMAIN}", input=REFUSALS)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["forged_from"].startswith("500 Invalid FROM")
+    assert result["login_mismatch"].startswith("553 ")
+    assert result["auth_offered_without_tls"] is False
+    assert result["no_dkim"] == "554 5.7.1 No DKIM signature found"
+    # a burst of max_user_send_burst_size (10; earlier tests used some), then refusals
+    codes = result["rate_codes"]
+    assert codes[:5] == [250] * 5 and codes[-1] == 450
+    assert result["rate_refusal"] == f"4.7.1: Too much mail from abcdefghi@{DOMAIN}"
+
+
 NEW_DOMAIN = "_new.example.org"
 
 
