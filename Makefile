@@ -21,7 +21,7 @@ PY313 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3) $(she
 VENV313 ?= $(HOME)/.cache/chatmail-relay/py313-$(shell echo $(PY313_LIBS) | md5sum | cut -c1-8)
 PY313_LIBS = aiosmtpd dkimpy dnspython filelock psutil pytest jinja2 qrcode pypng
 
-.PHONY: all build test test-unit test-config test-py313 test-package test-system deps bench clean
+.PHONY: all build build-previous test test-unit test-config test-py313 test-package test-system deps bench clean
 
 all: build
 
@@ -37,14 +37,24 @@ deps:
 	status=$$?; [ -z "$$made" ] || rm -f /usr/sbin/policy-rc.d; exit $$status
 
 # Packages are built from a copy of the tree, so the checkout stays clean.
-build:
-	rm -rf build/deb && mkdir -p build/deb/src dist
+# build_debs DIR VERSION-SUFFIX OUTDIR
+define build_debs
+	rm -rf $(1) && mkdir -p $(1)/src $(3)
 	tar --exclude=./.git --exclude=./build --exclude=./dist --exclude='*/__pycache__' \
-		-cf - . | tar -xf - -C build/deb/src
-	cd build/deb/src && PATH=$(SYSTEM_PATH) dpkg-buildpackage -b -us -uc --no-sign >../build.log 2>&1 \
+		-cf - . | tar -xf - -C $(1)/src
+	[ -z "$(2)" ] || sed -i '1s/(\([^)]*\))/(\1$(2))/' $(1)/src/debian/changelog
+	cd $(1)/src && PATH=$(SYSTEM_PATH) dpkg-buildpackage -b -us -uc --no-sign >../build.log 2>&1 \
 		|| { tail -40 ../build.log; exit 1; }
-	rm -f dist/*.deb && mv build/deb/*.deb dist/
+	rm -f $(3)/*.deb && mv $(1)/*.deb $(3)/
+endef
+
+build:
+	$(call build_debs,build/deb,,dist)
 	@ls -1 dist/*.deb
+
+# The same tree with a lower version, for the system tests' upgrade path.
+build-previous:
+	$(call build_debs,build/previous,~previous,dist/previous)
 
 test: test-unit test-config test-package test-system test-py313
 
@@ -61,7 +71,7 @@ test-package: build
 
 # Installs dist/ in a fresh Debian 12 booted with systemd-nspawn (root file system cached
 # outside the checkout by tests/system/rootfs.sh) and uses the relay like its users.
-test-system: build
+test-system: build build-previous
 	$(PYTEST) tests/system
 
 test-py313:
