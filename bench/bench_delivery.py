@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""Time from `apt-get install` to all units active, and end-to-end delivery latency
+between two Delta Chat clients (median and p95 over 50 messages) on a relay installed
+from dist/ in a fresh Debian 12 container (tests/system). Needs root and `make build`.
+Writes bench/results/delivery.md."""
+
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.system.container import Container, build_rootfs, deltachat_venv  # noqa: E402
+from tests.system.test_install import DOMAIN, INSTALL  # noqa: E402
+
+from tests.system.container import DELTACHAT_VERSION as DELTACHAT  # noqa: E402
+
+MESSAGES = 50
+UNITS = ("doveauth lastlogin chatmail-metadata filtermail filtermail-incoming dovecot "
+         "postfix nginx opendkim")
+
+LATENCY = r'''
+import json, sys, tempfile, time
+from deltachat_rpc_client import DeltaChat, EventType, Rpc
+
+domain, venv, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+def dclogin(user, password):
+    return f"dclogin:{user}@{domain}?p={password}&v=1&ih=127.0.0.1&sh=127.0.0.1&ic=3"
+
+with tempfile.TemporaryDirectory() as tmp, \
+        Rpc(accounts_dir=tmp, rpc_server_path=venv + "/bin/deltachat-rpc-server") as rpc:
+    dc = DeltaChat(rpc)
+    alice, bob = dc.add_account(), dc.add_account()
+    alice.add_transport_from_qr(dclogin("alice0001", "alice-password-1"))
+    bob.add_transport_from_qr(dclogin("bobby0002", "bob-password-22"))
+    alice.bring_online()
+    bob.bring_online()
+    bob.secure_join(alice.get_qr_code())
+    alice.wait_for_securejoin_inviter_success()
+    bob.wait_for_securejoin_joiner_success()
+    chat = bob.create_chat(alice)
+    latencies = []
+    for i in range(count):
+        alice.clear_all_events()
+        start = time.monotonic()
+        chat.send_text(f"ping {i}")
+        while True:
+            event = alice.wait_for_event()
+            if event.kind == EventType.INCOMING_MSG:
+                break
+        latencies.append(time.monotonic() - start)
+print(json.dumps(latencies))
+'''
+
+
+def wait_all_active(box, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = box.run(f"systemctl is-active {UNITS}", check=False).stdout.split()
+        if states and all(state == "active" for state in states):
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"units not active: {states}")
+
+
+def percentile(values, fraction):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def machine():
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), "unknown CPU")
+    mem = int(next(line.split()[1] for line in open("/proc/meminfo")
+                   if line.startswith("MemTotal"))) / 1024 / 1024
+    return f"{os.cpu_count()} CPUs ({cpu}), {mem:.1f} GiB, Linux {platform.release()}"
+
+
+def main():
+    venv = deltachat_venv()
+    box = Container(f"bench-{os.getpid()}", build_rootfs(),
+                    tempfile.mkdtemp(prefix="chatmail-system-", dir="/var/tmp"),
+                    binds=[(venv, venv)])
+    try:
+        box.boot()
+        start = time.monotonic()
+        box.run(INSTALL, timeout=900)
+        wait_all_active(box)
+        install_seconds = time.monotonic() - start
+        out = box.run(f"timeout 600 {venv}/bin/python - {DOMAIN} {venv} {MESSAGES}",
+                      input=LATENCY, timeout=700)
+        latencies = json.loads(out.stdout.strip().splitlines()[-1])
+        dovecot = box.run("dpkg-query -W -f '${Version}' dovecot-core").stdout
+    finally:
+        box.stop()
+    median_ms = statistics.median(latencies) * 1000
+    p95_ms = percentile(latencies, 0.95) * 1000
+    report = f"""# Install time and delivery latency
+
+Measured by `bench/bench_delivery.py` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.
+
+- machine: {machine()}
+- relay: dist/ installed with apt in a fresh Debian 12 container (systemd-nspawn, packages
+  preinstalled in the cached root file system, so no download time is included),
+  self-signed domain `{DOMAIN}`, dovecot-core {dovecot} (Debian's, unpatched)
+- clients: deltachat-rpc-server and deltachat-rpc-client {DELTACHAT}, in the same
+  container, verified with each other by SecureJoin; Bob sends, Alice waits for the
+  incoming-message event; one message at a time
+
+| what | result |
+|---|---|
+| `apt-get install` of both packages until all units are active | {install_seconds:.1f} s |
+| delivery latency A→B, median over {len(latencies)} messages | {median_ms:.0f} ms |
+| delivery latency A→B, p95 | {p95_ms:.0f} ms |
+
+Debian's stock Dovecot waits 500 ms before it tells an IDLE client about new mail
+(spec/relay.md §4.1); the patched Dovecot of issue 5 is expected to remove most of that.
+"""
+    (REPO / "bench" / "results").mkdir(exist_ok=True)
+    (REPO / "bench" / "results" / "delivery.md").write_text(report)
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
