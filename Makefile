@@ -21,7 +21,7 @@ PY313 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3) $(she
 VENV313 ?= $(HOME)/.cache/chatmail-relay/py313-$(shell echo $(PY313_LIBS) | md5sum | cut -c1-8)
 PY313_LIBS = aiosmtpd dkimpy dnspython filelock psutil pytest jinja2 qrcode pypng
 
-.PHONY: all build build-previous test test-unit test-config test-py313 test-package test-system deps bench clean
+.PHONY: all build build-previous test test-unit test-config test-py313 test-package test-system deps demo bench clean
 
 all: build
 
@@ -80,6 +80,11 @@ test-py313:
 		$(PY313) -m venv $(VENV313) && $(VENV313)/bin/pip install -q $(PY313_LIBS); \
 	fi; \
 	$(VENV313)/bin/python -m pytest tests/unit
+
+# A relay in a throw-away container on this machine's network, with an invite link and QR
+# code for Delta Chat. Ctrl-C stops it.
+demo: build
+	$(PYTHON) tests/system/demo.py $(DEMO_ADDRESS)
 
 bench:
 	$(PYTHON) bench/run.py

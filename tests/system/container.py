@@ -40,10 +40,12 @@ def build_rootfs(suite="bookworm"):
 
 
 class Container:
-    def __init__(self, name, rootfs, workdir, binds=()):
-        """`binds`: (host path, container path) pairs mounted read-only."""
+    def __init__(self, name, rootfs, workdir, binds=(), private_network=True):
+        """`binds`: (host path, container path) pairs mounted read-only.
+        private_network=False shares the host's network (for the demo)."""
         self.name = name
         self.binds = list(binds)
+        self.private_network = private_network
         self.rootfs = Path(rootfs)
         self.workdir = Path(workdir)
         self.root = self.workdir / "root"
@@ -63,7 +65,8 @@ class Container:
         self.log = open(self.workdir / "console.log", "wb")
         self.nspawn = subprocess.Popen(
             ["systemd-nspawn", "-D", str(self.root), "-b", "--register=no", "--keep-unit",
-             f"--machine={self.name}", "--private-network",
+             f"--machine={self.name}",
+             *(["--private-network"] if self.private_network else []),
              f"--bind-ro={REPO / 'dist'}:/srv/dist",
              *[f"--bind-ro={host}:{inside}" for host, inside in self.binds]],
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
