@@ -1,6 +1,7 @@
 #!/bin/sh
 # Build (once) a Debian root file system for the system tests: minbase with systemd and
-# every package chatmail-relay depends on, so tests can install our .debs with no network.
+# every package chatmail-relay depends on or recommends (apt installs Recommends by
+# default, so admins get coturn and certbot), so tests can install our .debs offline.
 # Cached outside the checkout, keyed by this script and debian/control.
 # Usage: tests/system/rootfs.sh SUITE  -> prints the rootfs path
 set -eu
@@ -24,8 +25,11 @@ debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,iproute2,ca-ce
 printf '#!/bin/sh\nexit 101\n' >"$tmp/usr/sbin/policy-rc.d"
 chmod 755 "$tmp/usr/sbin/policy-rc.d"
 # The Depends of our packages, and what the tests use inside the container.
-deps=$(sed -n '/^Package: \(chatmail-relay\|python3-chatmaild\)$/,/^Description/p' "$repo/debian/control" |
-	sed -n '/^Depends:/,/^[A-Z][A-Za-z-]*:/{s/^Depends://;/^[A-Z]/d;p}' | tr ',' '\n' |
+deps=$(awk '
+	/^Package:/ { ours = ($2 == "chatmail-relay" || $2 == "python3-chatmaild") }
+	/^[A-Za-z-]+:/ { field = $1 }
+	ours && (field == "Depends:" || field == "Recommends:") { sub(/^[A-Za-z-]+:/, ""); print }
+' "$repo/debian/control" | tr ',' '\n' |
 	sed -n 's/^[[:space:]]*\([a-z0-9][a-z0-9.+-]*\).*/\1/p' | grep -vx python3-chatmaild | sort -u | tr '\n' ' ')
 mount -t proc proc "$tmp/proc"
 echo "postfix postfix/main_mailer_type select No configuration" | chroot "$tmp" debconf-set-selections
@@ -37,4 +41,8 @@ rm -f "$tmp/usr/sbin/policy-rc.d" "$tmp/etc/hostname"
 rm -f "$tmp.log"
 mv "$tmp" "$rootfs"
 trap - EXIT
+# Older root file systems of this suite are stale now.
+for old in "$cache/rootfs-$suite-"*; do
+	[ "$old" = "$rootfs" ] || rm -rf "$old"
+done
 echo "$rootfs"

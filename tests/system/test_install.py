@@ -57,8 +57,16 @@ print(json.dumps(result))
 '''
 
 
+# A documentation-range address inside the container's own network namespace, as a
+# server's public address: coturn refuses to run with loopback addresses only.
+PUBLIC_ADDRESS = ("ip link add public0 type veth peer name public1 "
+                  "&& ip addr add 192.0.2.10/24 dev public0 && ip link set public1 up "
+                  "&& ip link set public0 up")
+
+
 @pytest.fixture(scope="module")
 def relay(container):
+    container.run(PUBLIC_ADDRESS)
     result = container.run(INSTALL, check=False, timeout=900)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
     # no debconf prompt may have been needed: the install ran with no terminal
@@ -169,6 +177,42 @@ def test_refuses_what_it_must_with_upstreams_reply_codes(relay):
     codes = result["rate_codes"]
     assert codes[:5] == [250] * 5 and codes[-1] == 450
     assert result["rate_refusal"] == f"4.7.1: Too much mail from abcdefghi@{DOMAIN}"
+
+
+TURN = r'''
+import imaplib, re, ssl, subprocess, sys
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+imaplib.Commands["GETMETADATA"] = ("AUTH", "SELECTED")
+imap = imaplib.IMAP4_SSL("127.0.0.1", 993, ssl_context=ctx)
+imap.login("abcdefghi@" + sys.argv[1], "correct-horse-battery")
+typ, data = imap._simple_command("GETMETADATA", '""', "/shared/vendor/deltachat/turn")
+_, untagged = imap._untagged_response(typ, data, "METADATA")
+answer = b" ".join(part if isinstance(part, bytes) else b" ".join(part)
+                   for part in untagged if part)
+# the value is "<mail domain>:3478:<expiry>:<password>"
+match = re.search(rb'([^\s"(){}]+):(3478):(\d+):([^\s"(){}]+)', answer)
+assert match, answer
+host, port, user, password = match.groups()
+
+def allocate(password):
+    return subprocess.run(["turnutils_uclient", "-u", user.decode(), "-w", password,
+                           "-n", "1", "-m", "1", "-c", "-z", "1", "-y", "-e", "127.0.0.1",
+                           "127.0.0.1"], capture_output=True, text=True, timeout=30)
+
+good, bad = allocate(password.decode()), allocate("not-the-password")
+print(host.decode(), port.decode())
+print("GOOD", "Cannot complete Allocation" not in good.stdout + good.stderr)
+print("BAD", "Cannot complete Allocation" in bad.stdout + bad.stderr)
+'''
+
+
+def test_turn_credentials_from_imap_metadata_are_accepted_by_coturn(relay):
+    relay.run("systemctl is-active coturn")
+    out = relay.run(f"python3 - {DOMAIN}", input=TURN).stdout.splitlines()
+    assert out[0] == f"{DOMAIN} 3478"
+    assert "GOOD True" in out and "BAD True" in out
 
 
 NEW_DOMAIN = "_new.example.org"
