@@ -13,6 +13,11 @@ REPO = HERE.parent.parent
 
 
 DELTACHAT_VERSION = "2.65.0"
+# A documentation-range address inside the container's own network namespace, standing in
+# for a server's public address: coturn refuses to run with loopback addresses only.
+PUBLIC_ADDRESS = ("ip link add public0 type veth peer name public1 "
+                  "&& ip addr add 192.0.2.10/24 dev public0 && ip link set public1 up "
+                  "&& ip link set public0 up")
 
 
 def deltachat_venv():
@@ -73,6 +78,8 @@ class Container:
             start_new_session=True)
         self.leader = self._wait_for_leader(timeout)
         self._wait_until_running(timeout)
+        if self.private_network:
+            self.run(PUBLIC_ADDRESS)
 
     def _wait_for_leader(self, timeout):
         deadline = time.monotonic() + timeout
