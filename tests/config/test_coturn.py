@@ -55,7 +55,7 @@ def options(text, name):
 def test_our_file_and_a_dropin_not_the_conffile(relay_config, debian12, render, installed):
     installed(relay_config, debian12)
     files = render("coturn", relay_config, debian12)
-    dropin = "/etc/systemd/system/coturn.service.d/chatmail-relay.conf"
+    dropin = "/etc/systemd/system/coturn.service.d/chatmail.conf"
     assert set(files) == {"/etc/chatmail/turnserver.conf", dropin}
     conf = files["/etc/chatmail/turnserver.conf"]
     assert (conf.mode, conf.owner, conf.group) == (0o640, "root", "turnserver")
