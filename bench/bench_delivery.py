@@ -17,7 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.system.container import Container, build_rootfs, deltachat_venv  # noqa: E402
+from tests.system.container import HERE, Container, build_rootfs, deltachat_venv  # noqa: E402
 from tests.system.test_install import DOMAIN, INSTALL  # noqa: E402
 
 from tests.system.container import DELTACHAT_VERSION as DELTACHAT  # noqa: E402
@@ -27,25 +27,11 @@ UNITS = ("doveauth lastlogin chatmail-metadata filtermail filtermail-incoming do
          "postfix nginx opendkim")
 
 LATENCY = r'''
-import json, sys, tempfile, time
-from deltachat_rpc_client import DeltaChat, EventType, Rpc
+import json, time
 
-domain, venv, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
-
-def dclogin(user, password):
-    return f"dclogin:{user}@{domain}?p={password}&v=1&ih=127.0.0.1&sh=127.0.0.1&ic=3"
-
-with tempfile.TemporaryDirectory() as tmp, \
-        Rpc(accounts_dir=tmp, rpc_server_path=venv + "/bin/deltachat-rpc-server") as rpc:
-    dc = DeltaChat(rpc)
-    alice, bob = dc.add_account(), dc.add_account()
-    alice.add_transport_from_qr(dclogin("alice0001", "alice-password-1"))
-    bob.add_transport_from_qr(dclogin("bobby0002", "bob-password-22"))
-    alice.bring_online()
-    bob.bring_online()
-    bob.secure_join(alice.get_qr_code())
-    alice.wait_for_securejoin_inviter_success()
-    bob.wait_for_securejoin_joiner_success()
+count = int(ARGS[0])
+with open_rpc(VENV, WORKDIR + "/accounts") as rpc:
+    alice, bob = verified_pair(rpc, DOMAIN)
     chat = bob.create_chat(alice)
     latencies = []
     for i in range(count):
@@ -95,8 +81,9 @@ def main():
         box.run(INSTALL, timeout=900)
         wait_all_active(box)
         install_seconds = time.monotonic() - start
+        script = (HERE / "deltachat_pair.py").read_text() + LATENCY
         out = box.run(f"timeout 600 {venv}/bin/python - {DOMAIN} {venv} {MESSAGES}",
-                      input=LATENCY, timeout=700)
+                      input=script, timeout=700)
         latencies = json.loads(out.stdout.strip().splitlines()[-1])
         dovecot = box.run("dpkg-query -W -f '${Version}' dovecot-core").stdout
     finally:

@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # Shared by the steps (sourced, not run). POSIX sh.
 
 say() {

@@ -4,7 +4,7 @@ import tempfile
 
 import pytest
 
-from .container import Container, build_rootfs
+from .container import HERE, Container, build_rootfs, deltachat_venv
 
 
 def pytest_collection_modifyitems(config, items):
@@ -25,6 +25,37 @@ def container(rootfs):
     box = Container(f"relay-{os.getpid()}", rootfs, workdir)
     try:
         box.boot()
+        yield box
+    finally:
+        box.stop()
+
+
+@pytest.fixture(scope="module")
+def relay_with_clients(rootfs):
+    """A relay installed from dist/ whose container can run Delta Chat client scripts:
+    relay.clients(script, *args, timeout) runs deltachat_pair.py + script there."""
+    from .test_install import INSTALL
+
+    venv = deltachat_venv()
+    box = Container(f"dc-{os.getpid()}", rootfs,
+                    tempfile.mkdtemp(prefix="chatmail-system-", dir="/var/tmp"),
+                    binds=[(venv, venv)])
+    prelude = (HERE / "deltachat_pair.py").read_text()
+
+    def clients(script, *args, timeout=300, background_output=None):
+        from .test_install import DOMAIN
+
+        box.run("cat > /root/client.py", input=prelude + script)
+        command = f"timeout {timeout} {venv}/bin/python /root/client.py {DOMAIN} {venv}"
+        command += "".join(f" {arg}" for arg in args)
+        if background_output:
+            return box.run(f"nohup {command} >{background_output} 2>{background_output}.err &")
+        return box.run(command, check=False, timeout=timeout + 60)
+
+    try:
+        box.boot()
+        box.run(INSTALL, timeout=900)
+        box.clients = clients
         yield box
     finally:
         box.stop()

@@ -2,39 +2,18 @@
 send: each comes back by itself, and every message is delivered."""
 
 import json
-import os
-import tempfile
 import time
-
-import pytest
-
-from .container import Container, deltachat_venv
-from .test_install import DOMAIN, INSTALL
 
 MESSAGES = 20
 KILLED = ["doveauth", "filtermail", "filtermail-incoming", "dovecot"]
 POSTFIX_MASTER_PID = "sed 's/ //g' /var/spool/postfix/pid/master.pid"
 
 SENDER = r'''
-import json, sys, tempfile, threading, time
-from deltachat_rpc_client import DeltaChat, EventType, Rpc
+import json, threading, time
 
-domain, venv, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
-
-def dclogin(user, password):
-    return f"dclogin:{user}@{domain}?p={password}&v=1&ih=127.0.0.1&sh=127.0.0.1&ic=3"
-
-with tempfile.TemporaryDirectory() as tmp, \
-        Rpc(accounts_dir=tmp, rpc_server_path=venv + "/bin/deltachat-rpc-server") as rpc:
-    dc = DeltaChat(rpc)
-    alice, bob = dc.add_account(), dc.add_account()
-    alice.add_transport_from_qr(dclogin("alice0001", "alice-password-1"))
-    bob.add_transport_from_qr(dclogin("bobby0002", "bob-password-22"))
-    alice.bring_online()
-    bob.bring_online()
-    bob.secure_join(alice.get_qr_code())
-    alice.wait_for_securejoin_inviter_success()
-    bob.wait_for_securejoin_joiner_success()
+count = int(ARGS[0])
+with open_rpc(VENV, WORKDIR + "/accounts") as rpc:
+    alice, bob = verified_pair(rpc, DOMAIN)
     print("ready", flush=True)
     chat = bob.create_chat(alice)
     received = set()
@@ -55,21 +34,6 @@ with tempfile.TemporaryDirectory() as tmp, \
 '''
 
 
-@pytest.fixture(scope="module")
-def relay(rootfs):
-    venv = deltachat_venv()
-    box = Container(f"faults-{os.getpid()}", rootfs,
-                    tempfile.mkdtemp(prefix="chatmail-system-", dir="/var/tmp"),
-                    binds=[(venv, venv)])
-    try:
-        box.boot()
-        box.run(INSTALL, timeout=900)
-        box.venv = venv
-        yield box
-    finally:
-        box.stop()
-
-
 def main_pids(relay):
     return {unit: relay.run(f"systemctl show -p MainPID --value {unit}").stdout.strip()
             for unit in KILLED}
@@ -81,13 +45,12 @@ def wait_for(condition, timeout, what):
         if condition():
             return
         time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
 
 
-def test_killed_daemons_come_back_and_no_message_is_lost(relay):
-    relay.run("printf '%s' \"$SCRIPT\" > /root/sender.py", env={"SCRIPT": SENDER})
-    relay.run(f"nohup timeout 600 {relay.venv}/bin/python /root/sender.py {DOMAIN} "
-              f"{relay.venv} {MESSAGES} >/root/sender.out 2>/root/sender.err &")
+def test_killed_daemons_come_back_and_no_message_is_lost(relay_with_clients):
+    relay = relay_with_clients
+    relay.clients(SENDER, MESSAGES, timeout=600, background_output="/root/sender.out")
     wait_for(lambda: "ready" in relay.run("cat /root/sender.out").stdout, 120, "the clients")
     time.sleep(4)  # a few messages are on their way
     before = main_pids(relay)
@@ -104,9 +67,11 @@ def test_killed_daemons_come_back_and_no_message_is_lost(relay):
                 and all(now[u] not in ("0", before[u]) for u in KILLED)
                 and new_master not in ("", master) and master_alive)
 
-    wait_for(all_back, 120, "the killed services to restart")
+    wait_for(all_back, 120, lambda: "the killed services to restart: " + relay.run(
+        "systemctl is-active " + " ".join(KILLED) + f"; {POSTFIX_MASTER_PID}; "
+        "systemctl status postfix@- --no-pager | tail -5", check=False).stdout)
 
     wait_for(lambda: relay.run("cat /root/sender.out").stdout.count("\n") >= 2, 400,
-             "the sender to finish:\n" + relay.run("cat /root/sender.err").stdout[-2000:])
+             lambda: "the sender:\n" + relay.run("cat /root/sender.out.err").stdout[-2000:])
     received = json.loads(relay.run("cat /root/sender.out").stdout.splitlines()[-1])
     assert received == sorted(f"message {i}" for i in range(MESSAGES))

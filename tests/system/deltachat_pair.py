@@ -1,0 +1,34 @@
+"""Runs inside a test container with the Delta Chat virtualenv's python (not imported by
+pytest): the start of every client script. Two accounts on the relay, created by their
+first login through dclogin links, verified with each other by SecureJoin."""
+
+import sys
+import tempfile
+
+from deltachat_rpc_client import DeltaChat, EventType, Rpc  # noqa: F401 (for the scripts)
+
+
+def dclogin(domain, user, password):
+    return f"dclogin:{user}@{domain}?p={password}&v=1&ih=127.0.0.1&sh=127.0.0.1&ic=3"
+
+
+def verified_pair(rpc, domain):
+    """(alice, bob), online and verified with each other."""
+    dc = DeltaChat(rpc)
+    alice, bob = dc.add_account(), dc.add_account()
+    alice.add_transport_from_qr(dclogin(domain, "alice0001", "alice-password-1"))
+    bob.add_transport_from_qr(dclogin(domain, "bobby0002", "bob-password-22"))
+    alice.bring_online()
+    bob.bring_online()
+    bob.secure_join(alice.get_qr_code())
+    alice.wait_for_securejoin_inviter_success()
+    bob.wait_for_securejoin_joiner_success()
+    return alice, bob
+
+
+def open_rpc(venv, tmp):
+    return Rpc(accounts_dir=tmp, rpc_server_path=venv + "/bin/deltachat-rpc-server")
+
+
+DOMAIN, VENV, ARGS = sys.argv[1], sys.argv[2], sys.argv[3:]
+WORKDIR = tempfile.mkdtemp()
