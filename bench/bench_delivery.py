@@ -6,7 +6,6 @@ Writes bench/results/delivery.md."""
 
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -19,6 +18,8 @@ sys.path.insert(0, str(REPO))
 
 from tests.system.container import HERE, Container, build_rootfs, deltachat_venv  # noqa: E402
 from tests.system.test_install import DOMAIN, INSTALL  # noqa: E402
+
+from common import machine_facts  # noqa: E402
 
 from tests.system.container import DELTACHAT_VERSION as DELTACHAT  # noqa: E402
 
@@ -62,14 +63,6 @@ def percentile(values, fraction):
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
-def machine():
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), "unknown CPU")
-    mem = int(next(line.split()[1] for line in open("/proc/meminfo")
-                   if line.startswith("MemTotal"))) / 1024 / 1024
-    return f"{os.cpu_count()} CPUs ({cpu}), {mem:.1f} GiB, Linux {platform.release()}"
-
-
 def main():
     venv = deltachat_venv()
     box = Container(f"bench-{os.getpid()}", build_rootfs(),
@@ -90,11 +83,12 @@ def main():
         box.stop()
     median_ms = statistics.median(latencies) * 1000
     p95_ms = percentile(latencies, 0.95) * 1000
+    m = machine_facts()
     report = f"""# Install time and delivery latency
 
 Measured by `bench/bench_delivery.py` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.
 
-- machine: {machine()}
+- machine: {m['nproc']} CPUs ({m['cpu']}), {m['memory']}, Linux {m['kernel']}
 - relay: dist/ installed with apt in a fresh Debian 12 container (systemd-nspawn, packages
   preinstalled in the cached root file system, so no download time is included),
   self-signed domain `{DOMAIN}`, dovecot-core {dovecot} (Debian's, unpatched)

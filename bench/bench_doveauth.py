@@ -13,7 +13,6 @@ Goals: >= 200 existing-account logins/s, < 30 MB RSS idle for each daemon.
 import argparse
 import datetime
 import os
-import platform
 import shutil
 import socket
 import subprocess
@@ -28,6 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from chatmaild.config import default_config_text  # noqa: E402
 from chatmaild.dictproxy import tab_escape  # noqa: E402
+from common import machine_facts
 
 DOMAIN = "bench.example.org"
 PASSWORD = 'bench"pass\\word\'12'
@@ -155,22 +155,6 @@ def bench_lastlogin(socket_path, addrs, concurrency):
     return total / elapsed
 
 
-def machine_description():
-    cpu = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
-    return {
-        "nproc": os.cpu_count(),
-        "cpu": cpu,
-        "memory": f"{mem_kb / 1024 / 1024:.1f} GiB",
-        "kernel": platform.release(),
-        "os": platform.freedesktop_os_release().get("PRETTY_NAME", "?"),
-    }
-
-
 def run(python, seconds, creations, concurrency):
     workdir = Path(tempfile.mkdtemp(prefix="bench-doveauth-", dir="/tmp"))
     try:
@@ -254,7 +238,7 @@ def main():
     pythons = args.python or [sys.executable]
     all_results = [run(python, args.seconds, args.creations, args.concurrency)
                    for python in pythons]
-    text = report(all_results, machine_description(), args.creations, args.concurrency,
+    text = report(all_results, machine_facts(), args.creations, args.concurrency,
                   args.seconds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

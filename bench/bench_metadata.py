@@ -9,9 +9,7 @@ machine. Goal: under 30 MB idle.
 """
 
 import argparse
-import datetime
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -25,6 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from chatmaild.config import default_config_text  # noqa: E402
+from common import machine_facts, rss_kb
 
 GOAL_MB = 30
 DOMAIN = "bench.example.org"
@@ -32,28 +31,6 @@ VENDOR = "shared/0/vendor/vendor.dovecot/pvt/server/vendor/deltachat/"
 USERS = 50
 LOOKUPS = 2000
 MESSAGES = 200
-
-
-def rss_kb(pid, field="VmRSS"):
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} for {pid}")
-
-
-def machine_facts():
-    cpu = next((line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.machine())
-    mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                  if line.startswith("MemTotal:"))
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "nproc": os.cpu_count(),
-        "cpu": cpu,
-        "memory": f"{mem_kb / 1024 / 1024:.1f} GiB",
-        "kernel": platform.release(),
-    }
 
 
 class PushCounter(BaseHTTPRequestHandler):
