@@ -13,7 +13,8 @@ DEPS = python3 python3-aiosmtpd python3-dkim python3-dnspython python3-filelock 
        debhelper dh-python pybuild-plugin-pyproject python3-all help2man lintian \
        fakeroot dpkg-dev po-debconf \
        postfix dovecot-core dovecot-imapd dovecot-lmtpd nginx libnginx-mod-stream \
-       opendkim opendkim-tools nsd systemd python3-qrcode zbar-tools debootstrap systemd-container
+       opendkim opendkim-tools nsd systemd python3-qrcode zbar-tools debootstrap systemd-container \
+       apt-utils
 
 # Debian 13 runs Python 3.13 (no crypt module): the unit tests also run there when a 3.13
 # interpreter exists, in a virtualenv cached outside the checkout.
@@ -21,7 +22,7 @@ PY313 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3) $(she
 VENV313 ?= $(HOME)/.cache/chatmail-relay/py313-$(shell echo $(PY313_LIBS) | md5sum | cut -c1-8)
 PY313_LIBS = aiosmtpd dkimpy dnspython filelock psutil pytest jinja2 qrcode pypng
 
-.PHONY: all build build-previous test test-unit test-config test-py313 test-package test-system deps demo bench clean
+.PHONY: all build debs dovecot repo build-previous test test-unit test-config test-py313 test-package test-system deps demo bench clean
 
 all: build
 
@@ -36,25 +37,49 @@ deps:
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEPS) >/dev/null; \
 	status=$$?; [ -z "$$made" ] || rm -f /usr/sbin/policy-rc.d; exit $$status
 
-# Packages are built from a copy of the tree, so the checkout stays clean.
+# Heavy build products (the dovecot build, the throw-away signing key) live outside the
+# checkout, keyed by their inputs.
+export CHATMAIL_BUILD_CACHE ?= /var/cache/chatmail-relay-build
+# Where admins reach the repository (goes into chatmail-archive-keyring and the published
+# .sources file); the default is where the system tests mount dist/repo.
+export CHATMAIL_REPO_URL ?= file:///srv/chatmail-relay
+
+# Packages are built from a copy of the tree, so the checkout stays clean. The repository's
+# public key goes into the copy for chatmail-archive-keyring.
 # build_debs DIR VERSION-SUFFIX OUTDIR
 define build_debs
 	rm -rf $(1) && mkdir -p $(1)/src $(3)
 	tar --exclude=./.git --exclude=./build --exclude=./dist --exclude='*/__pycache__' \
 		-cf - . | tar -xf - -C $(1)/src
+	repo/build-repo.sh key $(1)/src/apt/chatmail-archive-keyring.pgp
 	[ -z "$(2)" ] || sed -i '1s/(\([^)]*\))/(\1$(2))/' $(1)/src/debian/changelog
 	cd $(1)/src && PATH=$(SYSTEM_PATH) dpkg-buildpackage -b -us -uc --no-sign >../build.log 2>&1 \
 		|| { tail -40 ../build.log; exit 1; }
 	rm -f $(3)/*.deb && mv $(1)/*.deb $(3)/
 endef
 
-build:
+# Our packages, the patched dovecot and the signed repository with all of them (dist/repo).
+build: debs dovecot repo
+
+debs:
 	$(call build_debs,build/deb,,dist)
 	@ls -1 dist/*.deb
 
-# The same tree with a lower version, for the system tests' upgrade path.
-build-previous:
+# Debian's dovecot source with dovecot/instant-idle.patch, built once per source version
+# and patch (about 20 minutes), then copied from the cache.
+dovecot:
+	dovecot/build-deb.sh dist/dovecot
+
+repo:
+	repo/build-repo.sh repo dist/repo dist/*.deb dist/dovecot/*.deb
+
+# The same tree and dovecot build with a lower version, in their own repository
+# (dist/repo-previous), for the system tests' upgrade path.
+build-previous: build
 	$(call build_debs,build/previous,~previous,dist/previous)
+	rm -rf dist/previous/dovecot
+	dovecot/repack-version.sh '~previous' dist/previous/dovecot dist/dovecot/*.deb
+	repo/build-repo.sh repo dist/repo-previous dist/previous/*.deb dist/previous/dovecot/*.deb
 
 test: test-unit test-config test-package test-system test-py313
 
@@ -66,7 +91,7 @@ test-unit:
 test-config:
 	$(PYTEST) tests/config
 
-test-package: build
+test-package: debs
 	$(PYTEST) tests/package
 
 # Installs dist/ in a fresh Debian 12 booted with systemd-nspawn (root file system cached

@@ -1,6 +1,7 @@
 """A throw-away Debian with a real systemd, booted with systemd-nspawn (see
 ../shared/spec/testing.md): an overlay on the cached root file system (rootfs.sh), its own
-network namespace with only loopback, our dist/ mounted read-only at /srv/dist."""
+network namespace with only loopback, our signed repository (dist/repo) published at
+file:///srv/chatmail-relay, the address chatmail-archive-keyring's .sources file names."""
 
 import os
 import shutil
@@ -44,12 +45,19 @@ def build_rootfs(suite="bookworm"):
     return Path(out.stdout.strip().splitlines()[-1])
 
 
+REPO_MOUNT = "/srv/chatmail-relay"
+
+
 class Container:
-    def __init__(self, name, rootfs, workdir, binds=(), private_network=True):
-        """`binds`: (host path, container path) pairs mounted read-only.
+    def __init__(self, name, rootfs, workdir, binds=(), private_network=True,
+                 repos=None):
+        """`binds`: (host path, container path) pairs mounted read-only. `repos`: container
+        path -> host directory of an apt repository, published there (a copy, so publish()
+        can replace it while the container runs); default: dist/repo at REPO_MOUNT.
         private_network=False shares the host's network (for the demo)."""
         self.name = name
         self.binds = list(binds)
+        self.repos = {REPO_MOUNT: REPO / "dist" / "repo"} if repos is None else dict(repos)
         self.private_network = private_network
         self.rootfs = Path(rootfs)
         self.workdir = Path(workdir)
@@ -66,13 +74,15 @@ class Container:
                         f"lowerdir={self.rootfs},upperdir={self.workdir}/upper,"
                         f"workdir={self.workdir}/work", str(self.root)], check=True)
         (self.root / "etc/hostname").write_text(self.name + "\n")
+        for inside, source in self.repos.items():
+            self.publish(inside, source)
         Path("/run/systemd/nspawn").mkdir(parents=True, exist_ok=True)
         self.log = open(self.workdir / "console.log", "wb")
         self.nspawn = subprocess.Popen(
             ["systemd-nspawn", "-D", str(self.root), "-b", "--register=no", "--keep-unit",
              f"--machine={self.name}",
              *(["--private-network"] if self.private_network else []),
-             f"--bind-ro={REPO / 'dist'}:/srv/dist",
+             *[f"--bind-ro={self._published(inside)}:{inside}" for inside in self.repos],
              *[f"--bind-ro={host}:{inside}" for host, inside in self.binds]],
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
             start_new_session=True)
@@ -102,6 +112,22 @@ class Container:
                 return
             time.sleep(0.3)
         raise RuntimeError(f"systemd did not come up (state {state!r})")
+
+    def _published(self, inside):
+        return self.workdir / "published" / inside.strip("/").replace("/", "_")
+
+    def publish(self, inside, source):
+        """Make the repository at `source` what the container sees at `inside`, as when a
+        repository's publisher uploads a new version."""
+        if not (Path(source) / "dists").is_dir():
+            raise RuntimeError(f"no apt repository in {source}: run `make build`")
+        target = self._published(inside)
+        target.mkdir(parents=True, exist_ok=True)
+        for old in target.iterdir():
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        for item in Path(source).iterdir():
+            copy = shutil.copytree if item.is_dir() else shutil.copy2
+            copy(item, target / item.name)
 
     def stop(self):
         if self.nspawn and self.nspawn.poll() is None:

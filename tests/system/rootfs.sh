@@ -1,7 +1,9 @@
 #!/bin/sh
 # Build (once) a Debian root file system for the system tests: minbase with systemd and
 # every package chatmail-relay depends on or recommends (apt installs Recommends by
-# default, so admins get coturn and certbot), so tests can install our .debs offline.
+# default, so admins get coturn and certbot), so tests can install from our repository
+# offline. Dovecot itself is removed again (its libraries stay): a fresh server has none,
+# and it comes from our repository, as on a fresh server.
 # Cached outside the checkout, keyed by this script and debian/control.
 # Usage: tests/system/rootfs.sh SUITE  -> prints the rootfs path
 set -eu
@@ -30,12 +32,14 @@ deps=$(awk '
 	/^[A-Za-z-]+:/ { field = $1 }
 	ours && (field == "Depends:" || field == "Recommends:") { sub(/^[A-Za-z-]+:/, ""); print }
 ' "$repo/debian/control" | tr ',' '\n' |
-	sed -n 's/^[[:space:]]*\([a-z0-9][a-z0-9.+-]*\).*/\1/p' | grep -vx python3-chatmaild | sort -u | tr '\n' ' ')
+	sed -n 's/^[[:space:]]*\([a-z0-9][a-z0-9.+-]*\).*/\1/p' | grep -vx -e python3-chatmaild -e chatmail-archive-keyring | sort -u | tr '\n' ' ')
 mount -t proc proc "$tmp/proc"
 echo "postfix postfix/main_mailer_type select No configuration" | chroot "$tmp" debconf-set-selections
 # shellcheck disable=SC2086 # one package per word
 chroot "$tmp" sh -c "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	--no-install-recommends $deps debconf-utils procps python3 >/dev/null && apt-get clean"
+	--no-install-recommends $deps debconf-utils procps python3 curl unattended-upgrades >/dev/null \
+	&& apt-mark manual \$(dpkg-query -W -f '\${Package} ') >/dev/null \
+	&& apt-get purge -y -qq dovecot-core dovecot-imapd dovecot-lmtpd >/dev/null && apt-get clean"
 umount "$tmp/proc"
 rm -f "$tmp/usr/sbin/policy-rc.d" "$tmp/etc/hostname"
 rm -f "$tmp.log"

@@ -1,17 +1,33 @@
-"""An admin installs chatmail-relay from dist/ on a fresh Debian 12 with preseeded answers,
-and the relay works: every service runs, the ports answer, accounts are created by their
-first login, and cleartext is refused."""
+"""An admin installs chatmail-relay from our signed repository on a fresh Debian 12, typing
+README's commands, with preseeded answers, and the relay works: every service runs, the
+ports answer, accounts are created by their first login, and cleartext is refused."""
 
 import json
+import re
 
 import pytest
 
+from .container import REPO, REPO_MOUNT
+
 DOMAIN = "_chat.example.org"
+
+
+def readme_install_commands():
+    """The block README tells admins to type to add the repository and install."""
+    readme = (REPO / "README.md").read_text()
+    found = re.search(r"<!-- install commands[^>]*-->\n```sh\n(.*?)```", readme, re.S)
+    assert found, "README.md lost its install commands block"
+    return found.group(1)
+
+
+# The preseeded answers and apt's "yes" stand in for the admin at the terminal.
 INSTALL = f"""
 set -e
 echo "chatmail-relay chatmail-relay/mail_domain string {DOMAIN}" | debconf-set-selections
 echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
-apt-get install -y -q --no-install-recommends /srv/dist/python3-chatmaild_*.deb /srv/dist/chatmail-relay_*.deb
+echo 'APT::Get::Assume-Yes "true";' >/etc/apt/apt.conf.d/90test-assume-yes
+REPO=file://{REPO_MOUNT}
+{readme_install_commands()}
 """
 
 CLIENT = r'''
@@ -63,6 +79,22 @@ def relay(container):
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
     # no debconf prompt may have been needed: the install ran with no terminal
     return container
+
+
+def test_installed_from_the_repository_with_our_dovecot(relay):
+    origins = relay.run("apt-cache policy chatmail-relay dovecot-core").stdout
+    assert f"file:{REPO_MOUNT} bookworm/main" in origins, origins
+    versions = relay.run("dpkg-query -W chatmail-relay chatmail-archive-keyring "
+                         "dovecot-core dovecot-imapd dovecot-lmtpd").stdout
+    assert versions.count("+chatmail") == 3, versions
+    assert "chatmail-archive-keyring" in versions
+    status = relay.run("chatmail status", check=False).stdout
+    assert "(chatmail build)" in status, status
+
+
+def test_the_pin_keeps_other_packages_out_of_our_repository(relay):
+    pin = relay.run("apt-cache policy").stdout
+    assert "release o=chatmail-relay" in pin
 
 
 def test_every_unit_active_and_status_all_good(relay):

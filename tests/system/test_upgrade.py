@@ -1,27 +1,26 @@
-"""An admin upgrades through apt from the previous build: no prompt, no lost mailbox,
-password, DKIM key or certificate, and an edit to a generated file survives (reported,
-with our new version next to it)."""
+"""Upgrades as a relay gets them: installed from our repository as README says, then
+unattended-upgrades takes a newer chatmail-relay and a newer patched dovecot from it with no
+prompt, losing nothing and keeping an admin's edit. Also: our repository cannot replace
+other packages (the pin), and a Debian security update of dovecot that is newer than our
+rebuild is installed at once, with `chatmail status` saying that the patch is gone."""
 
 import os
+import subprocess
 import tempfile
 
 import pytest
 
-from .container import Container
-from .test_install import DOMAIN
+from .container import REPO, REPO_MOUNT, Container
+from .repos import build_repo, debian_security_dovecot, package_without_files
+from .test_install import DOMAIN, INSTALL
 
-INSTALL_PREVIOUS = f"""
-set -e
-echo "chatmail-relay chatmail-relay/mail_domain string {DOMAIN}" | debconf-set-selections
-apt-get install -y -q --no-install-recommends /srv/dist/previous/python3-chatmaild_*.deb \
-    /srv/dist/previous/chatmail-relay_*.deb
-"""
-UPGRADE = ("apt-get install -y -q --no-install-recommends "
-           "/srv/dist/python3-chatmaild_*.deb /srv/dist/chatmail-relay_*.deb </dev/null")
+UNATTENDED_UPGRADE = "apt-get update -q && unattended-upgrade -v"
+DPKG_LOG = "/var/log/unattended-upgrades/unattended-upgrades-dpkg.log"
 SITE = "/etc/nginx/conf.d/chatmail-relay.conf"
 KEPT = [f"/home/vmail/mail/{DOMAIN}/abcdefghi@{DOMAIN}/password",
         f"/etc/dkimkeys/{DOMAIN}.private", "/etc/ssl/certs/mailserver.pem",
         "/etc/ssl/private/mailserver.key", "/etc/chatmail/turn-secret"]
+SECURITY_MOUNT = "/srv/debian-security"
 
 READ_INBOX = r'''
 import imaplib, ssl, sys
@@ -47,26 +46,49 @@ imap.logout()
 '''
 
 
+def installed_versions(box, *packages):
+    out = box.run("dpkg-query -W " + " ".join(packages)).stdout
+    return dict(line.split("\t") for line in out.splitlines())
+
+
 @pytest.fixture(scope="module")
 def upgraded(rootfs):
+    """A relay installed from the previous build's repository, upgraded by
+    unattended-upgrades after the repository got the current build."""
     workdir = tempfile.mkdtemp(prefix="chatmail-system-", dir="/var/tmp")
-    box = Container(f"upgrade-{os.getpid()}", rootfs, workdir)
+    security = tempfile.mkdtemp(prefix="chatmail-security-", dir="/var/tmp")
+    box = Container(f"upgrade-{os.getpid()}", rootfs, workdir,
+                    repos={REPO_MOUNT: REPO / "dist" / "repo-previous",
+                           SECURITY_MOUNT: REPO / "dist" / "repo-previous"})
+    box.security_dir = security
     try:
         box.boot()
-        box.run(INSTALL_PREVIOUS, timeout=900)
+        box.run(INSTALL, timeout=900)
+        box.previous = installed_versions(box, "chatmail-relay", "dovecot-core")
         box.run(f"python3 - {DOMAIN}", input=CREATE_ACCOUNT)
         box.before = {path: box.run(f"sha256sum {path}").stdout for path in KEPT}
         box.run(f"echo '# the admin was here' >> {SITE}")
-        box.upgrade = box.run(UPGRADE, check=False, timeout=900)
+        box.publish(REPO_MOUNT, REPO / "dist" / "repo")
+        box.upgrade = box.run(UNATTENDED_UPGRADE, check=False, timeout=900)
         yield box
     finally:
         box.stop()
+        subprocess.run(["rm", "-rf", security], check=False)
 
 
-def test_upgrade_succeeds_without_prompt(upgraded):
+def test_previous_build_came_from_the_repository(upgraded):
+    assert "~previous" in upgraded.previous["chatmail-relay"]
+    assert upgraded.previous["dovecot-core"].endswith("+chatmail1~previous")
+
+
+def test_unattended_upgrades_takes_relay_and_dovecot(upgraded):
     assert upgraded.upgrade.returncode == 0, upgraded.upgrade.stdout[-4000:]
-    versions = upgraded.run("dpkg-query -W chatmail-relay python3-chatmaild").stdout
-    assert "~previous" not in versions
+    versions = installed_versions(upgraded, "chatmail-relay", "python3-chatmaild",
+                                  "chatmail-archive-keyring", "dovecot-core",
+                                  "dovecot-imapd", "dovecot-lmtpd")
+    for package, version in versions.items():
+        assert "~previous" not in version, (package, version)
+    assert versions["dovecot-core"].endswith("+chatmail1")
 
 
 def test_nothing_is_lost(upgraded):
@@ -80,9 +102,53 @@ def test_nothing_is_lost(upgraded):
 def test_an_edited_generated_file_is_kept_and_reported(upgraded):
     assert "# the admin was here" in upgraded.run(f"cat {SITE}").stdout
     upgraded.run(f"test -f {SITE}.chatmail-new")
-    assert f"kept your changes to {SITE}" in upgraded.upgrade.stdout + upgraded.upgrade.stderr
+    assert f"kept your changes to {SITE}" in upgraded.run(f"cat {DPKG_LOG}").stdout
 
 
-def test_relay_runs_after_the_upgrade(upgraded):
+def test_relay_runs_the_new_dovecot_after_the_upgrade(upgraded):
     status = upgraded.run("chatmail status", check=False)
-    assert status.returncode == 0, status.stdout
+    assert status.returncode == 0, status.stdout  # also fails on a stale Dovecot binary
+    assert "(chatmail build)" in status.stdout
+
+
+def test_our_repository_cannot_replace_other_packages(upgraded):
+    """A package of another name in our repository, even with a higher version, is never
+    a candidate: the keyring package's pin gives it priority -1."""
+    stray = package_without_files(upgraded.security_dir, "nginx", "99:1.0")
+    hijack = build_repo(upgraded.security_dir + "/hijack",
+                        [*sorted((REPO / "dist" / "repo").glob("pool/*/main/*.deb")), stray])
+    upgraded.publish(REPO_MOUNT, hijack)
+    try:
+        upgraded.run("apt-get update -q")
+        policy = upgraded.run("apt-cache policy nginx").stdout
+        assert "Candidate: 99:1.0" not in policy, policy
+        assert "99:1.0 -1" in policy, policy
+    finally:
+        upgraded.publish(REPO_MOUNT, REPO / "dist" / "repo")
+        upgraded.run("apt-get update -q")
+
+
+def test_a_newer_debian_security_update_wins_and_is_reported(upgraded):
+    """Debian publishes a dovecot security update before we rebuilt it: unattended-upgrades
+    installs Debian's at once (the security fix is never held back), and `chatmail status`
+    says the patch is gone until our rebuild arrives."""
+    ours = installed_versions(upgraded, "dovecot-core")["dovecot-core"]
+    security_repo, version = debian_security_dovecot(upgraded.security_dir, ours)
+    upgraded.publish(SECURITY_MOUNT, security_repo)
+    upgraded.run(f"""cat >/etc/apt/sources.list.d/debian-security-stand-in.sources <<EOF
+Types: deb
+URIs: file://{SECURITY_MOUNT}
+Suites: bookworm-security
+Components: main
+Signed-By: {SECURITY_MOUNT}/chatmail-archive-keyring.pgp
+EOF""")
+    result = upgraded.run(UNATTENDED_UPGRADE, check=False, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:]
+    versions = installed_versions(upgraded, "dovecot-core", "dovecot-imapd", "dovecot-lmtpd")
+    assert set(versions.values()) == {version}, versions
+    status = upgraded.run("chatmail status", check=False)
+    assert status.returncode == 0, status.stdout  # the relay works, without the patch
+    assert "without the chatmail patch" in status.stdout, status.stdout
+    assert "without the chatmail patch" in upgraded.run(f"cat {DPKG_LOG}").stdout
+    inbox = upgraded.run(f"python3 - {DOMAIN}", input=READ_INBOX).stdout
+    assert "this message survives upgrades" in inbox

@@ -346,7 +346,7 @@ def test_dovecot_build_of_this_host():
     [finding] = status.check_dovecot_build(platform, status.Probes(
         dovecot_pid_file="/nonexistent"))
     assert finding.detail.startswith(version.strip() + ", package 1:2.3")
-    expected = status.WARN if "chatmail" not in finding.detail else status.INFO
+    expected = status.WARN if "+chatmail" not in finding.detail else status.INFO
     assert finding.level == expected
 
 

@@ -1,0 +1,83 @@
+"""apt repositories for the system tests, signed with the same key as dist/repo (made by
+repo/build-repo.sh): variants of ours, and a stand-in for Debian's security archive."""
+
+import os
+import subprocess
+from pathlib import Path
+
+from .container import REPO
+
+CACHE = Path(os.environ.get("CHATMAIL_TEST_CACHE", "/var/cache/chatmail-relay-test"))
+DOVECOT_PACKAGES = ("dovecot-core", "dovecot-imapd", "dovecot-lmtpd")
+
+
+def build_repo(directory, debs, **release):
+    """A signed repository of `debs` in `directory`; `release` may set origin, label and
+    suite (default: ours)."""
+    env = dict(os.environ, **{f"REPO_{key.upper()}": value for key, value in release.items()})
+    subprocess.run([str(REPO / "repo" / "build-repo.sh"), "repo", str(directory),
+                    *map(str, debs)], check=True, env=env, capture_output=True)
+    return Path(directory)
+
+
+def package_without_files(directory, name, version):
+    """An empty arch-all package, to offer under another package's name."""
+    tree = Path(directory) / f"{name}-tree"
+    (tree / "DEBIAN").mkdir(parents=True, exist_ok=True)
+    (tree / "DEBIAN" / "control").write_text(
+        f"Package: {name}\nVersion: {version}\nArchitecture: all\n"
+        "Maintainer: chatmail-relay tests <relay@chatmail.invalid>\n"
+        "Description: stray package offered by a repository\n")
+    deb = Path(directory) / f"{name}_{version.replace(':', '%3a')}_all.deb"
+    subprocess.run(["dpkg-deb", "--root-owner-group", "-b", str(tree), str(deb)],
+                   check=True, capture_output=True)
+    return deb
+
+
+def newest_debian_version(package):
+    """The newest version of `package` Debian's archive offers this (Debian 12) host."""
+    out = subprocess.run(["apt-cache", "madison", package], capture_output=True, text=True,
+                         check=True).stdout
+    versions = [line.split("|")[1].strip() for line in out.splitlines()
+                if "+chatmail" not in line]
+    return max(versions, key=VersionKey)
+
+
+class VersionKey:
+    def __init__(self, version):
+        self.version = version
+
+    def __lt__(self, other):
+        return subprocess.run(["dpkg", "--compare-versions", self.version, "lt",
+                               other.version]).returncode == 0
+
+
+def debian_dovecot_debs(version):
+    """Debian's own dovecot packages of `version`, downloaded once into the cache."""
+    cache = CACHE / f"debian-dovecot-{version.replace(':', '_')}"
+    if not (cache / ".complete").exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["apt-get", "download", "-q",
+                        *[f"{package}={version}" for package in DOVECOT_PACKAGES]],
+                       cwd=cache, check=True, capture_output=True)
+        (cache / ".complete").touch()
+    return sorted(cache.glob("*.deb"))
+
+
+def debian_security_dovecot(directory, ours):
+    """A stand-in for Debian's security archive (its origin, label and suite, so Debian's
+    unattended-upgrades configuration accepts it) holding Debian's newest dovecot. When
+    Debian has none newer than `ours`, its newest is offered under a version above ours,
+    as the next security update would be. Returns (repository, the version offered)."""
+    version = newest_debian_version("dovecot-core")
+    debs = debian_dovecot_debs(version)
+    newer = subprocess.run(["dpkg", "--compare-versions", version, "gt", ours]).returncode == 0
+    if not newer:
+        # V+security1 sorts above our V+chatmail<N>
+        subprocess.run([str(REPO / "dovecot" / "repack-version.sh"), "+security1",
+                        f"{directory}/security-debs", *map(str, debs)], check=True)
+        debs = sorted(Path(directory, "security-debs").glob("*.deb"))
+        version += "+security1"
+    repo = build_repo(Path(directory) / "security", debs, origin="Debian",
+                      label="Debian-Security", suite="bookworm-security")
+    return repo, version
