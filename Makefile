@@ -22,7 +22,7 @@ PY313 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3) $(she
 VENV313 ?= $(HOME)/.cache/chatmail-relay/py313-$(shell echo $(PY313_LIBS) | md5sum | cut -c1-8)
 PY313_LIBS = aiosmtpd dkimpy dnspython filelock psutil pytest jinja2 qrcode pypng
 
-.PHONY: all build debs dovecot repo build-previous test test-unit test-config test-py313 test-package test-system deps demo bench clean
+.PHONY: all build debs dovecot repo apk build-previous test test-unit test-config test-py313 test-package test-system deps demo bench clean
 
 all: build
 
@@ -58,8 +58,9 @@ define build_debs
 	rm -f $(3)/*.deb && mv $(1)/*.deb $(3)/
 endef
 
-# Our packages, the patched dovecot and the signed repository with all of them (dist/repo).
-build: debs dovecot repo
+# Our packages, the patched dovecot and the signed repository with all of them (dist/repo);
+# the Alpine packages and their repository (dist/alpine).
+build: debs dovecot repo apk
 
 debs:
 	$(call build_debs,build/deb,,dist)
@@ -72,6 +73,12 @@ dovecot:
 
 repo:
 	repo/build-repo.sh repo dist/repo dist/*.deb dist/dovecot/*.deb
+
+# Alpine packages and their signed apk repository in dist/alpine/<arch>/, from
+# alpine/APKBUILD. APK_KEY=<private .rsa key, .rsa.pub next to it>; default: a throw-away
+# key in the build cache.
+apk:
+	$(PYTHON) alpine/mkapk.py --out dist/alpine $(if $(APK_KEY),--key $(APK_KEY))
 
 # The same tree and dovecot build with a lower version, in their own repository
 # (dist/repo-previous), for the system tests' upgrade path.
@@ -91,7 +98,7 @@ test-unit:
 test-config:
 	$(PYTEST) tests/config
 
-test-package: debs
+test-package: build
 	$(PYTEST) tests/package
 
 # Installs dist/ in a fresh Debian 12 booted with systemd-nspawn (root file system cached

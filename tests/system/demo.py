@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.system.container import Container, build_rootfs  # noqa: E402
+from tests.system.test_install import install_script  # noqa: E402
 
 NEW_ACCOUNT = ("GATEWAY_INTERFACE=CGI/1.1 REQUEST_METHOD=POST "
                "/usr/libexec/chatmail/chatmail-newemail | sed '1,/^\\r\\?$/d'")
@@ -52,10 +53,7 @@ def main():
         print("demo: booting a fresh Debian 12 container", flush=True)
         box.boot()
         print(f"demo: installing chatmail-relay for {address}", flush=True)
-        box.run(f'echo "chatmail-relay chatmail-relay/mail_domain string {address}" '
-                "| debconf-set-selections && apt-get install -y -q --no-install-recommends "
-                "/srv/dist/python3-chatmaild_*.deb /srv/dist/chatmail-relay_*.deb",
-                timeout=900)
+        box.run(install_script(address), timeout=900)
         credentials = json.loads(box.run(NEW_ACCOUNT).stdout)
         print_invite(credentials["dclogin_url"])
         print("\nThe relay runs until you press Ctrl-C.", flush=True)

@@ -20,15 +20,20 @@ def readme_install_commands():
     return found.group(1)
 
 
-# The preseeded answers and apt's "yes" stand in for the admin at the terminal.
-INSTALL = f"""
+def install_script(domain):
+    """README's commands, with preseeded answers and apt's "yes" standing in for the admin
+    at the terminal."""
+    return f"""
 set -e
-echo "chatmail-relay chatmail-relay/mail_domain string {DOMAIN}" | debconf-set-selections
+echo "chatmail-relay chatmail-relay/mail_domain string {domain}" | debconf-set-selections
 echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
 echo 'APT::Get::Assume-Yes "true";' >/etc/apt/apt.conf.d/90test-assume-yes
 REPO=file://{REPO_MOUNT}
 {readme_install_commands()}
 """
+
+
+INSTALL = install_script(DOMAIN)
 
 CLIENT = r'''
 import imaplib, json, smtplib, ssl, sys
@@ -92,9 +97,15 @@ def test_installed_from_the_repository_with_our_dovecot(relay):
     assert "(chatmail build)" in status, status
 
 
-def test_the_pin_keeps_other_packages_out_of_our_repository(relay):
-    pin = relay.run("apt-cache policy").stdout
-    assert "release o=chatmail-relay" in pin
+def test_the_keyring_package_took_over_the_apt_configuration(relay):
+    """README's .sources file is adopted (no second one), the pin and the
+    unattended-upgrades drop-in are in place."""
+    relay.run("test -f /etc/apt/preferences.d/chatmail-relay.pref")
+    relay.run("test -f /etc/apt/apt.conf.d/51chatmail-relay-unattended-upgrades")
+    sources = relay.run("grep -l chatmail-archive-keyring /etc/apt/sources.list.d/*").stdout
+    assert sources.split() == ["/etc/apt/sources.list.d/chatmail-relay.sources"]
+    patterns = relay.run("apt-config dump Unattended-Upgrade::Origins-Pattern").stdout
+    assert "origin=chatmail-relay,label=chatmail-relay" in patterns
 
 
 def test_every_unit_active_and_status_all_good(relay):

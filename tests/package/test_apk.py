@@ -1,0 +1,605 @@
+"""The Alpine packages: built from alpine/APKBUILD by alpine/mkapk.py, read back as apk-tools
+would (signatures, per-file checksums, datahash, index), and compared with the Debian
+packaging they must match (files, dependencies, install steps, services, daily jobs).
+
+No Alpine here: the OpenRC scripts run under a harness of stub OpenRC functions."""
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from tests.conftest import REPO
+from tests.package.apk_format import (
+    CHECKSUM_PAX_KEY,
+    ends_with_end_of_archive,
+    openssl_verify,
+    parse_apkindex,
+    read_apk,
+    read_index,
+)
+
+ALPINE = REPO / "alpine"
+DEBIAN = REPO / "debian"
+DIST = REPO / "dist"
+ARCH = "x86_64"
+PYTHON_VERSION = "3.12"
+RELAY_SERVICES = ["doveauth", "lastlogin", "chatmail-metadata", "filtermail",
+                  "filtermail-incoming"]
+INSTALL_SCRIPTS = sorted(ALPINE.glob("chatmail-relay.*-*"))
+INIT_SCRIPTS = sorted(ALPINE.glob("*.initd"))
+PERIODIC_SCRIPTS = sorted(ALPINE.glob("*.periodic"))
+
+# Debian package -> Alpine package(s) giving the same thing; None: nothing needed
+# (busybox or apk provide it). Every Debian dependency must be listed here.
+DEBIAN_TO_ALPINE = {
+    "adduser": None,                   # busybox adduser/addgroup
+    "dovecot-core": ["dovecot"],
+    "dovecot-imapd": ["dovecot"],      # IMAP is in Alpine's main dovecot package
+    "dovecot-lmtpd": ["dovecot-lmtpd"],
+    "fcgiwrap": ["fcgiwrap"],
+    "libnginx-mod-stream": ["nginx-mod-stream"],
+    "nginx": ["nginx"],
+    "opendkim": ["opendkim"],
+    "opendkim-tools": ["opendkim-utils"],
+    "openssl": ["openssl"],
+    "procps": None,                    # busybox kill
+    "postfix": ["postfix"],
+    "python3-chatmaild": ["py3-chatmaild"],
+    "python3-jinja2": ["py3-jinja2"],
+    "python3-qrcode": ["py3-qrcode"],
+    "python3-aiosmtpd": ["py3-aiosmtpd"],
+    "python3-dkim": ["py3-dkimpy"],
+    "python3-dnspython": ["py3-dnspython"],
+    "python3-filelock": ["py3-filelock"],
+    "python3-psutil": ["py3-psutil"],
+}
+# Alpine needs these beyond the mapping: what Debian's packages bundle, Alpine splits.
+ALPINE_ONLY = {
+    "chatmail-relay": {"dovecot-lua": "Debian's dovecot-core has the Lua plugins",
+                       "postfix-lmdb": "Alpine's Postfix has no Berkeley DB: lmdb maps",
+                       "dnssec-root": "OpenDKIM's trust anchor (Debian: dns-root-data, "
+                                      "pulled in by opendkim)",
+                       "/bin/sh": "abuild adds it for install scripts"},
+    "py3-chatmaild": {"python3": "Debian: ${python3:Depends}",
+                      f"python3~{PYTHON_VERSION}": "abuild's Python version tracing"},
+}
+
+
+# --- building -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def repo_dir(tmp_path_factory):
+    """The repository mkapk.py writes, built once for this module."""
+    out = tmp_path_factory.mktemp("alpine-repo")
+    result = subprocess.run([sys.executable, str(ALPINE / "mkapk.py"), "--out", str(out),
+                             "--arch", ARCH, "--python-version", PYTHON_VERSION],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def apks(repo_dir):
+    found = {path.name.rsplit("-", 2)[0]: path for path in (repo_dir / ARCH).glob("*.apk")}
+    assert found, "mkapk.py wrote no packages"
+    return found
+
+
+@pytest.fixture(scope="module")
+def parsed(apks):
+    return {name: read_apk(path) for name, path in apks.items()}
+
+
+@pytest.fixture(scope="module")
+def public_key(repo_dir):
+    keys = list(repo_dir.glob("*.rsa.pub"))
+    assert len(keys) == 1, f"expected one public key in {repo_dir}, found {keys}"
+    return keys[0]
+
+
+def apkbuild_var(name):
+    result = subprocess.run(["sh", "-c", f'startdir={ALPINE}; srcdir=/nonexistent; '
+                             f'. ./APKBUILD; printf %s "${name}"'],
+                            cwd=ALPINE, capture_output=True, text=True, check=True)
+    return result.stdout
+
+
+def test_builds_the_packages_of_the_apkbuild(apks):
+    # py3-chatmaild-pyc stays empty here (no bytecode for Alpine's Python is made on
+    # Debian); abuild fills it on Alpine.
+    assert set(apks) == {"chatmail-relay", "py3-chatmaild", "chatmail-relay-openrc"}
+    for path in apks.values():
+        assert path.name.endswith(f"-{apkbuild_var('pkgver')}-r{apkbuild_var('pkgrel')}.apk")
+
+
+def test_version_is_debian_changelogs():
+    first = (DEBIAN / "changelog").read_text().splitlines()[0]
+    debian_version = re.match(r"\S+ \(([^)]+)\)", first).group(1)
+    from chatmaild import __version__
+    assert apkbuild_var("pkgver") == debian_version == __version__
+
+
+# --- the apk v2 format --------------------------------------------------------------
+
+def test_signature_verifies_with_public_key(parsed, public_key):
+    for name, apk in parsed.items():
+        assert apk.signature_name == f".SIGN.RSA.{public_key.name}", name
+        assert openssl_verify(public_key, apk.signature, apk.control_stream[0]), name
+
+
+def test_signature_fails_for_a_changed_control_stream(parsed, public_key):
+    apk = parsed["chatmail-relay"]
+    assert not openssl_verify(public_key, apk.signature, apk.control_stream[0] + b"\0")
+
+
+def test_signature_and_control_tars_are_cut_data_tar_is_not(parsed):
+    for name, apk in parsed.items():
+        assert not ends_with_end_of_archive(apk.signature_stream[1]), name
+        assert not ends_with_end_of_archive(apk.control_stream[1]), name
+        assert ends_with_end_of_archive(apk.data_stream[1]), name
+
+
+def test_every_file_and_symlink_has_its_sha1(parsed):
+    for name, apk in parsed.items():
+        for info, content in apk.data:
+            if info.isfile():
+                expected = hashlib.sha1(content).hexdigest()
+            elif info.issym():
+                expected = hashlib.sha1(info.linkname.encode()).hexdigest()
+            else:
+                assert CHECKSUM_PAX_KEY not in info.pax_headers
+                continue
+            assert info.pax_headers.get(CHECKSUM_PAX_KEY) == expected, f"{name}: {info.name}"
+
+
+def test_owned_by_root(parsed):
+    for name, apk in parsed.items():
+        for info, _ in apk.data:
+            assert (info.uid, info.gid, info.uname, info.gname) == (0, 0, "root", "root"), \
+                f"{name}: {info.name}"
+
+
+def test_datahash_is_sha256_of_data_stream(parsed):
+    for name, apk in parsed.items():
+        assert apk.pkginfo["datahash"] == [hashlib.sha256(apk.data_stream[0]).hexdigest()], name
+
+
+def test_pkginfo_fields(parsed):
+    version = f"{apkbuild_var('pkgver')}-r{apkbuild_var('pkgrel')}"
+    for name, apk in parsed.items():
+        info = apk.pkginfo
+        for key in ["pkgname", "pkgver", "pkgdesc", "url", "builddate", "packager", "size",
+                    "arch", "origin", "license", "datahash"]:
+            assert len(info.get(key, [])) == 1, f"{name}: {key}"
+        assert info["pkgname"] == [name]
+        assert info["pkgver"] == [version]
+        assert info["arch"] == ["noarch"]
+        assert info["origin"] == ["chatmail-relay"]
+        assert info["license"] == ["MIT"]
+        assert len(info["pkgdesc"][0]) <= 128
+        installed = sum(len(content) for i, content in apk.data if i.isfile())
+        assert int(info["size"][0]) == max(installed, 1)
+
+
+def test_install_scripts_are_in_control_with_bin_sh_dependency(parsed):
+    relay = parsed["chatmail-relay"]
+    assert set(relay.scripts) == {".pre-install", ".post-install", ".post-upgrade",
+                                  ".pre-deinstall"}
+    for script, content in relay.scripts.items():
+        assert content == (ALPINE / f"chatmail-relay{script}").read_bytes()
+    assert "/bin/sh" in relay.pkginfo["depend"]
+    assert not parsed["py3-chatmaild"].scripts
+
+
+def test_openrc_subpackage_installs_with_openrc(parsed):
+    openrc = parsed["chatmail-relay-openrc"]
+    version = openrc.pkginfo["pkgver"][0]
+    assert openrc.pkginfo["install_if"] == [f"openrc chatmail-relay={version}"]
+    assert {f"/etc/init.d/{s}" for s in RELAY_SERVICES} <= openrc.files
+    modes = {"/" + i.name: i.mode for i, _ in openrc.data}
+    for service in RELAY_SERVICES:
+        assert modes[f"/etc/init.d/{service}"] == 0o755
+        assert modes[f"/etc/conf.d/{service}"] == 0o644
+    assert not any(f.startswith(("/etc/init.d", "/etc/conf.d"))
+                   for f in parsed["chatmail-relay"].files)
+
+
+def test_python_package_provides_and_depends(parsed):
+    info = parsed["py3-chatmaild"].pkginfo
+    version = info["pkgver"][0]
+    assert f"py{PYTHON_VERSION}:chatmaild={version}" in info["provides"]
+    assert f"cmd:chatmail={version}" in info["provides"]
+    assert f"python3~{PYTHON_VERSION}" in info["depend"]
+
+
+# --- the repository index -----------------------------------------------------------
+
+def test_index_is_signed_and_matches_packages(repo_dir, apks, parsed, public_key):
+    import base64
+    name, signature, signed, contents = read_index(repo_dir / ARCH / "APKINDEX.tar.gz")
+    assert name == f".SIGN.RSA.{public_key.name}"
+    assert openssl_verify(public_key, signature, signed)
+    assert set(contents) == {"DESCRIPTION", "APKINDEX"}
+    stanzas = {s["P"]: s for s in parse_apkindex(contents["APKINDEX"].decode())}
+    assert set(stanzas) == set(apks)
+    for pkg, stanza in stanzas.items():
+        apk = parsed[pkg]
+        control_sha1 = hashlib.sha1(apk.control_stream[0]).digest()
+        assert stanza["C"] == "Q1" + base64.b64encode(control_sha1).decode()
+        assert int(stanza["S"]) == apks[pkg].stat().st_size
+        assert stanza["V"] == apk.pkginfo["pkgver"][0]
+        assert stanza["A"] == ARCH
+        assert stanza["I"] == apk.pkginfo["size"][0]
+        assert stanza["T"] == apk.pkginfo["pkgdesc"][0]
+        assert stanza["o"] == "chatmail-relay"
+        assert stanza.get("D", "").split() == [d for d in apk.pkginfo.get("depend", [])]
+        assert stanza.get("p", "").split() == apk.pkginfo.get("provides", [])
+    # `apk index` writes the stanzas sorted by package name.
+    assert list(stanzas) == sorted(stanzas)
+
+
+# --- compared with the Debian packaging ---------------------------------------------
+
+def debian_depends(package):
+    """Package names in debian/control's Depends of PACKAGE (substvars left out)."""
+    text = (DEBIAN / "control").read_text()
+    stanza = re.search(rf"^Package: {re.escape(package)}\n(.*?)(?:\n\n|\Z)", text,
+                       re.S | re.M).group(1)
+    depends = re.search(r"^Depends:(.*?)(?=^\S)", stanza + "\nX", re.S | re.M).group(1)
+    names = [re.split(r"[\s(]", d.strip())[0] for d in depends.split(",")]
+    return {n for n in names if n and not n.startswith("${")}
+
+
+@pytest.mark.parametrize("debian_name, alpine_name", [("chatmail-relay", "chatmail-relay"),
+                                                      ("python3-chatmaild", "py3-chatmaild")])
+def test_dependencies_match_debians(parsed, debian_name, alpine_name):
+    expected = set()
+    for dep in debian_depends(debian_name):
+        assert dep in DEBIAN_TO_ALPINE, f"no Alpine name for Debian's {dep}: add it to the table"
+        expected |= set(DEBIAN_TO_ALPINE[dep] or [])
+    actual = {re.split(r"[=<>~]", d)[0] if not d.startswith("python3~") else d
+              for d in parsed[alpine_name].pkginfo.get("depend", [])}
+    assert actual - expected == set(ALPINE_ONLY.get(alpine_name, {})), \
+        "Alpine-only dependencies must be explained in ALPINE_ONLY"
+    assert expected <= actual
+
+
+def deb_files(package):
+    """Paths of the files and symlinks (not directories) in dist/PACKAGE_*.deb."""
+    found = sorted(DIST.glob(f"{package}_*.deb"))
+    if not found:
+        pytest.fail(f"no {package} .deb in {DIST}: run `make debs` to compare the Alpine "
+                    "packages' files with Debian's")
+    out = subprocess.run(["dpkg-deb", "--contents", str(found[-1])], capture_output=True,
+                         text=True, check=True).stdout
+    return {line.split()[5].lstrip(".") for line in out.splitlines()
+            if not line.startswith("d")}
+
+
+def apk_files(apk):
+    """Paths of the files and symlinks (not directories) in a parsed .apk."""
+    return {"/" + info.name for info, _ in apk.data if info.isfile() or info.issym()}
+
+
+def without_metadata(paths, site):
+    """PATHS with the site-packages directory as /SITE/, and without what only one
+    side has by nature: Debian's docs and man page, the installers' metadata."""
+    return {p.replace(site, "/SITE/") for p in paths
+            if not p.startswith(("/usr/share/doc/", "/usr/share/man/"))
+            and ".dist-info/" not in p and ".egg-info/" not in p}
+
+
+def test_python_files_match_the_deb(parsed):
+    deb = without_metadata(deb_files("python3-chatmaild"), "/usr/lib/python3/dist-packages/")
+    apk = without_metadata(apk_files(parsed["py3-chatmaild"]),
+                           f"/usr/lib/python{PYTHON_VERSION}/site-packages/")
+    assert apk - deb == set(), "files only in the .apk"
+    assert deb - apk == set(), "files only in the .deb"
+
+
+def test_relay_data_files_match_the_deb(parsed):
+    deb = {f for f in deb_files("chatmail-relay") if f.startswith("/usr/share/chatmail-relay/")}
+    apk = {f for f in apk_files(parsed["chatmail-relay"])
+           if f.startswith("/usr/share/chatmail-relay/")}
+    assert apk - deb == set(), "files only in the .apk"
+    assert deb - apk == set(), "files only in the .deb"
+
+
+def test_relay_package_holds_steps_hooks_and_daily_jobs(parsed):
+    files = parsed["chatmail-relay"].files
+    for step in sorted((REPO / "postinst.d").iterdir()):
+        assert f"/usr/share/chatmail-relay/postinst.d/{step.name}" in files
+    assert "/usr/share/chatmail-relay/hooks/certbot-deploy" in files
+    assert "/usr/share/chatmail-relay/conf/platform.toml" in files
+    for job in ["chatmail-expire", "chatmail-fsreport", "chatmail-certbot-renew"]:
+        assert f"/etc/periodic/daily/{job}" in files
+    modes = {"/" + i.name: i.mode for i, _ in parsed["chatmail-relay"].data}
+    assert modes["/usr/share/chatmail-relay/postinst.d/60-services"] == 0o755
+    assert modes["/etc/periodic/daily/chatmail-expire"] == 0o755
+
+
+def test_services_in_libexec_and_only_chatmail_on_path(parsed):
+    files = parsed["py3-chatmaild"].files
+    assert "/usr/bin/chatmail" in files
+    for daemon in ["doveauth", "lastlogin", "chatmail-metadata", "filtermail",
+                   "chatmail-expire", "chatmail-quota-expire", "chatmail-fsreport",
+                   "chatmail-newemail"]:
+        assert f"/usr/libexec/chatmail/{daemon}" in files
+        assert f"/usr/bin/{daemon}" not in files
+    scripts = {"/" + i.name: c for i, c in parsed["py3-chatmaild"].data if i.isfile()}
+    assert scripts["/usr/libexec/chatmail/doveauth"].startswith(b"#!/usr/bin/python3")
+
+
+# --- install scripts ----------------------------------------------------------------
+
+def debian_relay_services():
+    text = (DEBIAN / "chatmail-relay.postinst").read_text()
+    return re.search(r'^RELAY_SERVICES="([^"]*)"', text, re.M).group(1).split()
+
+
+@pytest.mark.parametrize("script", ["post-install", "post-upgrade", "pre-deinstall"])
+def test_install_scripts_know_debians_relay_services(script):
+    text = (ALPINE / f"chatmail-relay.{script}").read_text()
+    listed = re.search(r'^RELAY_SERVICES="([^"]*)"', text, re.M).group(1).split()
+    assert listed == debian_relay_services() == RELAY_SERVICES
+
+
+def run_install_script(tmp_path, script, ini_exists, args=()):
+    """Run an install script with INI under tmp_path and stub chatmail/rc-update/rc-service
+    commands that log their arguments."""
+    ini = tmp_path / "chatmail.ini"
+    if ini_exists:
+        ini.write_text("[params]\nmail_domain = chat.example.org\n")
+    stubs = tmp_path / "bin"
+    stubs.mkdir(exist_ok=True)
+    log = tmp_path / "calls.log"
+    for command in ["chatmail", "rc-update", "rc-service"]:
+        stub = stubs / command
+        stub.write_text(f'#!/bin/sh\necho "{command} $*" >>{log}\n')
+        stub.chmod(0o755)
+    text = (ALPINE / f"chatmail-relay.{script}").read_text()
+    text = re.sub(r"^INI=.*$", f"INI={ini}", text, flags=re.M)
+    copy = tmp_path / script
+    copy.write_text(text)
+    result = subprocess.run(["sh", str(copy), *args], capture_output=True, text=True,
+                            env={"PATH": f"{stubs}:/usr/bin:/bin"})
+    calls = log.read_text().splitlines() if log.exists() else []
+    return result, calls, ini
+
+
+def test_post_install_without_ini_says_run_setup_and_succeeds(tmp_path):
+    result, calls, _ = run_install_script(tmp_path, "post-install", ini_exists=False)
+    assert result.returncode == 0, result.stderr
+    assert "chatmail setup YOUR.DOMAIN" in result.stdout
+    assert not [c for c in calls if c.startswith("chatmail ")]
+
+
+def test_post_install_with_ini_runs_chatmail_configure(tmp_path):
+    result, calls, ini = run_install_script(tmp_path, "post-install", ini_exists=True)
+    assert result.returncode == 0, result.stderr
+    assert f"chatmail --config {ini} configure" in calls
+
+
+def test_post_upgrade_reloads_relay_services_like_debian(tmp_path):
+    result, calls, ini = run_install_script(tmp_path, "post-upgrade", ini_exists=True,
+                                            args=("0.2.0-r0", "0.1.0-r0"))
+    assert result.returncode == 0, result.stderr
+    reloads = " ".join(f"--reload {s}" for s in RELAY_SERVICES)
+    assert calls == [f"chatmail --config {ini} configure {reloads}"]
+
+
+def test_post_install_fails_when_configure_fails(tmp_path):
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "chatmail").write_text("#!/bin/sh\nexit 1\n")
+    (stubs / "chatmail").chmod(0o755)
+    (tmp_path / "chatmail.ini").write_text("[params]\n")
+    text = (ALPINE / "chatmail-relay.post-install").read_text()
+    text = re.sub(r"^INI=.*$", f"INI={tmp_path / 'chatmail.ini'}", text, flags=re.M)
+    result = subprocess.run(["sh", "-c", text], capture_output=True, text=True,
+                            env={"PATH": f"{stubs}:/usr/bin:/bin"})
+    assert result.returncode == 1
+    assert "apk fix chatmail-relay" in result.stderr
+
+
+def test_configuration_steps_are_the_shared_postinst_d():
+    # Both distributions configure through `chatmail configure`, which runs postinst.d/;
+    # no step is duplicated into the Alpine scripts.
+    debian = (DEBIAN / "chatmail-relay.postinst").read_text()
+    assert 'chatmail --config "$INI" configure' in debian
+    for script in ["post-install", "post-upgrade"]:
+        text = (ALPINE / f"chatmail-relay.{script}").read_text()
+        assert 'chatmail --config "$INI" configure' in text
+        assert "postinst.d" not in text.replace("postinst.d steps", "")
+
+
+def test_pre_install_creates_vmail_the_alpine_way():
+    text = (ALPINE / "chatmail-relay.pre-install").read_text()
+    assert re.search(r"^\s*addgroup -S vmail$", text, re.M)
+    assert re.search(r"^\s*adduser -S -D -H .*-G vmail .*vmail$", text, re.M)
+    assert "addgroup postfix opendkim" in text
+
+
+# --- shell checks -------------------------------------------------------------------
+
+@pytest.mark.parametrize("script", INSTALL_SCRIPTS + PERIODIC_SCRIPTS
+                         + [ALPINE / "dovecot" / "dovecot.pre-install"],
+                         ids=lambda p: p.name)
+def test_shellcheck_sh_scripts(script):
+    assert script.read_text().startswith("#!/bin/sh\n")
+    result = subprocess.run(["shellcheck", "--shell=sh", str(script)], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.parametrize("script", INIT_SCRIPTS + [ALPINE / "dovecot" / "dovecot.initd"],
+                         ids=lambda p: p.name)
+def test_shellcheck_openrc_scripts(script):
+    assert script.read_text().startswith("#!/sbin/openrc-run\n")
+    assert os.access(script, os.X_OK)
+    # openrc-run sources the script in sh and reads its variables (command, supervisor,
+    # ...) afterwards: SC2034 "appears unused" is expected for those.
+    result = subprocess.run(["shellcheck", "--shell=sh", "--exclude=SC2034", str(script)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+    assert subprocess.run(["sh", "-n", str(script)]).returncode == 0
+
+
+@pytest.mark.parametrize("apkbuild", [ALPINE / "APKBUILD", ALPINE / "dovecot" / "APKBUILD"],
+                         ids=["chatmail-relay", "dovecot"])
+def test_apkbuilds_parse(apkbuild):
+    assert subprocess.run(["sh", "-n", str(apkbuild)]).returncode == 0
+
+
+# --- OpenRC scripts under a harness -------------------------------------------------
+
+# Stand-ins for what openrc-run provides, recording the dependencies declared.
+OPENRC_STUBS = """
+RC_SVCNAME=$(basename "$1")
+for kind in need use want before after provide keyword; do
+	eval "$kind() { echo \\"dep $kind \\$*\\"; }"
+done
+ebegin() { :; }; eend() { :; }; einfo() { :; }; ewarn() { :; }; eerror() { echo "error $*"; }
+checkpath() { echo "checkpath $*"; }
+. "$1"
+depend
+for var in command command_args command_user supervisor respawn_delay respawn_max umask \
+	rc_ulimit no_new_privs; do
+	eval "printf 'var %s=%s\\n' $var \\"\\${$var}\\""
+done
+"""
+
+
+def run_openrc_harness(script, env=None):
+    result = subprocess.run(["sh", "-e", "-c", OPENRC_STUBS, "harness", str(script)],
+                            capture_output=True, text=True, env=env or {"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    variables = dict(line[4:].split("=", 1) for line in result.stdout.splitlines()
+                     if line.startswith("var "))
+    depends = [line[4:] for line in result.stdout.splitlines() if line.startswith("dep ")]
+    return variables, depends
+
+
+def systemd_unit(service):
+    fields = {}
+    for line in (DEBIAN / f"chatmail-relay.{service}.service").read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith("#"):
+            fields.setdefault(key, []).append(value)
+    return fields
+
+
+@pytest.mark.parametrize("service", RELAY_SERVICES)
+def test_openrc_script_matches_systemd_unit(service, parsed):
+    variables, depends = run_openrc_harness(ALPINE / f"{service}.initd")
+    unit = systemd_unit(service)
+    assert variables["supervisor"] == "supervise-daemon"
+    assert variables["command_user"] == f"{unit['User'][0]}:{unit['Group'][0]}"
+    assert f"{variables['command']} {variables['command_args']}" == unit["ExecStart"][0]
+    assert "/" + variables["command"].lstrip("/") in parsed["py3-chatmaild"].files
+    # Restart=always -> unlimited respawns, RestartSec -> respawn_delay.
+    assert unit["Restart"] == ["always"]
+    assert variables["respawn_max"] == "0"
+    assert variables["respawn_delay"] == unit["RestartSec"][0]
+    assert variables["umask"].lstrip("0") == unit["UMask"][0].lstrip("0")
+    assert variables["rc_ulimit"] == f"-n {unit['LimitNOFILE'][0]}"
+    assert variables["no_new_privs"] == "yes"
+    # Before=dovecot.service / postfix.service -> before dovecot / postfix.
+    for before in unit.get("Before", []):
+        for target in before.split():
+            name = target.removesuffix(".service")
+            if name != "postfix@-":
+                assert f"before {name}" in depends
+    if "After" in unit:
+        assert "after net" in depends
+
+
+@pytest.mark.parametrize("service", ["doveauth", "lastlogin", "chatmail-metadata"])
+def test_openrc_socket_services_make_their_runtime_dir(service, tmp_path):
+    text = (ALPINE / f"{service}.initd").read_text()
+    unit = systemd_unit(service)
+    runtime_dir = "/run/" + unit["RuntimeDirectory"][0]
+    ini = tmp_path / "chatmail.ini"
+    ini.write_text("")
+    harness = OPENRC_STUBS.replace("depend\n", "depend\nstart_pre\n")
+    result = subprocess.run(["sh", "-e", "-c", harness, "harness",
+                             str(ALPINE / f"{service}.initd")],
+                            capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin", "chatmail_ini": str(ini)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"checkpath --directory --owner vmail:vmail --mode 0755 {runtime_dir}" \
+        in result.stdout
+    assert "start_post" in text and "wait_for_socket" in text
+
+
+def test_openrc_start_refuses_without_ini(tmp_path):
+    harness = OPENRC_STUBS.replace("depend\n", "depend\nstart_pre || echo refused\n")
+    result = subprocess.run(["sh", "-c", harness, "harness", str(ALPINE / "filtermail.initd")],
+                            capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin",
+                                 "chatmail_ini": str(tmp_path / "missing.ini")})
+    assert "refused" in result.stdout
+    assert "chatmail setup" in result.stdout
+
+
+# --- daily jobs ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("job", ["chatmail-expire", "chatmail-fsreport"])
+def test_daily_job_runs_what_debians_timer_runs(job):
+    unit = systemd_unit(job)
+    text = (ALPINE / f"{job}.periodic").read_text()
+    ini = re.search(r"^INI=(.*)$", text, re.M).group(1)
+    report_dir = re.search(r"^REPORT_DIR=(.*)$", text, re.M)
+    command = re.search(r'su -s /bin/sh vmail -c "([^"]*)"', text).group(1)
+    command = command.replace("$INI", ini)
+    if report_dir:
+        command = command.replace("$REPORT_DIR", report_dir.group(1))
+    assert command == unit["ExecStart"][0]
+    assert unit["User"] == ["vmail"]
+    assert "nice -n 10" in text and unit["Nice"] == ["10"]
+    assert "umask 077" in text
+
+
+def test_daily_jobs_do_nothing_before_setup(tmp_path):
+    for job in ["chatmail-expire", "chatmail-fsreport"]:
+        text = (ALPINE / f"{job}.periodic").read_text()
+        text = re.sub(r"^INI=.*$", f"INI={tmp_path / 'missing.ini'}", text, flags=re.M)
+        result = subprocess.run(["sh", "-c", text], capture_output=True, text=True)
+        assert result.returncode == 0 and not result.stdout and not result.stderr
+
+
+def test_certbot_renewal_uses_the_shared_deploy_hook():
+    # The stored deploy hook (postinst.d/70-acme) reloads through `chatmail configure`,
+    # whose service() uses rc-service on OpenRC.
+    hook = (REPO / "hooks" / "certbot-deploy").read_text()
+    assert "--reload postfix --reload dovecot --reload nginx" in hook
+    functions = (REPO / "postinst.d" / "functions.sh").read_text()
+    assert 'rc-service "$2" reload' in functions
+    assert "certbot renew" in (ALPINE / "chatmail-certbot-renew.periodic").read_text()
+
+
+# --- patched dovecot ----------------------------------------------------------------
+
+def test_dovecot_apkbuild_applies_the_same_patch():
+    patch = ALPINE / "dovecot" / "instant-idle.patch"
+    assert patch.is_symlink()
+    assert patch.resolve() == (REPO / "dovecot" / "instant-idle.patch").resolve()
+    text = (ALPINE / "dovecot" / "APKBUILD").read_text()
+    source = re.search(r'^source="([^"]*)"', text, re.M | re.S).group(1).split()
+    assert "instant-idle.patch" in source
+    digest = hashlib.sha512(patch.read_bytes()).hexdigest()
+    assert f"{digest}  instant-idle.patch" in text
+    assert "dovecot-lua" in apkbuild_var("depends").split()
+
+
+def test_no_tar_end_blocks_between_streams(apks):
+    # The three streams read as a single tar (as apk-tools 2 reads them).
+    with tarfile.open(apks["chatmail-relay"], "r:gz") as tar:
+        names = tar.getnames()
+    assert names[0].startswith(".SIGN.RSA.") and names[1] == ".PKGINFO"
+    assert "usr/share/chatmail-relay/postinst.d/60-services" in names
