@@ -81,12 +81,14 @@ apk:
 	$(PYTHON) alpine/mkapk.py --out dist/alpine $(if $(APK_KEY),--key $(APK_KEY))
 
 # The same tree and dovecot build with a lower version, in their own repository
-# (dist/repo-previous), for the system tests' upgrade path.
+# (dist/repo-previous, dated a day back as if published before dist/repo), for the
+# system tests' upgrade path.
 build-previous: build
 	$(call build_debs,build/previous,~previous,dist/previous)
 	rm -rf dist/previous/dovecot
 	dovecot/repack-version.sh '~previous' dist/previous/dovecot dist/dovecot/*.deb
-	repo/build-repo.sh repo dist/repo-previous dist/previous/*.deb dist/previous/dovecot/*.deb
+	REPO_DATE="$$(date -u -R -d '1 day ago')" \
+		repo/build-repo.sh repo dist/repo-previous dist/previous/*.deb dist/previous/dovecot/*.deb
 
 test: test-unit test-config test-package test-system test-py313
 

@@ -6,6 +6,9 @@
 # The key is $SIGNING_KEY (a fingerprint in the caller's GNUPGHOME) when set; otherwise a
 # throw-away key made once and kept outside the checkout, for local and test repositories.
 # The repository's address for the published .sources file is $CHATMAIL_REPO_URL.
+# $REPO_DATE (RFC 2822) dates the Release file instead of now: apt ignores a Release file
+# older than the one it has, so a repository built later but standing for an earlier
+# publication (the tests' previous release) must say so.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${CHATMAIL_BUILD_CACHE:-/var/cache/chatmail-relay-build}
@@ -56,6 +59,7 @@ write_indexes() {
 		-o APT::FTPArchive::Release::Architectures="$arch" \
 		-o APT::FTPArchive::Release::Components=main \
 		-o APT::FTPArchive::Release::Description="chatmail-relay and its dovecot rebuild" \
+		${REPO_DATE:+-o APT::FTPArchive::Release::Date="$REPO_DATE"} \
 		release "dists/$suite") >"$dir/dists/$suite/Release.tmp"
 	mv "$dir/dists/$suite/Release.tmp" "$dir/dists/$suite/Release"
 }

@@ -91,7 +91,8 @@ def test_apt_accepts_the_repository(repo, tmp_path):
     options = ["-o", f"Dir::Etc::SourceList={tmp_path}/none",
                "-o", f"Dir::Etc::SourceParts={tmp_path}/sources.list.d",
                "-o", f"Dir::State::Lists={tmp_path}/lists",
-               "-o", f"Dir::Cache={tmp_path}/cache", "-o", "Debug::NoLocking=1"]
+               "-o", f"Dir::Cache={tmp_path}/cache", "-o", "Debug::NoLocking=1",
+               "-o", "APT::Sandbox::User=root"]
     update = subprocess.run(["apt-get", *options, "update"], capture_output=True, text=True)
     assert update.returncode == 0 and "W:" not in update.stdout + update.stderr, \
         update.stdout + update.stderr
