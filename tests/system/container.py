@@ -50,15 +50,19 @@ REPO_MOUNT = "/srv/chatmail-relay"
 
 class Container:
     def __init__(self, name, rootfs, workdir, binds=(), private_network=True,
-                 repos=None):
+                 repos=None, netns=None, resolv_conf=None):
         """`binds`: (host path, container path) pairs mounted read-only. `repos`: container
         path -> host directory of an apt repository, published there (a copy, so publish()
         can replace it while the container runs); default: dist/repo at REPO_MOUNT.
-        private_network=False shares the host's network (for the demo)."""
+        private_network=False shares the host's network (for the demo). `netns`: boot in
+        the existing network namespace /run/netns/<netns> instead (internet.py), with
+        `resolv_conf` (text) as /etc/resolv.conf."""
         self.name = name
         self.binds = list(binds)
         self.repos = {REPO_MOUNT: REPO / "dist" / "repo"} if repos is None else dict(repos)
         self.private_network = private_network
+        self.netns = netns
+        self.resolv_conf = resolv_conf
         self.rootfs = Path(rootfs)
         self.workdir = Path(workdir)
         self.root = self.workdir / "root"
@@ -67,13 +71,16 @@ class Container:
 
     # -- lifecycle ------------------------------------------------------------------
 
-    def boot(self, timeout=60):
+    def boot(self, timeout=180):
         for sub in ("upper", "work", "root"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
         subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
                         f"lowerdir={self.rootfs},upperdir={self.workdir}/upper,"
                         f"workdir={self.workdir}/work", str(self.root)], check=True)
         (self.root / "etc/hostname").write_text(self.name + "\n")
+        if self.resolv_conf is not None:
+            (self.root / "etc/resolv.conf").unlink(missing_ok=True)
+            (self.root / "etc/resolv.conf").write_text(self.resolv_conf)
         for inside, source in self.repos.items():
             self.publish(inside, source)
         Path("/run/systemd/nspawn").mkdir(parents=True, exist_ok=True)
@@ -81,14 +88,16 @@ class Container:
         self.nspawn = subprocess.Popen(
             ["systemd-nspawn", "-D", str(self.root), "-b", "--register=no", "--keep-unit",
              f"--machine={self.name}",
-             *(["--private-network"] if self.private_network else []),
+             *([f"--network-namespace-path=/run/netns/{self.netns}"] if self.netns
+               else ["--private-network"] if self.private_network else []),
+             *(["--resolv-conf=off"] if self.resolv_conf is not None else []),
              *[f"--bind-ro={self._published(inside)}:{inside}" for inside in self.repos],
              *[f"--bind-ro={host}:{inside}" for host, inside in self.binds]],
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
             start_new_session=True)
         self.leader = self._wait_for_leader(timeout)
         self._wait_until_running(timeout)
-        if self.private_network:
+        if self.private_network and not self.netns:
             self.run(PUBLIC_ADDRESS)
 
     def _wait_for_leader(self, timeout):
@@ -111,7 +120,7 @@ class Container:
             if state in ("running", "degraded"):
                 return
             time.sleep(0.3)
-        raise RuntimeError(f"systemd did not come up (state {state!r})")
+        raise RuntimeError(f"systemd did not come up (state {state!r}):\n{self.console()}")
 
     def _published(self, inside):
         return self.workdir / "published" / inside.strip("/").replace("/", "_")
