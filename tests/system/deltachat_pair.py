@@ -8,16 +8,23 @@ import tempfile
 from deltachat_rpc_client import DeltaChat, EventType, Rpc  # noqa: F401 (for the scripts)
 
 
-def dclogin(domain, user, password):
-    return f"dclogin:{user}@{domain}?p={password}&v=1&ih=127.0.0.1&sh=127.0.0.1&ic=3"
+def dclogin(domain, user, password, host="127.0.0.1"):
+    """ic=3: any certificate (the core trusts its own roots only, not the system's)."""
+    return f"dclogin:{user}@{domain}?p={password}&v=1&ih={host}&sh={host}&ic=3"
 
 
-def verified_pair(rpc, domain):
-    """(alice, bob), online and verified with each other."""
+def verified_pair(rpc, domain, bob_domain=None, host="127.0.0.1"):
+    """(alice, bob), online and verified with each other; bob on `bob_domain` if given
+    (then both log in to their domain's name, `host` otherwise)."""
     dc = DeltaChat(rpc)
     alice, bob = dc.add_account(), dc.add_account()
-    alice.add_transport_from_qr(dclogin(domain, "alice0001", "alice-password-1"))
-    bob.add_transport_from_qr(dclogin(domain, "bobby0002", "bob-password-22"))
+    if bob_domain:
+        alice.add_transport_from_qr(dclogin(domain, "alice0001", "alice-password-1", domain))
+        bob.add_transport_from_qr(dclogin(bob_domain, "bobby0002", "bob-password-22",
+                                          bob_domain))
+    else:
+        alice.add_transport_from_qr(dclogin(domain, "alice0001", "alice-password-1", host))
+        bob.add_transport_from_qr(dclogin(domain, "bobby0002", "bob-password-22", host))
     alice.bring_online()
     bob.bring_online()
     bob.secure_join(alice.get_qr_code())

@@ -21,6 +21,7 @@ KEPT = [f"/home/vmail/mail/{DOMAIN}/abcdefghi@{DOMAIN}/password",
         f"/etc/dkimkeys/{DOMAIN}.private", "/etc/ssl/certs/mailserver.pem",
         "/etc/ssl/private/mailserver.key", "/etc/chatmail/turn-secret"]
 SECURITY_MOUNT = "/srv/debian-security"
+PIN = "/etc/apt/preferences.d/chatmail-relay.pref"
 
 READ_INBOX = r'''
 import imaplib, ssl, sys
@@ -68,6 +69,7 @@ def upgraded(rootfs):
         box.run(f"python3 - {DOMAIN}", input=CREATE_ACCOUNT)
         box.before = {path: box.run(f"sha256sum {path}").stdout for path in KEPT}
         box.run(f"echo '# the admin was here' >> {SITE}")
+        box.run(f"echo '# the admin was here' >> {PIN}")
         box.publish(REPO_MOUNT, REPO / "dist" / "repo")
         box.upgrade = box.run(UNATTENDED_UPGRADE, check=False, timeout=900)
         yield box
@@ -103,6 +105,13 @@ def test_an_edited_generated_file_is_kept_and_reported(upgraded):
     assert "# the admin was here" in upgraded.run(f"cat {SITE}").stdout
     upgraded.run(f"test -f {SITE}.chatmail-new")
     assert f"kept your changes to {SITE}" in upgraded.run(f"cat {DPKG_LOG}").stdout
+
+
+def test_an_edited_pin_is_kept_and_reported(upgraded):
+    """chatmail-archive-keyring writes the pin from its postinst (not a conffile): an
+    admin's edit survives its upgrade and is reported."""
+    assert "# the admin was here" in upgraded.run(f"cat {PIN}").stdout
+    assert f"kept your changes to {PIN}" in upgraded.run(f"cat {DPKG_LOG}").stdout
 
 
 def test_relay_runs_the_new_dovecot_after_the_upgrade(upgraded):
