@@ -55,6 +55,8 @@ class RelayFacts:
     dkim_public_key: str = ""  # base64 SubjectPublicKeyInfo; "" when unknown
     sts_id: str = ""
     acme_account_uri: str = ""
+    # the CAA issuer of the ACME server certbot uses; "" when we do not know its name
+    caa_issuer: str = "letsencrypt.org"
 
 
 # -- the facts ----------------------------------------------------------------------------
@@ -144,12 +146,26 @@ def acme_account_uri(domain, letsencrypt_dir=LETSENCRYPT_DIR):
 
 def renewal_account_id(conf_path):
     """`account = <id>` from a certbot renewal configuration (configobj syntax)."""
+    return renewal_value(conf_path, "account")
+
+
+def renewal_value(conf_path, key):
     try:
         text = Path(conf_path).read_text()
     except OSError:
         return ""
-    match = re.search(r"(?m)^\s*account\s*=\s*(\S+)\s*$", text)
+    match = re.search(rf"(?m)^\s*{key}\s*=\s*(\S+)\s*$", text)
     return match.group(1) if match else ""
+
+
+def acme_caa_issuer(domain, letsencrypt_dir=LETSENCRYPT_DIR):
+    """The CAA issuer name for the ACME server of the domain's certificate: Let's Encrypt's
+    (also before certbot has run: it is certbot's default), or "" for another server,
+    whose CAA name we cannot know (a record naming Let's Encrypt would block it)."""
+    server = renewal_value(Path(letsencrypt_dir) / "renewal" / f"{domain}.conf", "server")
+    if server and LETSENCRYPT_SERVER not in server:
+        return ""
+    return "letsencrypt.org"
 
 
 def read_regr_uri(path):
@@ -206,8 +222,8 @@ def relay_records(config, facts):
         Record(d, "TXT", '"v=spf1 a ~all"', False, "spf"),
         Record(f"_dmarc.{d}", "TXT", '"v=DMARC1;p=reject;adkim=s;aspf=s"', False, "dmarc"),
     ]
-    if acme:
-        issuer = "letsencrypt.org"
+    if acme and facts.caa_issuer:
+        issuer = facts.caa_issuer
         if facts.acme_account_uri:
             issuer += f";accounturi={facts.acme_account_uri}"
         records.append(Record(d, "CAA", f'0 issue "{issuer}"', False))
@@ -574,7 +590,9 @@ def gather_facts(config, ipv4=None, ipv6=None, dkim_key=None,
     except DnsError as exc:
         problems.append(str(exc))
     if config.tls_cert_mode == "acme":
-        facts.acme_account_uri = acme_account_uri(config.mail_domain_bare, letsencrypt_dir)
+        facts.caa_issuer = acme_caa_issuer(config.mail_domain_bare, letsencrypt_dir)
+        if facts.caa_issuer:
+            facts.acme_account_uri = acme_account_uri(config.mail_domain_bare, letsencrypt_dir)
         facts.sts_id = published_sts_id(config, resolver) or new_sts_id()
     return facts
 

@@ -216,6 +216,22 @@ def test_acme_account_of_the_domains_certificate_wins(letsencrypt):
     assert relay_dns.acme_account_uri("chat.example.org", letsencrypt) == ACCOUNT + "0"
 
 
+def test_no_caa_record_for_another_acme_server(make_config, dkim_key, letsencrypt, nsd):
+    """certbot set up with another ACME server (its `server` in the renewal file): a CAA
+    record naming Let's Encrypt would forbid that CA, and its own CAA name is unknown."""
+    (letsencrypt / "renewal").mkdir()
+    (letsencrypt / "renewal" / "chat.example.org.conf").write_text(
+        "[renewalparams]\naccount = 0123\nserver = https://acme.example.net/dir\n")
+    config = make_config("chat.example.org")
+    server = nsd("chat.example.org", "")
+    facts = relay_dns.gather_facts(
+        config, ipv4=[IPV4], dkim_key=dkim_key[0], letsencrypt_dir=letsencrypt,
+        resolver=relay_dns.Resolver("chat.example.org.", ["127.0.0.1"], server.port))
+    records = relay_dns.relay_records(config, facts)
+    assert not [record for record in records if record.rtype == "CAA"]
+    assert facts.acme_account_uri == ""
+
+
 def test_no_acme_account(tmp_path):
     assert relay_dns.acme_account_uri("chat.example.org", tmp_path / "none") == ""
 
