@@ -22,7 +22,7 @@ from tests.system.container import HERE, Container, build_rootfs, deltachat_venv
 from tests.system.repos import debian_dovecot_debs  # noqa: E402
 from tests.system.test_install import DOMAIN, INSTALL  # noqa: E402
 
-from common import machine_facts  # noqa: E402
+from common import machine_facts, percentile  # noqa: E402
 
 from tests.system.container import DELTACHAT_VERSION as DELTACHAT  # noqa: E402
 
@@ -60,10 +60,6 @@ def wait_all_active(box, timeout=120):
         time.sleep(0.2)
     raise RuntimeError(f"units not active: {states}")
 
-
-def percentile(values, fraction):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 def measure_latency(box, venv):

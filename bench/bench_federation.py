@@ -5,7 +5,7 @@ user on relay A writes to one on relay B (verified by SecureJoin, encrypted), on
 at a time, and the time from send to B's incoming-message event is recorded. Needs root,
 nsd, pebble and `make build`. Writes bench/results/federation.md.
 
-    /usr/bin/python3 bench/bench_federation.py [--messages 30]
+    /usr/bin/python3 bench/bench_federation.py [--messages 50]
 """
 
 import argparse
@@ -22,17 +22,13 @@ from tests.system.internet import Internet  # noqa: E402
 from tests.system.test_federation import (  # noqa: E402
     federated_relays, publish_dns, run_clients, setup_accounts)
 
-from common import machine_facts  # noqa: E402
+from common import machine_facts, percentile  # noqa: E402
 
-
-def percentile(values, fraction):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--messages", type=int, default=30)
+    parser.add_argument("--messages", type=int, default=50)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "federation.md")
     args = parser.parse_args()
     started = time.monotonic()

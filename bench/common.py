@@ -1,4 +1,4 @@
-"""What every benchmark records: the machine it ran on, and a process's memory."""
+"""What every benchmark records: the machine it ran on, a process's memory, percentiles."""
 
 import datetime
 import os
@@ -27,3 +27,9 @@ def rss_kb(pid, field="VmRSS"):
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise RuntimeError(f"no {field} for {pid}")
+
+
+def percentile(values, fraction):
+    """The value below which `fraction` of `values` lie (nearest rank)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
