@@ -14,6 +14,7 @@ import tarfile
 import pytest
 
 from tests.conftest import REPO
+from tests.package.test_deb import SERVICE_PROGRAMS
 from tests.package.apk_format import (
     CHECKSUM_PAX_KEY,
     ends_with_end_of_archive,
@@ -326,9 +327,7 @@ def test_relay_package_holds_steps_hooks_and_daily_jobs(parsed):
 def test_services_in_libexec_and_only_chatmail_on_path(parsed):
     files = parsed["py3-chatmaild"].files
     assert "/usr/bin/chatmail" in files
-    for daemon in ["doveauth", "lastlogin", "chatmail-metadata", "filtermail",
-                   "chatmail-expire", "chatmail-quota-expire", "chatmail-fsreport",
-                   "chatmail-newemail"]:
+    for daemon in SERVICE_PROGRAMS:
         assert f"/usr/libexec/chatmail/{daemon}" in files
         assert f"/usr/bin/{daemon}" not in files
     scripts = {"/" + i.name: c for i, c in parsed["py3-chatmaild"].data if i.isfile()}

@@ -36,13 +36,17 @@ def test_lintian_clean():
     assert result.returncode == 0 and not problems, result.stdout + result.stderr
 
 
+# upstream's console-script names; ours live in /usr/libexec/chatmail, off PATH
+SERVICE_PROGRAMS = ["doveauth", "lastlogin", "chatmail-metadata", "filtermail",
+                    "chatmail-expire", "chatmail-quota-expire", "chatmail-fsreport",
+                    "chatmail-newemail"]
+
+
 def test_python3_chatmaild_layout():
     files = contents(deb_named("python3-chatmaild"))
     assert "/usr/bin/chatmail" in files
     assert "/usr/share/man/man8/chatmail.8.gz" in files
-    for daemon in ["doveauth", "lastlogin", "chatmail-metadata", "filtermail",
-                   "chatmail-expire", "chatmail-quota-expire", "chatmail-fsreport",
-                   "chatmail-newemail"]:
+    for daemon in SERVICE_PROGRAMS:
         assert f"/usr/libexec/chatmail/{daemon}" in files
         assert f"/usr/bin/{daemon}" not in files
     assert "/usr/lib/python3/dist-packages/chatmaild/defaults/appversions.json" in files
