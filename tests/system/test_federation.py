@@ -3,7 +3,9 @@ from our repository with tls_mode acme and gets its certificate from pebble thro
 certbot (HTTP-01 via nginx on port 80), publishes what `chatmail dns` tells it in the test
 DNS server, and a Delta Chat user on one relay writes end-to-end encrypted to a user on the
 other: DKIM-signed, verified with strict alignment, over verified TLS, queued while the
-other relay is down and delivered when it is back."""
+other relay is down or cut off and delivered when it is back. A relay's bounces are
+DKIM-signed and reach the sender on the other relay; a certificate that does not verify
+holds mail back instead of it going out over unverified TLS or in cleartext."""
 
 import contextlib
 import json
@@ -18,7 +20,7 @@ import time
 import pytest
 
 from .container import HERE, Container, deltachat_venv
-from .internet import Internet
+from .internet import Internet, ip
 from .test_install import install_script
 
 pytestmark = pytest.mark.skipif(
@@ -283,7 +285,8 @@ with open_rpc(VENV, ACCOUNTS) as rpc:
     else:
         alice, bob = dc.get_all_accounts()
         alice.bring_online()
-        bob.bring_online()
+        if MODE != "send":  # sending needs no connection to bob's relay, which may be cut off
+            bob.bring_online()
     if MODE == "exchange":
         started = time.monotonic()
         alice.create_chat(bob).send_text("hello bob, from alice on relay a")
@@ -423,6 +426,120 @@ def test_relay_b_verifies_dkim_with_strict_alignment(accounts, relays):
     assert result["unsigned"] == "554 5.7.1 No DKIM signature found", result
 
 
+# Runs in relay a's container: a client of relay a submits (port 465, its account created
+# by this first login, as the apps' are) an end-to-end encrypted message, by the form the
+# filters check, to an address of relay b that has no mailbox. Relay b accepts it (unknown
+# local users are accepted and filtered, then refused by Dovecot's LMTP), so relay b has to
+# bounce it to relay a.
+SUBMIT_ENCRYPTED = r"""
+import base64, smtplib, ssl, sys, time
+
+sender, password, to = sys.argv[1:4]
+# a PKESK packet, then the SEIPD packet (new-format headers), ASCII-armored
+packets = bytes([0xC1, 12]) + bytes(12) + bytes([0xD2, 40, 1]) + bytes(39)
+boundary = "b0undary-ndr"
+message = (
+    f"From: <{sender}>\r\nTo: <{to}>\r\nSubject: [...]\r\n"
+    f"Date: {time.strftime('%a, %d %b %Y %H:%M:%S +0000', time.gmtime())}\r\n"
+    f"Message-ID: <ndr-{time.time()}@relay-a.test>\r\nMIME-Version: 1.0\r\n"
+    'Content-Type: multipart/encrypted; protocol="application/pgp-encrypted"; '
+    f'boundary="{boundary}"\r\n\r\n'
+    f"--{boundary}\r\nContent-Type: application/pgp-encrypted\r\n\r\nVersion: 1\r\n\r\n"
+    f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n"
+    "-----BEGIN PGP MESSAGE-----\r\n\r\n" + base64.b64encode(packets).decode()
+    + "\r\n-----END PGP MESSAGE-----\r\n\r\n"
+    f"--{boundary}--\r\n")
+with smtplib.SMTP_SSL("relay-a.test", 465, context=ssl.create_default_context()) as smtp:
+    smtp.login(sender, password)
+    smtp.sendmail(sender, [to], message.encode())
+"""
+
+# Runs in relay a's container: the messages in an account's INBOX (IMAPS, certificate
+# verified), as soon as there are any (at most argv[3] seconds).
+READ_INBOX = r"""
+import email, imaplib, json, ssl, sys, time
+from email import policy
+
+user, password, deadline = sys.argv[1], sys.argv[2], time.monotonic() + float(sys.argv[3])
+while True:
+    with imaplib.IMAP4_SSL("relay-a.test", 993, ssl_context=ssl.create_default_context()) as imap:
+        imap.login(user, password)
+        imap.select("INBOX", readonly=True)
+        messages = []
+        for number in imap.search(None, "ALL")[1][0].split():
+            raw = imap.fetch(number, "(RFC822)")[1][0][1]
+            msg = email.message_from_bytes(raw, policy=policy.default)
+            messages.append({"from": str(msg["From"]), "content_type": msg.get_content_type(),
+                             "auto_submitted": str(msg["Auto-Submitted"]),
+                             "dkim_signatures": len(msg.get_all("DKIM-Signature") or []),
+                             "text": raw.decode(errors="replace")})
+    if messages or time.monotonic() > deadline:
+        break
+    time.sleep(0.3)
+print(json.dumps(messages))
+"""
+
+
+def reload_postfix(box):
+    """`postfix reload`, returning once the queue manager runs with the new settings (the
+    reload only asks the running one to exit)."""
+    box.run("old=$(pgrep -x qmgr); postfix reload 2>/dev/null; "
+            "for i in $(seq 200); do new=$(pgrep -x qmgr); "
+            '[ -n "$new" ] && [ "$new" != "$old" ] && exit 0; sleep 0.1; done; exit 1')
+
+
+def test_bounce_from_relay_b_is_dkim_signed_and_reaches_the_sender_on_relay_a(
+        accounts, relays):
+    a, b = relays["a"], relays["b"]
+    sender, password = "ndrsender@relay-a.test", "ndr-sender-password"
+    ghost = f"ghost{os.getpid() % 10000:04d}@relay-b.test"
+    # relay b holds what it sends, so that the bounce can be read as it leaves: relay a
+    # removes DKIM-Signature fields before mail reaches a mailbox (lmtp_header_cleanup)
+    b.run("postconf -e defer_transports=smtp")
+    reload_postfix(b)
+    try:
+        a.run(f"python3 - {sender} {password} {ghost}", input=SUBMIT_ENCRYPTED)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            bounces = [m for m in queue(b) if m["sender"] == "MAILER-DAEMON"
+                       and [r["address"] for r in m["recipients"]] == [sender]]
+            if bounces:
+                break
+            time.sleep(0.3)
+        assert len(bounces) == 1, (queue(b), journal(b, ghost))
+        # relay b took the message at SMTP time; its LMTP refused the recipient afterwards
+        assert re.search(rf"to=<{ghost}>, relay=relay-b\.test\[10\.231\.0\.11\]:25, .*"
+                         r"status=sent \(250 OK\)", journal(a, ghost)), journal(a, ghost)
+        assert re.search(rf"to=<{ghost}>, relay=relay-b\.test\[private/dovecot-lmtp\], .*"
+                         r"dsn=5\.1\.1, status=bounced \(.*User doesn't exist",
+                         journal(b, ghost)), journal(b, ghost)
+        headers = b.run(f"postcat -h -q {bounces[0]['queue_id']}").stdout
+        assert re.search(r"^From: Mail Delivery System <MAILER-DAEMON@relay-b\.test>$",
+                         headers, re.M), headers
+        assert re.search(r"^Content-Type: multipart/report;", headers, re.M), headers
+        signatures = re.findall(r"^DKIM-Signature:.*(?:\n\s.*)*", headers, re.M)
+        assert len(signatures) == 1, headers
+        assert re.search(r"\bd=relay-b\.test;", signatures[0]), signatures
+        assert re.search(r"\bs=opendkim;", signatures[0]), signatures
+    finally:
+        b.run("postconf -X defer_transports")
+        reload_postfix(b)
+    b.run("postqueue -f")
+    out = a.run(f"python3 - {sender} {password} 30", input=READ_INBOX)
+    messages = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(messages) == 1, messages
+    bounce = messages[0]
+    assert bounce["from"] == "Mail Delivery System <MAILER-DAEMON@relay-b.test>", bounce
+    assert bounce["content_type"] == "multipart/report", bounce
+    assert bounce["auto_submitted"] == "auto-replied", bounce
+    assert f"<{ghost}>: host relay-b.test[private/dovecot-lmtp] said: 550" in bounce["text"]
+    assert bounce["dkim_signatures"] == 0, bounce  # removed after the filter checked it
+    # relay a's incoming filter took it as a report, with a valid signature of relay-b.test
+    assert "Incoming: Filtering mailer-daemon message from MAILER-DAEMON@relay-b.test" in (
+        journal(a, "Filtering mailer-daemon message"))
+    assert not [m for m in queue(b) if m["sender"] == "MAILER-DAEMON"], queue(b)
+
+
 @pytest.mark.parametrize("key", ["a", "b"])
 def test_mta_sts_policy_is_served(relays, published_dns, key):
     domain = relays[key].domain
@@ -459,6 +576,99 @@ def test_mail_to_a_relay_that_is_down_is_queued_and_delivered_later(accounts, re
         assert all(m["queue_name"] == "deferred" for m in waiting), waiting
     finally:
         b.run("systemctl start postfix")
+    a.run("postqueue -f")
+    result = run_clients(a, "receive", *texts)
+    assert result["received"] == {text: True for text in texts}, result
+    assert not [m for m in queue(a)
+                if any("relay-b.test" in r["address"] for r in m["recipients"])]
+
+
+def test_mail_to_a_relay_cut_off_the_network_is_queued_and_delivered_later(
+        accounts, relays, internet):
+    a, b = relays["a"], relays["b"]
+    texts = ["while b was cut off"]
+    internet.set_link("relay-b", False)
+    try:
+        # relay a forgets b's link-layer address, as it does once the entry expires: its
+        # connection attempts then fail within seconds, not after Postfix's 30 s timeout
+        ip("-n", internet.namespace("relay-a"), "neigh", "flush", "to", b.address)
+        result = run_clients(a, "send", *texts)
+        assert all(state >= 26 for state in result["states"]), result
+        deadline = time.monotonic() + 45
+        while time.monotonic() < deadline:
+            waiting = [m for m in queue(a)
+                       if any("relay-b.test" in r["address"] for r in m["recipients"])]
+            if len(waiting) == len(texts) and all(m["queue_name"] == "deferred"
+                                                  for m in waiting):
+                break
+            time.sleep(0.5)
+        assert len(waiting) == len(texts), queue(a)
+        assert all(m["queue_name"] == "deferred" for m in waiting), waiting
+        reasons = [r.get("delay_reason", "") for m in waiting for r in m["recipients"]]
+        assert all(re.search(r"connect to relay-b\.test\[10\.231\.0\.11\]:25: "
+                             r"(No route to host|Connection timed out)", reason)
+                   for reason in reasons), reasons
+    finally:
+        internet.set_link("relay-b", True)
+    a.run("postqueue -f")
+    result = run_clients(a, "receive", *texts)
+    assert result["received"] == {text: True for text in texts}, result
+    assert not [m for m in queue(a)
+                if any("relay-b.test" in r["address"] for r in m["recipients"])]
+
+
+# -- 5. TLS -------------------------------------------------------------------------------
+
+
+SELF_SIGNED = ("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -noenc "
+               "-days 2 -keyout /etc/postfix/self-signed.key -out /etc/postfix/self-signed.pem "
+               "-subj /CN=relay-b.test -addext subjectAltName=DNS:relay-b.test 2>/dev/null")
+
+
+def test_no_delivery_to_a_relay_whose_certificate_does_not_verify(accounts, relays):
+    """Relay b serves a self-signed certificate for its name on port 25: relay a neither
+    falls back to cleartext nor delivers over the unverified connection; the mail waits in
+    its queue and goes out once b's certificate verifies again."""
+    a, b = relays["a"], relays["b"]
+    texts = ["while b served a self-signed certificate"]
+    cert, key = b.run("postconf -h smtpd_tls_cert_file smtpd_tls_key_file").stdout.split()
+    incoming = journal(b, "Incoming: Filtering").count("\n")
+    since = a.run("date '+%Y-%m-%d %H:%M:%S'").stdout.strip()
+    # a restart, not a reload: b's session ticket keys change too, so relay a cannot resume
+    # an earlier session (whose certificate verified)
+    b.run(f"{SELF_SIGNED} && postconf -e smtpd_tls_cert_file=/etc/postfix/self-signed.pem "
+          "smtpd_tls_key_file=/etc/postfix/self-signed.key && systemctl restart postfix")
+    try:
+        assert served_certificate(a, b.domain, 25, "smtp")["verify"] == "18", (
+            served_certificate(a, b.domain, 25, "smtp"))  # self-signed certificate
+        result = run_clients(a, "send", *texts)
+        assert all(state >= 26 for state in result["states"]), result
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            waiting = [m for m in queue(a)
+                       if any("relay-b.test" in r["address"] for r in m["recipients"])]
+            if len(waiting) == len(texts) and all(m["queue_name"] == "deferred"
+                                                  for m in waiting):
+                break
+            time.sleep(0.5)
+        assert len(waiting) == len(texts), queue(a)
+        assert all(m["queue_name"] == "deferred" for m in waiting), waiting
+        reasons = [r.get("delay_reason") for m in waiting for r in m["recipients"]]
+        assert set(reasons) == {"Server certificate not verified"}, waiting
+        log = a.run(f"journalctl --no-pager -o cat --since '{since}' "
+                    "SYSLOG_IDENTIFIER=postfix/smtp").stdout
+        assert ("certificate verification failed for relay-b.test[10.231.0.11]:25: "
+                "self-signed certificate") in log, log
+        assert "status=sent" not in log, log
+        for m in waiting:
+            assert re.search(rf"{m['queue_id']}: to=<.*dsn=4\.7\.5, status=deferred "
+                             r"\(Server certificate not verified\)", log), log
+        # nothing reached relay b's filter: relay a quit after the TLS handshake
+        assert journal(b, "Incoming: Filtering").count("\n") == incoming
+    finally:
+        b.run(f"postconf -e smtpd_tls_cert_file={cert} smtpd_tls_key_file={key} && "
+              "rm -f /etc/postfix/self-signed.* && systemctl restart postfix")
+    assert served_certificate(a, b.domain, 25, "smtp")["verify"] == "0"
     a.run("postqueue -f")
     result = run_clients(a, "receive", *texts)
     assert result["received"] == {text: True for text in texts}, result
