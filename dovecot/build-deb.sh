@@ -81,7 +81,8 @@ add_patch_and_changelog() {
 # test fails as root, expecting a permission error), offline in a network namespace with
 # loopback only (one test expects connecting to 192.168.0.0 to fail, which a network that
 # answers anything breaks), and without valgrind (Dovecot's tests run under it when it is
-# installed, and it reports glibc's dynamic loader on Debian 12).
+# installed, and it reports glibc's dynamic loader on Debian 12), in a short path (its
+# tests make unix sockets deep in the tree, and socket paths end at 108 bytes).
 build_offline_as_nobody() {
 	tree=$1
 	chown -R nobody:nogroup "$(dirname "$tree")"
@@ -91,8 +92,8 @@ build_offline_as_nobody() {
 		NOVALGRIND=true DEB_BUILD_OPTIONS="parallel=$(nproc) ${DEB_BUILD_OPTIONS:-}" \
 		dpkg-buildpackage -b -us -uc --no-sign >../build.log 2>&1) || {
 		tail -60 "$(dirname "$tree")/build.log" >&2
-		cp "$(dirname "$tree")/build.log" "$cache/dovecot-build-failed.log"
-		say "build failed, log: $cache/dovecot-build-failed.log"
+		say "build failed; the tree is kept for a look: $(dirname "$tree") (build.log there)"
+		keep_work=1
 		return 1
 	}
 }
@@ -100,8 +101,10 @@ build_offline_as_nobody() {
 main() {
 	mkdir -p "$cache" "$outdir"
 	update_source_lists
-	work=$(mktemp -d "$cache/.dovecot-build.XXXXXX")
-	trap 'rm -rf "$work"' EXIT
+	rm -rf /var/tmp/dovecot-build.*
+	work=$(mktemp -d /var/tmp/dovecot-build.XXXXXX)
+	keep_work=
+	trap '[ -n "$keep_work" ] || rm -rf "$work"' EXIT
 	version=$(fetch_source "$work")
 	key=$(cat "$0" "$patch" | sha256sum | cut -c1-12)
 	ours="$version+chatmail$revision"
