@@ -97,10 +97,7 @@ def federated_relays(internet, rootfs):
         def install(key):
             box = boxes[key]
             results[key] = box.run(acme_install_script(box.domain, internet.directory_url)
-                                   # the test machine is shared: its load must not make
-                                   # doveauth refuse to create the clients' accounts
-                                   + "chatmail set max_load_1m=1000 && chatmail configure\n"
-                                   # and Postfix says how it secured each delivery
+                                   # Postfix says how it secured each delivery
                                    + "postconf -e smtp_tls_loglevel=1 && postfix reload\n",
                                    check=False, timeout=900)
 
@@ -557,6 +554,15 @@ def queue(box):
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
+def wait_until_nothing_queued_for(box, domain, timeout=30):
+    """Mail still on its way (e.g. a client's automatic messages from a test before) must
+    not be mistaken for the mail of the test that starts now."""
+    deadline = time.monotonic() + timeout
+    while any(domain in r["address"] for m in queue(box) for r in m["recipients"]):
+        assert time.monotonic() < deadline, queue(box)
+        time.sleep(0.5)
+
+
 def test_mail_to_a_relay_that_is_down_is_queued_and_delivered_later(accounts, relays):
     a, b = relays["a"], relays["b"]
     texts = [f"while b was down {i}" for i in range(3)]
@@ -632,6 +638,7 @@ def test_no_delivery_to_a_relay_whose_certificate_does_not_verify(accounts, rela
     a, b = relays["a"], relays["b"]
     texts = ["while b served a self-signed certificate"]
     cert, key = b.run("postconf -h smtpd_tls_cert_file smtpd_tls_key_file").stdout.split()
+    wait_until_nothing_queued_for(a, b.domain)
     incoming = journal(b, "Incoming: Filtering").count("\n")
     since = a.run("date '+%Y-%m-%d %H:%M:%S'").stdout.strip()
     # a restart, not a reload: b's session ticket keys change too, so relay a cannot resume
@@ -659,8 +666,8 @@ def test_no_delivery_to_a_relay_whose_certificate_does_not_verify(accounts, rela
                     "SYSLOG_IDENTIFIER=postfix/smtp").stdout
         assert ("certificate verification failed for relay-b.test[10.231.0.11]:25: "
                 "self-signed certificate") in log, log
-        assert "status=sent" not in log, log
         for m in waiting:
+            assert not re.search(rf"{m['queue_id']}: to=<[^\n]*status=sent", log), log
             assert re.search(rf"{m['queue_id']}: to=<.*dsn=4\.7\.5, status=deferred "
                              r"\(Server certificate not verified\)", log), log
         # nothing reached relay b's filter: relay a quit after the TLS handshake

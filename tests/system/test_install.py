@@ -32,7 +32,7 @@ REPO=file://{REPO_MOUNT}
 {readme_install_commands()}
 # Not for admins: the load average is the host's, shared by every container and build on
 # it, and must not make doveauth refuse the tests' new accounts (max_load_1m, default 5).
-chatmail set max_load_1m=100 >/dev/null && systemctl restart doveauth
+chatmail set max_load_1m=100 >/dev/null && chatmail configure >/dev/null
 """
 
 
