@@ -554,11 +554,26 @@ def queue(box):
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
+def queued_for(box, domain):
+    return [m for m in queue(box) if any(domain in r["address"] for r in m["recipients"])]
+
+
+def wait_until_deferred(box, domain, count, timeout):
+    """The `count` messages for `domain` in box's queue, once all are deferred."""
+    deadline = time.monotonic() + timeout
+    while True:
+        waiting = queued_for(box, domain)
+        if len(waiting) == count and all(m["queue_name"] == "deferred" for m in waiting):
+            return waiting
+        assert time.monotonic() < deadline, queue(box)
+        time.sleep(0.5)
+
+
 def wait_until_nothing_queued_for(box, domain, timeout=30):
     """Mail still on its way (e.g. a client's automatic messages from a test before) must
     not be mistaken for the mail of the test that starts now."""
     deadline = time.monotonic() + timeout
-    while any(domain in r["address"] for m in queue(box) for r in m["recipients"]):
+    while queued_for(box, domain):
         assert time.monotonic() < deadline, queue(box)
         time.sleep(0.5)
 
@@ -570,23 +585,13 @@ def test_mail_to_a_relay_that_is_down_is_queued_and_delivered_later(accounts, re
     try:
         result = run_clients(a, "send", *texts)
         assert all(state >= 26 for state in result["states"]), result
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            waiting = [m for m in queue(a)
-                       if any("relay-b.test" in r["address"] for r in m["recipients"])]
-            if len(waiting) == len(texts) and all(m["queue_name"] == "deferred"
-                                                  for m in waiting):
-                break
-            time.sleep(1)
-        assert len(waiting) == len(texts), queue(a)
-        assert all(m["queue_name"] == "deferred" for m in waiting), waiting
+        wait_until_deferred(a, b.domain, len(texts), timeout=30)
     finally:
         b.run("systemctl start postfix")
     a.run("postqueue -f")
     result = run_clients(a, "receive", *texts)
     assert result["received"] == {text: True for text in texts}, result
-    assert not [m for m in queue(a)
-                if any("relay-b.test" in r["address"] for r in m["recipients"])]
+    assert not queued_for(a, b.domain)
 
 
 def test_mail_to_a_relay_cut_off_the_network_is_queued_and_delivered_later(
@@ -600,16 +605,7 @@ def test_mail_to_a_relay_cut_off_the_network_is_queued_and_delivered_later(
         ip("-n", internet.namespace("relay-a"), "neigh", "flush", "to", b.address)
         result = run_clients(a, "send", *texts)
         assert all(state >= 26 for state in result["states"]), result
-        deadline = time.monotonic() + 45
-        while time.monotonic() < deadline:
-            waiting = [m for m in queue(a)
-                       if any("relay-b.test" in r["address"] for r in m["recipients"])]
-            if len(waiting) == len(texts) and all(m["queue_name"] == "deferred"
-                                                  for m in waiting):
-                break
-            time.sleep(0.5)
-        assert len(waiting) == len(texts), queue(a)
-        assert all(m["queue_name"] == "deferred" for m in waiting), waiting
+        waiting = wait_until_deferred(a, b.domain, len(texts), timeout=45)
         reasons = [r.get("delay_reason", "") for m in waiting for r in m["recipients"]]
         assert all(re.search(r"connect to relay-b\.test\[10\.231\.0\.11\]:25: "
                              r"(No route to host|Connection timed out)", reason)
@@ -619,8 +615,7 @@ def test_mail_to_a_relay_cut_off_the_network_is_queued_and_delivered_later(
     a.run("postqueue -f")
     result = run_clients(a, "receive", *texts)
     assert result["received"] == {text: True for text in texts}, result
-    assert not [m for m in queue(a)
-                if any("relay-b.test" in r["address"] for r in m["recipients"])]
+    assert not queued_for(a, b.domain)
 
 
 # -- 5. TLS -------------------------------------------------------------------------------
@@ -650,16 +645,7 @@ def test_no_delivery_to_a_relay_whose_certificate_does_not_verify(accounts, rela
             served_certificate(a, b.domain, 25, "smtp"))  # self-signed certificate
         result = run_clients(a, "send", *texts)
         assert all(state >= 26 for state in result["states"]), result
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            waiting = [m for m in queue(a)
-                       if any("relay-b.test" in r["address"] for r in m["recipients"])]
-            if len(waiting) == len(texts) and all(m["queue_name"] == "deferred"
-                                                  for m in waiting):
-                break
-            time.sleep(0.5)
-        assert len(waiting) == len(texts), queue(a)
-        assert all(m["queue_name"] == "deferred" for m in waiting), waiting
+        waiting = wait_until_deferred(a, b.domain, len(texts), timeout=30)
         reasons = [r.get("delay_reason") for m in waiting for r in m["recipients"]]
         assert set(reasons) == {"Server certificate not verified"}, waiting
         log = a.run(f"journalctl --no-pager -o cat --since '{since}' "
@@ -679,5 +665,4 @@ def test_no_delivery_to_a_relay_whose_certificate_does_not_verify(accounts, rela
     a.run("postqueue -f")
     result = run_clients(a, "receive", *texts)
     assert result["received"] == {text: True for text in texts}, result
-    assert not [m for m in queue(a)
-                if any("relay-b.test" in r["address"] for r in m["recipients"])]
+    assert not queued_for(a, b.domain)
