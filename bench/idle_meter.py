@@ -1,0 +1,72 @@
+"""Runs inside the bench container with Debian's python3: the time from the end of an LMTP
+delivery into Dovecot to the EXISTS an IDLE-ing IMAP client gets, which is where Dovecot's
+500 ms notification delay (and our patch) acts. Prints one JSON list of seconds.
+Usage: idle_meter.py DOMAIN COUNT"""
+
+import imaplib
+import json
+import socket
+import ssl
+import sys
+import time
+
+LMTP_SOCKET = "/var/spool/postfix/private/dovecot-lmtp"
+PASSWORD = "idle-meter-password"
+
+
+def login(address):
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    imap = imaplib.IMAP4_SSL("127.0.0.1", 993, ssl_context=ctx)
+    imap.login(address, PASSWORD)  # the first login creates the account
+    imap.select("INBOX")
+    return imap
+
+
+def lmtp_deliver(address, number):
+    """Deliver one message straight to Dovecot; returns when Dovecot has confirmed it."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(LMTP_SOCKET)
+        stream = sock.makefile("rwb")
+
+        def command(line):
+            stream.write(line + b"\r\n")
+            stream.flush()
+            while (reply := stream.readline())[3:4] == b"-":
+                pass
+            return reply
+
+        stream.readline()
+        for line in (b"LHLO meter", b"MAIL FROM:<meter@localhost>",
+                     b"RCPT TO:<" + address.encode() + b">", b"DATA"):
+            command(line)
+        command(b"Subject: %d\r\n\r\nbody\r\n." % number)
+        return time.monotonic()
+
+
+def idle_wakeup(imap, address, number):
+    tag = imap._new_tag()
+    imap.send(tag + b" IDLE\r\n")
+    imap.readline()  # "+ idling"
+    delivered = imap_exists_after(imap, lmtp_deliver(address, number))
+    imap.send(b"DONE\r\n")
+    while not imap.readline().startswith(tag):
+        pass
+    return delivered
+
+
+def imap_exists_after(imap, delivered_at):
+    while b"EXISTS" not in imap.readline():
+        pass
+    return time.monotonic() - delivered_at
+
+
+def main():
+    domain, count = sys.argv[1], int(sys.argv[2])
+    address = "idlemeter@" + domain
+    imap = login(address)
+    print(json.dumps([idle_wakeup(imap, address, number) for number in range(count)]))
+
+
+main()
