@@ -23,25 +23,23 @@ KEPT = [f"/home/vmail/mail/{DOMAIN}/abcdefghi@{DOMAIN}/password",
 SECURITY_MOUNT = "/srv/debian-security"
 PIN = "/etc/apt/preferences.d/chatmail-relay.pref"
 
-READ_INBOX = r'''
+# The start of both scripts below: logged in over IMAPS as the test account.
+LOGIN = r'''
 import imaplib, ssl, sys
 ctx = ssl.create_default_context()
 ctx.check_hostname = False
 ctx.verify_mode = ssl.CERT_NONE
 imap = imaplib.IMAP4_SSL("127.0.0.1", 993, ssl_context=ctx)
 imap.login("abcdefghi@" + sys.argv[1], "correct-horse-battery")
+'''
+
+READ_INBOX = LOGIN + r'''
 imap.select("INBOX")
 _, data = imap.fetch("1:*", "(BODY[TEXT])")
 print(b"".join(part[1] for part in data if isinstance(part, tuple)).decode())
 '''
 
-CREATE_ACCOUNT = r'''
-import imaplib, ssl, sys
-ctx = ssl.create_default_context()
-ctx.check_hostname = False
-ctx.verify_mode = ssl.CERT_NONE
-imap = imaplib.IMAP4_SSL("127.0.0.1", 993, ssl_context=ctx)
-imap.login("abcdefghi@" + sys.argv[1], "correct-horse-battery")
+CREATE_ACCOUNT = LOGIN + r'''
 imap.append("INBOX", None, None, b"Subject: kept\r\n\r\nthis message survives upgrades\r\n")
 imap.logout()
 '''
