@@ -35,6 +35,7 @@ pytestmark = pytest.mark.skipif(not shutil.which("doveconf"), reason="needs dove
 
 MAIN = "/etc/dovecot/chatmail/dovecot.conf"
 AUTH = "/etc/dovecot/chatmail/auth.conf"
+AUTH_LUA = "/etc/dovecot/chatmail/auth.lua"
 LUA = "/etc/dovecot/chatmail/push_notification.lua"
 DROPIN = "/etc/systemd/system/dovecot.service.d/chatmail.conf"
 
@@ -61,8 +62,12 @@ def settings(files, platform, *names, protocol=None):
     """{name: value} as Dovecot resolves them (`doveconf -h`), e.g. "plugin/quota_rule";
     with `protocol`, inside that protocol's filter, $mail_plugins expanded."""
     scope = ["-f", f"protocol={protocol}"] if protocol else []
-    output = doveconf(files, platform, *scope, "-h", *names).stdout
-    return dict(zip(names, output.split("\n")))
+    if platform.dovecot_version == "2.3":
+        output = doveconf(files, platform, *scope, "-h", *names).stdout
+        return dict(zip(names, output.split("\n")))
+    # one at a time: Dovecot 2.4 prints a boolean list as "NAME = yes" lines
+    return {name: doveconf(files, platform, *scope, "-h", name).stdout.rstrip("\n")
+            for name in names}
 
 
 def dropin_command(files, key):
@@ -74,55 +79,83 @@ def dropin_command(files, key):
 # -- rendering and doveconf -------------------------------------------------------------
 
 
-def test_files_and_paths(relay_config, debian12, render):
-    files = render("dovecot", relay_config, debian12)
-    assert sorted(files) == sorted([MAIN, AUTH, LUA, DROPIN])
+@pytest.fixture
+def platform():
+    """The running system's platform: Debian 12's Dovecot 2.3 on the host, Debian 13's
+    Dovecot 2.4 under tests/chroot.sh (make test-dovecot24)."""
+    return load_platform()
+
+
+def is_24(platform):
+    return platform.dovecot_version == "2.4"
+
+
+def test_files_and_paths(relay_config, platform, render):
+    files = render("dovecot", relay_config, platform)
+    auth = AUTH_LUA if is_24(platform) else AUTH
+    assert sorted(files) == sorted([MAIN, auth, LUA, DROPIN])
     for item in files.values():
         assert (item.mode, item.owner, item.group) == (0o644, "root", "root")
-    for path in (MAIN, AUTH, LUA):
+    for path in (MAIN, auth, LUA):
         assert files[path].reload == ["dovecot"]
     # a changed -c in the unit only takes effect on a restart
     assert files[DROPIN].restart == ["dovecot"] and files[DROPIN].reload == []
 
 
-@pytest.mark.parametrize("platform", ["debian13", "alpine"])
-def test_nothing_for_dovecot_24_yet(relay_config, platform, render):
-    """Dovecot 2.4 rejects 2.3 syntax: no half-working configuration, not even the
-    drop-in, which would start Dovecot with a file that does not exist."""
-    assert render("dovecot", relay_config, load_platform(platform)) == {}
+@pytest.mark.parametrize("name, auth", [("debian12", AUTH), ("debian13", AUTH_LUA),
+                                        ("alpine", AUTH_LUA)])
+def test_each_platform_gets_the_files_of_its_dovecot(relay_config, name, auth, render):
+    """2.3 and 2.4 syntax never mix; OpenRC gets no systemd drop-in (alpine/dovecot.confd
+    starts Dovecot with our file there)."""
+    platform = load_platform(name)
+    files = render("dovecot", relay_config, platform)
+    expected = {MAIN, auth, LUA} | ({DROPIN} if platform.service_manager == "systemd" else set())
+    assert set(files) == expected
+    first_setting = next(line for line in files[MAIN].content.splitlines()
+                         if line and not line.startswith("#"))
+    if is_24(platform):
+        assert first_setting == "dovecot_config_version = 2.4.1"
+    else:
+        assert "dovecot_config_version" not in files[MAIN].content
 
 
-def test_doveconf_accepts_every_configuration(relay_config, debian12, render):
-    files = render("dovecot", relay_config, debian12)
-    assert dovecot.validate(list(files.values()), debian12) == []
+def test_doveconf_accepts_every_configuration(relay_config, platform, render):
+    files = render("dovecot", relay_config, platform)
+    assert dovecot.validate(list(files.values()), platform) == []
     # Not even a warning (e.g. about client limits too low for the process limits).
-    assert doveconf(files, debian12, "-n").stderr == ""
+    assert doveconf(files, platform, "-n").stderr == ""
 
 
-def test_validate_names_the_installed_file(relay_config, debian12, render):
-    files = render("dovecot", relay_config, debian12)
+def test_validate_names_the_installed_file(relay_config, platform, render):
+    files = render("dovecot", relay_config, platform)
     files[MAIN].content += "no_such_setting = 1\n"
     line = files[MAIN].content.count("\n")
-    assert dovecot.validate(list(files.values()), debian12) == [
-        f"Fatal: Error in configuration file {MAIN} line {line}: Unknown setting: no_such_setting"
+    name = "no_such_setting: " if is_24(platform) else ""  # 2.4 names it twice
+    assert dovecot.validate(list(files.values()), platform) == [
+        f"Fatal: Error in configuration file {MAIN} line {line}: {name}"
+        "Unknown setting: no_such_setting"
     ]
 
 
-def test_validate_without_doveconf(relay_config, debian12, render, monkeypatch):
-    files = render("dovecot", relay_config, debian12)
+def test_validate_without_doveconf(relay_config, platform, render, monkeypatch):
+    files = render("dovecot", relay_config, platform)
     monkeypatch.setenv("PATH", "/nonexistent")
-    assert dovecot.validate(list(files.values()), debian12) == [
+    assert dovecot.validate(list(files.values()), platform) == [
         "doveconf not found: is dovecot-core installed?"]
 
 
-def test_scratch_copies_point_at_each_other(relay_config, debian12, render, tmp_path):
+def test_scratch_copies_point_at_each_other(relay_config, platform, render, tmp_path):
     items = dovecot.dovecot_config_files(
-        list(render("dovecot", relay_config, debian12).values()), debian12)
+        list(render("dovecot", relay_config, platform).values()), platform)
     copies = dovecot.write_scratch_copies(items, tmp_path)
     assert copies[MAIN] == str(tmp_path) + MAIN
     text = Path(copies[MAIN]).read_text()
-    assert f"args = {tmp_path}{AUTH}\n" in text
-    assert f"lua:file={tmp_path}{LUA}\n" in text
+    if is_24(platform):
+        assert f"lua_file = {tmp_path}{AUTH_LUA}\n" in text
+        assert f"lua_file = {tmp_path}{LUA}\n" in text
+    else:
+        assert f"args = {tmp_path}{AUTH}\n" in text
+        assert f"lua:file={tmp_path}{LUA}\n" in text
     assert f"{tmp_path}{tmp_path}" not in text
 
 
@@ -131,36 +164,17 @@ def test_redirect_replaces_each_path_once():
     assert dovecot.redirect("/etc/a/b.conf /etc/a/c", moves) == "/tmp/y/b.conf /tmp/x/etc/a/c"
 
 
-def test_settings(relay_config, debian12, render):
-    config = relay_config
-    files = render("dovecot", config, debian12)
+def expected_settings_23(config):
     quota_mb = config.max_mailbox_size_mb
-    assert settings(files, debian12, *EXPECTED_SETTINGS) == {
-        "protocols": "imap lmtp",
-        "auth_mechanisms": "plain",
-        "imap_capability": "+XDELTAPUSH XCHATMAIL",
-        "default_client_limit": "20000",
-        "first_valid_uid": "100",
-        "mail_uid": "vmail",
-        "mail_gid": "vmail",
-        "mail_privileged_group": "vmail",
+    return {
         "mail_location": f"maildir:{config.mailboxes_dir}/%u",
         "mail_cache_max_size": "500 k",
         "mail_plugins": "zlib quota",
         "mail_attribute_dict": "proxy:/run/chatmail-metadata/metadata.socket:metadata",
-        "lmtp_add_received_header": "no",
-        "ssl": "required",
-        "ssl_min_protocol": "TLSv1.3",
+        "imap_capability": "+XDELTAPUSH XCHATMAIL",
         "ssl_prefer_server_ciphers": "yes",
-        "service/imap/process_limit": str(config.max_imap_connections),
         "service/imap-login/service_count": "0",
         "service/imap-login/vsz_limit": "1 G",
-        "service/imap-login/process_min_avail": "10",
-        "service/auth-worker/user": "vmail",
-        "service/lmtp/user": "vmail",
-        "service/quota-warning/executable":
-            "script /usr/libexec/chatmail/chatmail-quota-expire",
-        "service/quota-warning/user": "vmail",
         "plugin/quota": "maildir:User quota",
         "plugin/quota_rule": f"*:storage={quota_mb}M",
         "plugin/quota_grace": "0",
@@ -172,63 +186,132 @@ def test_settings(relay_config, debian12, render):
         "plugin/last_login_precision": "s",
         "plugin/push_notification_driver": f"lua:file={LUA}",
     }
-    compress = " imap_zlib" if config.imap_compress else ""
-    assert settings(files, debian12, "mail_plugins", "imap_metadata", protocol="imap") == {
-        "mail_plugins": "zlib quota imap_quota last_login" + compress,
-        "imap_metadata": "yes",
+
+
+def expected_settings_24(config):
+    quota_mb = config.max_mailbox_size_mb
+    quota = "quota/User quota/"
+    warning = quota + "quota_warning/expire/"
+    return {
+        "mail_driver": "maildir",
+        "mail_home": f"{config.mailboxes_dir}/%{{user}}",
+        "mail_path": "~",
+        "mail_cache_max_size": "500K",
+        "mail_plugins": "mail_compress = yes\nquota = yes",
+        "mail_compress_write_method": "gz",
+        "imap_capability": "XDELTAPUSH = yes\nXCHATMAIL = yes",
+        "mail_attribute/dict/proxy/dict_proxy_socket_path":
+            "/run/chatmail-metadata/metadata.socket",
+        "mail_attribute/dict/proxy/dict_proxy_name": "metadata",
+        "last_login/dict/proxy/dict_proxy_socket_path":
+            "/run/chatmail-lastlogin/lastlogin.socket",
+        "last_login/dict/proxy/dict_proxy_name": "lastlogin",
+        "last_login/last_login_precision": "s",
+        # ssl_server_* settings belong to the ssl_server filter
+        "ssl_server/ssl_server_prefer_ciphers": "server",
+        "service/imap-login/restart_request_count": "unlimited",
+        "service/imap-login/vsz_limit": "1G",
+        "quota_mail_size": str(config.max_message_size),
+        quota + "quota_storage_size": f"{quota_mb}M",
+        quota + "quota_storage_grace": "0",
+        warning + "quota_storage_percentage": "75",
+        warning + "execute/quota-warning/execute_args":
+            f"{quota_mb * 70 // 100} {config.mailboxes_dir}/%{{user}}",
+        "push_notification/lua/lua_file": LUA,
+        "passdb/lua/lua_file": AUTH_LUA,
+        "userdb/lua/lua_file": AUTH_LUA,
     }
-    assert settings(files, debian12, "mail_plugins", "mail_fsync", protocol="lmtp") == {
-        "mail_plugins": "zlib quota mail_lua notify push_notification push_notification_lua",
-        "mail_fsync": "never",
+
+
+def test_settings(relay_config, platform, render):
+    """What Dovecot makes of our file: the settings both versions share, then each
+    version's own names for the same behaviour."""
+    config = relay_config
+    files = render("dovecot", config, platform)
+    common = {
+        "protocols": "imap lmtp",
+        "auth_mechanisms": "plain",
+        "default_client_limit": "20000",
+        "first_valid_uid": "100",
+        "mail_uid": "vmail",
+        "mail_gid": "vmail",
+        "mail_privileged_group": "vmail",
+        "lmtp_add_received_header": "no",
+        "ssl": "required",
+        "ssl_min_protocol": "TLSv1.3",
+        "service/imap/process_limit": str(config.max_imap_connections),
+        "service/imap-login/process_min_avail": "10",
+        "service/auth-worker/user": "vmail",
+        "service/lmtp/user": "vmail",
+        "service/quota-warning/executable":
+            "script /usr/libexec/chatmail/chatmail-quota-expire",
+        "service/quota-warning/user": "vmail",
     }
+    expected = {**common, **(expected_settings_24(config) if is_24(platform)
+                             else expected_settings_23(config))}
+    assert settings(files, platform, *expected) == expected
+
+    imap = settings(files, platform, "mail_plugins", "imap_metadata", protocol="imap")
+    lmtp = settings(files, platform, "mail_plugins", "mail_fsync", protocol="lmtp")
+    assert imap["imap_metadata"] == "yes" and lmtp["mail_fsync"] == "never"
+    if is_24(platform):
+        # a boolean list in a filter adds to the global one (checked live below)
+        assert imap["mail_plugins"] == "imap_quota = yes\nlast_login = yes"
+        assert lmtp["mail_plugins"] == ("mail_lua = yes\nnotify = yes\n"
+                                        "push_notification = yes\npush_notification_lua = yes")
+    else:
+        compress = " imap_zlib" if config.imap_compress else ""
+        assert imap["mail_plugins"] == "zlib quota imap_quota last_login" + compress
+        assert lmtp["mail_plugins"] == ("zlib quota mail_lua notify push_notification "
+                                        "push_notification_lua")
 
 
-EXPECTED_SETTINGS = [
-    "protocols", "auth_mechanisms", "imap_capability", "default_client_limit",
-    "first_valid_uid", "mail_uid", "mail_gid", "mail_privileged_group", "mail_location",
-    "mail_cache_max_size", "mail_plugins", "mail_attribute_dict", "lmtp_add_received_header",
-    "ssl", "ssl_min_protocol", "ssl_prefer_server_ciphers", "service/imap/process_limit",
-    "service/imap-login/service_count", "service/imap-login/vsz_limit",
-    "service/imap-login/process_min_avail", "service/auth-worker/user", "service/lmtp/user",
-    "service/quota-warning/executable", "service/quota-warning/user", "plugin/quota",
-    "plugin/quota_rule", "plugin/quota_grace", "plugin/quota_max_mail_size",
-    "plugin/quota_warning", "plugin/zlib_save", "plugin/last_login_dict",
-    "plugin/last_login_precision", "plugin/push_notification_driver",
-]
-
-
-def test_tls_files(relay_config, debian12, render):
+def test_tls_files(relay_config, platform, render):
     """The certificate of the TLS mode (doveconf -h would try to read them)."""
-    text = render("dovecot", relay_config, debian12)[MAIN].content
-    assert f"\nssl_cert = <{relay_config.tls_cert_path}\n" in text
-    assert f"\nssl_key = <{relay_config.tls_key_path}\n" in text
-    assert "\nssl_dh = </usr/share/dovecot/dh.pem\n" in text
+    config = relay_config
+    text = render("dovecot", config, platform)[MAIN].content
+    if is_24(platform):
+        lines = [f"ssl_server_cert_file = {config.tls_cert_path}",
+                 f"ssl_server_key_file = {config.tls_key_path}",
+                 "ssl_server_dh_file = /usr/share/dovecot/dh.pem"]
+    else:
+        lines = [f"ssl_cert = <{config.tls_cert_path}", f"ssl_key = <{config.tls_key_path}",
+                 "ssl_dh = </usr/share/dovecot/dh.pem"]
+    for line in lines:
+        assert f"\n{line}\n" in text
 
 
-def test_postfix_sockets(relay_config, debian12, render):
-    normalized = doveconf(render("dovecot", relay_config, debian12), debian12, "-n").stdout
+def test_postfix_sockets(relay_config, platform, render):
+    normalized = doveconf(render("dovecot", relay_config, platform), platform, "-n").stdout
     for name, mode in [("auth", "0660"), ("dovecot-lmtp", "0600")]:
         listener = (f"  unix_listener /var/spool/postfix/private/{name} {{\n"
                     f"    group = postfix\n    mode = {mode}\n    user = postfix\n  }}\n")
         assert listener in normalized
 
 
-def test_conditional_settings(relay_config, debian12, render):
+def test_conditional_settings(relay_config, platform, render):
     config = relay_config
-    files = render("dovecot", config, debian12)
+    files = render("dovecot", config, platform)
     names = ["listen", "auth_username_chars", "mail_server_admin", "imap_hibernate_timeout",
-             "service/imap/executable", "plugin/imap_compress_deflate_level"]
+             "service/imap/executable"]
     chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_@"
-    assert settings(files, debian12, *names) == {
+    expected = {
         "listen": "0.0.0.0" if config.disable_ipv6 else "*, ::",
         "auth_username_chars": chars + "[]" if config.ipv4_relay else chars,
         "mail_server_admin": f"mailto:{config.privacy_mail}" if config.privacy_mail else "",
         "imap_hibernate_timeout": "0" if config.imap_compress else "30 secs",
         "service/imap/executable": "imap postlogin" if config.imap_rawlog else "imap",
-        "plugin/imap_compress_deflate_level": "6" if config.imap_compress else "",
     }
-    rawlog = settings(files, debian12, "rawlog_dir", protocol="imap")["rawlog_dir"]
-    assert rawlog == ("%h" if config.imap_rawlog else "")
+    if is_24(platform):
+        expected["listen"] = "0.0.0.0" if config.disable_ipv6 else "* ::"
+        expected["imap_hibernate_timeout"] = "0" if config.imap_compress else "30s"
+    else:
+        names.append("plugin/imap_compress_deflate_level")
+        expected["plugin/imap_compress_deflate_level"] = "6" if config.imap_compress else ""
+    assert settings(files, platform, *names) == expected
+    rawlog = settings(files, platform, "rawlog_dir", protocol="imap")["rawlog_dir"]
+    home = "%{home}" if is_24(platform) else "%h"
+    assert rawlog == (home if config.imap_rawlog else "")
 
 
 # The metrics upstream defines; dashboards know them by these names.
@@ -244,13 +327,14 @@ METRICS = [
 ]
 
 
-def test_statistics_only_with_mtail_address(relay_config, debian12, render):
-    files = render("dovecot", relay_config, debian12)
-    normalized = doveconf(files, debian12, "-n").stdout
+def test_statistics_only_with_mtail_address(relay_config, platform, render):
+    files = render("dovecot", relay_config, platform)
+    normalized = doveconf(files, platform, "-n").stdout
     defined = re.findall(r"^metric (\S+) \{$", normalized, re.MULTILINE)
     if relay_config.mtail_address:
         assert sorted(defined) == sorted(METRICS)
-        listener = settings(files, debian12, "service/stats/inet_listener/http/address",
+        address = "listen" if is_24(platform) else "address"
+        listener = settings(files, platform, f"service/stats/inet_listener/http/{address}",
                             "service/stats/inet_listener/http/port")
         assert list(listener.values()) == [relay_config.mtail_address, "3904"]
     else:
@@ -270,8 +354,8 @@ def test_auth_conf(relay_config, debian12, render):
     ]
 
 
-def test_systemd_dropin(relay_config, debian12, render):
-    files = render("dovecot", relay_config, debian12)
+def test_systemd_dropin(relay_config, platform, render):
+    files = render("dovecot", relay_config, platform)
     text = files[DROPIN].content
     assert text.count("[Service]\n") == 1
     # A drop-in adds to ExecStart= lists: each must be emptied before it is set.
@@ -284,9 +368,9 @@ def test_systemd_dropin(relay_config, debian12, render):
     assert "\nEnvironment=TZ=:/etc/localtime\n" in text
 
 
-def test_no_debian_conffile_is_written_or_read(relay_config, debian12, render):
+def test_no_debian_conffile_is_written_or_read(relay_config, platform, render):
     """No file of Debian's dovecot-core (conffiles) is written or read."""
-    files = render("dovecot", relay_config, debian12)
+    files = render("dovecot", relay_config, platform)
     conffiles = Path("/var/lib/dpkg/info/dovecot-core.conffiles")
     if conffiles.exists():
         assert not set(files) & set(conffiles.read_text().split())
@@ -370,7 +454,7 @@ class LiveRelay:
         self.root = Path(tempfile.mkdtemp(prefix="dvl-", dir="/tmp"))
         self.root.chmod(0o755)
         self.push = push
-        self.platform = load_platform("debian12")
+        self.platform = load_platform()
         self.processes = []
         self.config = self.write_ini(dict(ini_settings))
         self.imap_port, self.imaps_port, self.stats_port = free_port(), free_port(), free_port()

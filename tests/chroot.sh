@@ -1,0 +1,71 @@
+#!/bin/sh
+# Run a command of this checkout inside another Debian release (default: Debian 13,
+# whose Dovecot is 2.4), in a chroot with that release's Dovecot, Postfix, OpenSSL and
+# the Python libraries our packages depend on. Not a booted system (tests/system does
+# that): for tests that start the daemons themselves, like tests/config.
+# The chroot is built once and cached outside the checkout, keyed by this script; each
+# run gets a throw-away overlay on it, with the checkout mounted at /src.
+# Usage: tests/chroot.sh [--suite SUITE] COMMAND...   (run from anywhere, as root)
+set -eu
+suite=trixie
+if [ "${1:-}" = --suite ]; then
+	suite=$2
+	shift 2
+fi
+[ $# -gt 0 ] || { echo "usage: $0 [--suite SUITE] COMMAND..." >&2; exit 2; }
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/.." && pwd)
+cache=${CHATMAIL_TEST_CACHE:-/var/cache/chatmail-relay-test}
+key=$(sha256sum <"$0" | cut -c1-16)
+base=$cache/chroot-$suite-$key
+packages="dovecot-core dovecot-imapd dovecot-lmtpd postfix openssl adduser procps \
+python3 python3-pytest python3-jinja2 python3-aiosmtpd python3-dkim python3-dnspython \
+python3-filelock python3-psutil python3-qrcode dovecot-auth-lua lua-socket lua-cjson"
+
+build_base() {
+	mkdir -p "$cache"
+	tmp=$(mktemp -d "$cache/.chroot-$suite.XXXXXX")
+	trap 'umount "$tmp/proc" 2>/dev/null || true; rm -rf "$tmp"' EXIT
+	echo "chroot.sh: building a $suite chroot with its Dovecot (cached as $base)" >&2
+	debootstrap --variant=minbase "$suite" "$tmp" http://deb.debian.org/debian \
+		>"$tmp.log" 2>&1 || { tail -20 "$tmp.log" >&2; rm -f "$tmp.log"; exit 1; }
+	# Nothing may start in the chroot: it shares the host's network and /run.
+	printf '#!/bin/sh\nexit 101\n' >"$tmp/usr/sbin/policy-rc.d"
+	chmod 755 "$tmp/usr/sbin/policy-rc.d"
+	mount -t proc proc "$tmp/proc"
+	echo "postfix postfix/main_mailer_type select No configuration" |
+		chroot "$tmp" debconf-set-selections
+	# shellcheck disable=SC2086 # one package per word
+	chroot "$tmp" sh -c "apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends $packages >/dev/null && apt-get clean" \
+		>>"$tmp.log" 2>&1 || { tail -20 "$tmp.log" >&2; rm -f "$tmp.log"; exit 1; }
+	umount "$tmp/proc"
+	rm -f "$tmp.log"
+	mv "$tmp" "$base"
+	trap - EXIT
+	for old in "$cache/chroot-$suite-"*; do
+		[ "$old" = "$base" ] || rm -rf "$old"
+	done
+}
+
+[ -d "$base" ] || build_base
+
+run=$(mktemp -d /var/tmp/chatmail-chroot.XXXXXX)
+root=$run/root
+cleanup() {
+	for mount in "$root/src" "$root/dev" "$root/proc" "$root/tmp" "$root"; do
+		umount "$mount" 2>/dev/null || true
+	done
+	rm -rf "$run"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+mkdir -p "$run/upper" "$run/work" "$root"
+mount -t overlay overlay -o "lowerdir=$base,upperdir=$run/upper,workdir=$run/work" "$root"
+mount -t proc proc "$root/proc"
+mount --bind /dev "$root/dev"
+mount -t tmpfs tmpfs "$root/tmp"
+mkdir -p "$root/src"
+mount --bind "$repo" "$root/src"
+chroot "$root" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
+	PYTHONDONTWRITEBYTECODE=1 sh -c 'cd /src && exec "$@"' sh "$@"
