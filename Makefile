@@ -22,7 +22,7 @@ PY313 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3) $(she
 VENV313 ?= $(HOME)/.cache/chatmail-relay/py313-$(shell echo $(PY313_LIBS) | md5sum | cut -c1-8)
 PY313_LIBS = aiosmtpd dkimpy dnspython filelock psutil pytest jinja2 qrcode pypng
 
-.PHONY: all build debs dovecot repo apk build-previous test test-unit test-config test-py313 test-package test-system deps demo bench clean
+.PHONY: all build debs dovecot repo apk build-previous test test-unit test-config test-dovecot24 test-py313 test-package test-system deps demo bench clean
 
 all: build
 
@@ -90,7 +90,7 @@ build-previous: build
 	REPO_DATE="$$(date -u -R -d '1 day ago')" \
 		repo/build-repo.sh repo dist/repo-previous dist/previous/*.deb dist/previous/dovecot/*.deb
 
-test: test-unit test-config test-package test-system test-py313
+test: test-unit test-config test-dovecot24 test-package test-system test-py313
 
 test-unit:
 	$(PYTEST) tests/unit
@@ -99,6 +99,12 @@ test-unit:
 # postconf, doveconf, nginx and opendkim.
 test-config:
 	$(PYTEST) tests/config
+
+# The Dovecot tests of test-config again with Debian 13's Dovecot 2.4 (our 2.4
+# configuration, auth.lua asking doveauth), in a Debian 13 chroot cached outside the
+# checkout (tests/chroot.sh).
+test-dovecot24:
+	tests/chroot.sh python3 -m pytest -p no:cacheprovider tests/config/test_dovecot.py
 
 test-package: build
 	$(PYTEST) tests/package

@@ -105,12 +105,17 @@ def test_files_and_paths(relay_config, platform, render):
 @pytest.mark.parametrize("name, auth", [("debian12", AUTH), ("debian13", AUTH_LUA),
                                         ("alpine", AUTH_LUA)])
 def test_each_platform_gets_the_files_of_its_dovecot(relay_config, name, auth, render):
-    """2.3 and 2.4 syntax never mix; OpenRC gets no systemd drop-in (alpine/dovecot.confd
-    starts Dovecot with our file there)."""
+    """2.3 and 2.4 syntax never mix; on OpenRC, /etc/conf.d/dovecot does what the systemd
+    drop-in does: /etc/init.d/dovecot of our Alpine build starts Dovecot with our file."""
     platform = load_platform(name)
     files = render("dovecot", relay_config, platform)
-    expected = {MAIN, auth, LUA} | ({DROPIN} if platform.service_manager == "systemd" else set())
-    assert set(files) == expected
+    service = DROPIN if platform.service_manager == "systemd" else "/etc/conf.d/dovecot"
+    assert set(files) == {MAIN, auth, LUA, service}
+    if service != DROPIN:
+        assert files[service].restart == ["dovecot"]
+        assert f"\nDOVECOT_CONFIG={MAIN}\n" in files[service].content
+        initd = (REPO / "alpine" / "dovecot" / "dovecot.initd").read_text()
+        assert 'command_args="-F -c $DOVECOT_CONFIG"' in initd
     first_setting = next(line for line in files[MAIN].content.splitlines()
                          if line and not line.startswith("#"))
     if is_24(platform):

@@ -13,6 +13,7 @@ import tarfile
 
 import pytest
 
+from chatmaild.render import load_platform
 from tests.conftest import REPO
 from tests.package.test_deb import SERVICE_PROGRAMS
 from tests.package.apk_format import (
@@ -65,6 +66,10 @@ ALPINE_ONLY = {
                        "postfix-lmdb": "Alpine's Postfix has no Berkeley DB: lmdb maps",
                        "dnssec-root": "OpenDKIM's trust anchor (Debian: dns-root-data, "
                                       "pulled in by opendkim)",
+                       "lua5.4-cjson": "auth.lua, Dovecot 2.4's passdb (Debian 13's "
+                                       "package depends on lua-cjson; 12 has Dovecot 2.3)",
+                       "lua5.4-socket": "auth.lua reaches doveauth's socket (Debian 13: "
+                                        "lua-socket)",
                        "/bin/sh": "abuild adds it for install scripts"},
     "py3-chatmaild": {"python3": "Debian: ${python3:Depends}",
                       f"python3~{PYTHON_VERSION}": "abuild's Python version tracing"},
@@ -594,6 +599,12 @@ def test_dovecot_apkbuild_applies_the_same_patch():
     digest = hashlib.sha512(patch.read_bytes()).hexdigest()
     assert f"{digest}  instant-idle.patch" in text
     assert "dovecot-lua" in apkbuild_var("depends").split()
+
+
+def test_dovecot_apkbuild_builds_the_version_our_alpine_templates_are_for():
+    text = (ALPINE / "dovecot" / "APKBUILD").read_text()
+    version = re.search(r"^pkgver=(\d+\.\d+)\.", text, re.M).group(1)
+    assert version == load_platform("alpine").dovecot_version
 
 
 def test_no_tar_end_blocks_between_streams(apks):
