@@ -22,7 +22,7 @@ PY313 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3) $(she
 VENV313 ?= $(HOME)/.cache/chatmail-relay/py313-$(shell echo $(PY313_LIBS) | md5sum | cut -c1-8)
 PY313_LIBS = aiosmtpd dkimpy dnspython filelock psutil pytest jinja2 qrcode pypng
 
-.PHONY: all build debs dovecot repo apk build-previous test test-unit test-config test-dovecot24 test-py313 test-package test-system deps demo bench clean
+.PHONY: all build debs debs-trixie dovecot repo apk build-previous test test-unit test-config test-dovecot24 test-py313 test-package test-system deps demo bench clean
 
 all: build
 
@@ -46,15 +46,16 @@ export CHATMAIL_REPO_URL ?= file:///srv/chatmail-relay
 
 # Packages are built from a copy of the tree, so the checkout stays clean. The repository's
 # public key goes into the copy for chatmail-archive-keyring.
-# build_debs DIR VERSION-SUFFIX OUTDIR
+# build_debs DIR VERSION-SUFFIX OUTDIR [WRAPPER]: WRAPPER runs the build elsewhere
+# (tests/chroot.sh: in Debian 13); DIR must then be inside the checkout.
 define build_debs
 	rm -rf $(1) && mkdir -p $(1)/src $(3)
 	tar --exclude=./.git --exclude=./build --exclude=./dist --exclude='*/__pycache__' \
 		-cf - . | tar -xf - -C $(1)/src
 	repo/build-repo.sh key $(1)/src/apt/chatmail-archive-keyring.pgp
 	[ -z "$(2)" ] || sed -i '1s/(\([^)]*\))/(\1$(2))/' $(1)/src/debian/changelog
-	cd $(1)/src && PATH=$(SYSTEM_PATH) dpkg-buildpackage -b -us -uc --no-sign >../build.log 2>&1 \
-		|| { tail -40 ../build.log; exit 1; }
+	$(4) sh -c 'cd $(1)/src && PATH=$(SYSTEM_PATH) dpkg-buildpackage -b -us -uc --no-sign' \
+		>$(1)/build.log 2>&1 || { tail -40 $(1)/build.log; exit 1; }
 	rm -f $(3)/*.deb && mv $(1)/*.deb $(3)/
 endef
 
@@ -73,6 +74,13 @@ dovecot:
 
 repo:
 	repo/build-repo.sh repo dist/repo dist/*.deb dist/dovecot/*.deb
+
+# Our packages built in Debian 13 (tests/chroot.sh) and their repository (suite trixie),
+# for the system tests on Debian 13. Dovecot there is Debian's own 2.4: our patched 2.4
+# build for Debian 13 is not made yet.
+debs-trixie:
+	$(call build_debs,build/trixie,,dist/trixie,tests/chroot.sh)
+	REPO_SUITE=trixie repo/build-repo.sh repo dist/repo-trixie dist/trixie/*.deb
 
 # Alpine packages and their signed apk repository in dist/alpine/<arch>/, from
 # alpine/APKBUILD. APK_KEY=<private .rsa key, .rsa.pub next to it>; default: a throw-away
@@ -111,7 +119,7 @@ test-package: build
 
 # Installs dist/ in a fresh Debian 12 booted with systemd-nspawn (root file system cached
 # outside the checkout by tests/system/rootfs.sh) and uses the relay like its users.
-test-system: build build-previous
+test-system: build build-previous debs-trixie
 	$(PYTEST) tests/system
 
 test-py313:

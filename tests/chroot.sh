@@ -1,8 +1,9 @@
 #!/bin/sh
 # Run a command of this checkout inside another Debian release (default: Debian 13,
-# whose Dovecot is 2.4), in a chroot with that release's Dovecot, Postfix, OpenSSL and
-# the Python libraries our packages depend on. Not a booted system (tests/system does
-# that): for tests that start the daemons themselves, like tests/config.
+# whose Dovecot is 2.4), in a chroot with that release's Dovecot, Postfix, OpenSSL, the
+# Python libraries our packages depend on and the tools that build them. Not a booted
+# system (tests/system does that): for tests that start the daemons themselves, like
+# tests/config, and for building our packages for that release (make debs-trixie).
 # The chroot is built once and cached outside the checkout, keyed by this script; each
 # run gets a throw-away overlay on it, with the checkout mounted at /src.
 # Usage: tests/chroot.sh [--suite SUITE] COMMAND...   (run from anywhere, as root)
@@ -20,7 +21,9 @@ key=$(sha256sum <"$0" | cut -c1-16)
 base=$cache/chroot-$suite-$key
 packages="dovecot-core dovecot-imapd dovecot-lmtpd postfix openssl adduser procps \
 python3 python3-pytest python3-jinja2 python3-aiosmtpd python3-dkim python3-dnspython \
-python3-filelock python3-psutil python3-qrcode dovecot-auth-lua lua-socket lua-cjson"
+python3-filelock python3-psutil python3-qrcode dovecot-auth-lua lua-socket lua-cjson \
+debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools help2man \
+po-debconf dpkg-dev fakeroot build-essential"
 
 build_base() {
 	mkdir -p "$cache"
@@ -67,5 +70,7 @@ mount --bind /dev "$root/dev"
 mount -t tmpfs tmpfs "$root/tmp"
 mkdir -p "$root/src"
 mount --bind "$repo" "$root/src"
+# The repository's address goes into packages built here, as in the host's builds.
 chroot "$root" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
-	PYTHONDONTWRITEBYTECODE=1 sh -c 'cd /src && exec "$@"' sh "$@"
+	PYTHONDONTWRITEBYTECODE=1 CHATMAIL_REPO_URL="${CHATMAIL_REPO_URL:-}" \
+	sh -c 'cd /src && exec "$@"' sh "$@"

@@ -472,6 +472,13 @@ def test_postfix_instances_restart_after_a_crash(domain_rendered):
     assert lines == ["[Service]", "Restart=always", "RestartSec=30"]
 
 
+def test_on_debian_13_the_drop_in_belongs_to_postfix_service(relay_config, render):
+    """Debian 13's postfix.service runs Postfix itself (no postfix@- instance)."""
+    rendered = render("postfix", relay_config, load_platform("debian13"))
+    dropins = [path for path in rendered if "systemd" in path]
+    assert dropins == ["/etc/systemd/system/postfix.service.d/chatmail.conf"]
+
+
 def test_no_systemd_drop_in_on_alpine(relay_config, render):
     rendered = render("postfix", relay_config, load_platform("alpine"))
     assert not [path for path in rendered if "systemd" in path]

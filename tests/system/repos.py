@@ -81,3 +81,30 @@ def debian_security_dovecot(directory, ours):
     repo = build_repo(Path(directory) / "security", debs, origin="Debian",
                       label="Debian-Security", suite="bookworm-security")
     return repo, version
+
+
+def debian_release_dovecot(suite, packages):
+    """Debian's own `packages` (newest in `suite` and its security suite) for another
+    Debian release than this host's, downloaded once into the cache through apt lists of
+    our own (the host's apt configuration stays untouched)."""
+    apt_dir = CACHE / f"apt-{suite}"
+    keyring = "/usr/share/keyrings/debian-archive-keyring.gpg"
+    (apt_dir / "lists" / "partial").mkdir(parents=True, exist_ok=True)
+    (apt_dir / "sources.list").write_text(
+        f"deb [signed-by={keyring}] http://deb.debian.org/debian {suite} main\n"
+        f"deb [signed-by={keyring}] http://deb.debian.org/debian-security {suite}-security main\n")
+    options = [f"-oDir::Etc::SourceList={apt_dir}/sources.list",
+               "-oDir::Etc::SourceParts=/dev/null", f"-oDir::State::Lists={apt_dir}/lists",
+               f"-oDir::Cache={apt_dir}/cache", "-oDir::State::status=/dev/null"]
+    subprocess.run(["apt-get", *options, "update", "-qq"], check=True, capture_output=True)
+    policy = subprocess.run(["apt-cache", *options, "policy", packages[0]], check=True,
+                            capture_output=True, text=True).stdout
+    version = policy.split("Candidate:")[1].split()[0]
+    cache = CACHE / f"debian-dovecot-{suite}-{version.replace(':', '_')}"
+    if not (cache / ".complete").exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["apt-get", *options, "download", "-q",
+                        *[f"{package}={version}" for package in packages]],
+                       cwd=cache, check=True, capture_output=True)
+        (cache / ".complete").touch()
+    return version, sorted(cache.glob("*.deb"))

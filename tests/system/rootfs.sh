@@ -26,7 +26,9 @@ debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,iproute2,ca-ce
 # Nothing may start in the chroot: it shares the host's network.
 printf '#!/bin/sh\nexit 101\n' >"$tmp/usr/sbin/policy-rc.d"
 chmod 755 "$tmp/usr/sbin/policy-rc.d"
-# The Depends of our packages, and what the tests use inside the container.
+# The Depends of our packages, and what the tests use inside the container. Those our
+# rules add for Dovecot 2.4 (${chatmail:Dovecot-Depends}) are listed below; Dovecot's own
+# packages are removed again.
 deps=$(awk '
 	/^Package:/ { ours = ($2 == "chatmail-relay" || $2 == "python3-chatmaild") }
 	/^[A-Za-z-]+:/ { field = $1 }
@@ -37,7 +39,8 @@ mount -t proc proc "$tmp/proc"
 echo "postfix postfix/main_mailer_type select No configuration" | chroot "$tmp" debconf-set-selections
 # shellcheck disable=SC2086 # one package per word
 chroot "$tmp" sh -c "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	--no-install-recommends $deps debconf-utils procps python3 curl unattended-upgrades >/dev/null \
+	--no-install-recommends $deps lua-socket lua-cjson debconf-utils procps python3 curl \
+	unattended-upgrades >/dev/null \
 	&& apt-mark manual \$(dpkg-query -W -f '\${Package} ') >/dev/null \
 	&& apt-get purge -y -qq dovecot-core dovecot-imapd dovecot-lmtpd >/dev/null && apt-get clean"
 umount "$tmp/proc"
