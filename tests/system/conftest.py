@@ -1,6 +1,7 @@
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +31,28 @@ def container(rootfs):
         box.stop()
 
 
+def deltachat_clients(box, venv):
+    """clients(script, *args, timeout) for `box`, which has `venv` (deltachat_venv())
+    mounted at the same path: runs deltachat_pair.py + script there, with the container's
+    own python3 (the client library is pure Python, the RPC server a static binary, so the
+    Debian 12 venv serves Debian 13's Python too)."""
+    from .test_install import DOMAIN
+
+    prelude = (HERE / "deltachat_pair.py").read_text()
+    site = next(Path(venv).glob("lib/python3*/site-packages"))
+
+    def clients(script, *args, timeout=300, background_output=None):
+        box.run("cat > /root/client.py", input=prelude + script)
+        command = (f"timeout {timeout} env PYTHONPATH={site} python3 /root/client.py "
+                   f"{DOMAIN} {venv}")
+        command += "".join(f" {arg}" for arg in args)
+        if background_output:
+            return box.run(f"nohup {command} >{background_output} 2>{background_output}.err &")
+        return box.run(command, check=False, timeout=timeout + 60)
+
+    return clients
+
+
 @pytest.fixture(scope="module")
 def relay_with_clients(rootfs):
     """A relay installed from dist/ whose container can run Delta Chat client scripts:
@@ -40,22 +63,10 @@ def relay_with_clients(rootfs):
     box = Container(f"dc-{os.getpid()}", rootfs,
                     tempfile.mkdtemp(prefix="chatmail-system-", dir="/var/tmp"),
                     binds=[(venv, venv)])
-    prelude = (HERE / "deltachat_pair.py").read_text()
-
-    def clients(script, *args, timeout=300, background_output=None):
-        from .test_install import DOMAIN
-
-        box.run("cat > /root/client.py", input=prelude + script)
-        command = f"timeout {timeout} {venv}/bin/python /root/client.py {DOMAIN} {venv}"
-        command += "".join(f" {arg}" for arg in args)
-        if background_output:
-            return box.run(f"nohup {command} >{background_output} 2>{background_output}.err &")
-        return box.run(command, check=False, timeout=timeout + 60)
-
     try:
         box.boot()
         box.run(INSTALL, timeout=900)
-        box.clients = clients
+        box.clients = deltachat_clients(box, venv)
         yield box
     finally:
         box.stop()

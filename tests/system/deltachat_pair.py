@@ -1,7 +1,8 @@
-"""Runs inside a test container with the Delta Chat virtualenv's python (not imported by
-pytest): the start of every client script. Two accounts on the relay, created by their
+"""Runs inside a test container with the Delta Chat virtualenv's packages on the path (not
+imported by pytest): the start of every client script. Two accounts on the relay, created by their
 first login through dclogin links, verified with each other by SecureJoin."""
 
+import os
 import sys
 import tempfile
 
@@ -34,7 +35,11 @@ def verified_pair(rpc, domain, bob_domain=None, host="127.0.0.1"):
 
 
 def open_rpc(venv, tmp):
-    return Rpc(accounts_dir=tmp, rpc_server_path=venv + "/bin/deltachat-rpc-server")
+    # The static binary itself: the venv's bin/ wrapper needs the venv's own Python.
+    import deltachat_rpc_server
+
+    server = os.path.join(os.path.dirname(deltachat_rpc_server.__file__), "deltachat-rpc-server")
+    return Rpc(accounts_dir=tmp, rpc_server_path=server)
 
 
 DOMAIN, VENV, ARGS = sys.argv[1], sys.argv[2], sys.argv[3:]

@@ -12,8 +12,9 @@ import tempfile
 
 import pytest
 
-from . import test_install
-from .container import REPO, REPO_MOUNT, Container, build_rootfs
+from . import test_deltachat, test_install
+from .conftest import deltachat_clients
+from .container import REPO, REPO_MOUNT, Container, build_rootfs, deltachat_venv
 from .repos import build_repo, debian_release_dovecot
 from .test_install import DOMAIN, INSTALL
 
@@ -32,8 +33,9 @@ def relay():
     version, debs = debian_release_dovecot(SUITE, DOVECOT_PACKAGES)
     debian = build_repo(os.path.join(workdir, "debian"), debs, origin="Debian",
                         label="Debian", suite=SUITE)
+    venv = deltachat_venv()
     box = Container(f"trixie-{os.getpid()}", build_rootfs(SUITE),
-                    os.path.join(workdir, "container"),
+                    os.path.join(workdir, "container"), binds=[(venv, venv)],
                     repos={REPO_MOUNT: ours, DEBIAN_MOUNT: debian})
     try:
         box.boot()
@@ -50,6 +52,7 @@ EOF""")
         assert result.returncode == 0, (result.stdout[-5000:] + result.stderr[-3000:]
                                         + journal)
         box.dovecot_version = version
+        box.clients = deltachat_clients(box, venv)
         yield box
     finally:
         box.stop()
@@ -127,8 +130,15 @@ def test_encrypted_mail_reaches_an_idle_client(relay):
     assert f"alice1234@{DOMAIN}" in result["headers"]
 
 
-# test_install's checks, collected again in this module with the Debian 13 relay above, in
+@pytest.fixture(scope="module")
+def relay_with_clients(relay):
+    return relay
+
+
+# test_deltachat's and test_install's checks, collected again in this module with the Debian 13 relay above, in
 # test_install's order (they build on each other: accounts, then a new domain, then purge).
+test_two_clients_verify_each_other_and_exchange_encrypted_messages = \
+    test_deltachat.test_two_clients_verify_each_other_and_exchange_encrypted_messages
 test_users_login_create_accounts_and_cleartext_is_refused = \
     test_install.test_users_login_create_accounts_and_cleartext_is_refused
 test_every_unit_active_and_status_all_good = test_install.test_every_unit_active_and_status_all_good
