@@ -36,7 +36,8 @@ Write a new chatmail.ini for mail domain DOMAIN with every other setting at its 
 commented so that it can be edited. DOMAIN is the relay's fully qualified domain name (its
 addresses look like NAME@DOMAIN); a name starting with '_' (a test relay) or an IPv4
 address makes the relay use a self-signed certificate. An existing chatmail.ini for the
-same domain is left as it is; one for another domain is never overwritten."""
+same domain is left as it is; one for another domain is never overwritten. Then it
+configures the relay, as `chatmail configure` does (not with --no-configure)."""
 
 CONFIGURE_HELP = """\
 Apply chatmail.ini to Postfix, Dovecot, nginx, OpenDKIM and the relay's own services,
@@ -89,6 +90,9 @@ def build_parser():
                         cmd_setup)
     setup.add_argument("domain", metavar="DOMAIN",
                        help="the mail domain, e.g. chat.example.org")
+    setup.add_argument("--no-configure", action="store_true",
+                       help="only write chatmail.ini (to review it before 'chatmail "
+                       "configure')")
     configure = add_command("configure", "apply chatmail.ini to the mail server",
                             CONFIGURE_HELP, cmd_configure)
     configure.add_argument("--no-reload", action="store_true",
@@ -157,12 +161,22 @@ def configured_domain(path):
 
 
 def cmd_setup(args):
-    domain = args.domain
+    status = write_new_config(args.config, args.domain)
+    if status != EXIT_OK:
+        return status
+    if args.no_configure:
+        print("Review the settings in it, then run 'chatmail configure'.")
+        return status
+    return cmd_configure(argparse.Namespace(config=args.config, no_reload=False, reload=[]))
+
+
+def write_new_config(path, domain):
+    """chatmail.ini for `domain` at `path`, unless one exists (then it must be for the same
+    domain)."""
     problem = check_mail_domain(domain)
     if problem:
         error(f"{domain!r} cannot be a mail domain: {problem}")
         return EXIT_FAILURE
-    path = args.config
     if path.exists():
         return check_existing_config(path, domain)
     try:
@@ -178,7 +192,6 @@ def cmd_setup(args):
         error(f"cannot write {path}: {exc}")
         return EXIT_FAILURE
     print(f"Wrote {path} for mail domain {domain}.")
-    print("Review the settings in it, then run 'chatmail configure'.")
     return EXIT_OK
 
 

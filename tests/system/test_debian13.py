@@ -154,3 +154,5 @@ test_an_edit_of_chatmail_ini_wins_over_the_stored_answer = \
     test_install.test_an_edit_of_chatmail_ini_wins_over_the_stored_answer
 test_remove_keeps_data_purge_removes_what_we_generated_reinstall_works = \
     test_install.test_remove_keeps_data_purge_removes_what_we_generated_reinstall_works
+test_setup_writes_chatmail_ini_and_configures_in_one_command = \
+    test_install.test_setup_writes_chatmail_ini_and_configures_in_one_command

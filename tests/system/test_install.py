@@ -297,3 +297,12 @@ def test_remove_keeps_data_purge_removes_what_we_generated_reinstall_works(relay
     result = relay.run(INSTALL, check=False, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     assert relay.run("chatmail status", check=False).returncode == 0
+
+
+def test_setup_writes_chatmail_ini_and_configures_in_one_command(relay):
+    """What Alpine admins do, who get no install-time question: with no chatmail.ini,
+    `chatmail setup DOMAIN` writes one and configures the relay."""
+    relay.run("mv /etc/chatmail/chatmail.ini /root/chatmail.ini.before-setup")
+    out = relay.run(f"chatmail setup {DOMAIN}").stdout
+    assert "Wrote /etc/chatmail/chatmail.ini" in out and "chatmail configure: done" in out, out
+    assert relay.run("chatmail status", check=False).returncode == 0

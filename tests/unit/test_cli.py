@@ -43,7 +43,7 @@ def test_main_help_names_the_default_config(capsys):
 
 
 @pytest.mark.parametrize("command,expected", [
-    ("setup", ["DOMAIN", "self-signed", "never overwritten"]),
+    ("setup", ["DOMAIN", "self-signed", "never overwritten", "--no-configure"]),
     ("configure", ["Apply chatmail.ini", "changes nothing"]),
     ("status", ["services are running"]),
     ("dns", ["DNS records", "--check", "--zonefile F"]),
@@ -68,7 +68,7 @@ def test_unknown_command_is_a_usage_error(capsys):
 def test_setup_writes_a_loadable_config(tmp_path, domain, capsys):
     ini = tmp_path / "etc" / "chatmail" / "chatmail.ini"
 
-    assert main(["--config", str(ini), "setup", domain]) == 0
+    assert main(["--config", str(ini), "setup", "--no-configure", domain]) == 0
 
     config = read_config(ini)
     assert config.mail_domain_bare == domain
@@ -87,7 +87,7 @@ def test_setup_writes_a_loadable_config(tmp_path, domain, capsys):
 ])
 def test_setup_refuses_bad_domains(tmp_path, domain, reason, capsys):
     ini = tmp_path / "chatmail.ini"
-    assert main(["--config", str(ini), "setup", "--", domain]) == 1
+    assert main(["--config", str(ini), "setup", "--no-configure", "--", domain]) == 1
     err = capsys.readouterr().err
     assert "cannot be a mail domain" in err and reason in err
     assert not ini.exists()
@@ -95,11 +95,11 @@ def test_setup_refuses_bad_domains(tmp_path, domain, reason, capsys):
 
 def test_setup_keeps_an_existing_config_for_the_same_domain(tmp_path, capsys):
     ini = tmp_path / "chatmail.ini"
-    main(["--config", str(ini), "setup", "chat.example.org"])
+    main(["--config", str(ini), "setup", "--no-configure", "chat.example.org"])
     edited = ini.read_text() + "max_mailbox_size = 2G\n"
     ini.write_text(edited)
 
-    assert main(["--config", str(ini), "setup", "chat.example.org"]) == 0
+    assert main(["--config", str(ini), "setup", "--no-configure", "chat.example.org"]) == 0
 
     assert ini.read_text() == edited
     assert "left unchanged" in capsys.readouterr().out
@@ -107,10 +107,10 @@ def test_setup_keeps_an_existing_config_for_the_same_domain(tmp_path, capsys):
 
 def test_setup_never_overwrites_another_domain(tmp_path):
     ini = tmp_path / "chatmail.ini"
-    main(["--config", str(ini), "setup", "chat.example.org"])
+    main(["--config", str(ini), "setup", "--no-configure", "chat.example.org"])
     before = ini.read_text()
 
-    result = run_chatmail("--config", ini, "setup", "other.example.net")
+    result = run_chatmail("--config", ini, "setup", "--no-configure", "other.example.net")
 
     assert result.returncode == 1
     assert ini.read_text() == before
@@ -123,7 +123,7 @@ def test_setup_never_overwrites_another_domain(tmp_path):
 def test_setup_never_overwrites_an_unreadable_file(tmp_path, capsys):
     ini = tmp_path / "chatmail.ini"
     ini.write_text("this is not an ini file\n")
-    assert main(["--config", str(ini), "setup", "chat.example.org"]) == 1
+    assert main(["--config", str(ini), "setup", "--no-configure", "chat.example.org"]) == 1
     assert ini.read_text() == "this is not an ini file\n"
     assert "cannot be read" in capsys.readouterr().err
 
@@ -131,7 +131,7 @@ def test_setup_never_overwrites_an_unreadable_file(tmp_path, capsys):
 def test_setup_reports_an_unwritable_place(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    assert main(["--config", str(blocker / "chatmail.ini"), "setup", "chat.example.org"]) == 1
+    assert main(["--config", str(blocker / "chatmail.ini"), "setup", "--no-configure", "chat.example.org"]) == 1
     assert "cannot write" in capsys.readouterr().err
 
 
@@ -154,7 +154,7 @@ def test_status_and_dns_without_config_say_what_is_missing(args, tmp_path):
 
 def test_set_changes_keys_and_keeps_comments(tmp_path):
     ini = tmp_path / "chatmail.ini"
-    assert run_chatmail("--config", ini, "setup", "chat.example.org").returncode == 0
+    assert run_chatmail("--config", ini, "setup", "--no-configure", "chat.example.org").returncode == 0
     result = run_chatmail("--config", ini, "set", "mail_domain=new.example.org",
                           "max_mailbox_size=1G")
     assert result.returncode == 0, result.stderr
@@ -167,7 +167,7 @@ def test_set_changes_keys_and_keeps_comments(tmp_path):
                                      "tls_cert_mode=magic"])
 def test_set_refuses_invalid_values_and_changes_nothing(tmp_path, setting):
     ini = tmp_path / "chatmail.ini"
-    run_chatmail("--config", ini, "setup", "chat.example.org")
+    run_chatmail("--config", ini, "setup", "--no-configure", "chat.example.org")
     before = ini.read_bytes()
     result = run_chatmail("--config", ini, "set", setting)
     assert result.returncode == 1 and "nothing was changed" in result.stderr
