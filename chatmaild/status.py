@@ -197,7 +197,7 @@ def expected_services(config, platform):
     names += [("dovecot", True), (platform.postfix_instance_service, True), ("nginx", True),
               (platform.fcgiwrap_service, True)]
     if not config.ipv4_relay:
-        names.append(("opendkim", True))
+        names.append((platform.opendkim_service, True))
     names += [(timer, True) for timer in platform.relay_timers.split()]
     if config.tls_cert_mode == "acme" and platform.certbot_renewal_service:
         names.append((platform.certbot_renewal_service, True))

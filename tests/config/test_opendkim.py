@@ -120,6 +120,16 @@ def test_no_dropin_without_systemd(make_config, render):
     assert CONF in rendered
 
 
+def test_openrc_instance_reads_our_file(make_config, render):
+    """On Alpine the instance opendkim.chatmail of the package's init script (which passes
+    command_args on) runs OpenDKIM with our file."""
+    rendered = render("opendkim", make_config(), load_platform("alpine"))
+    confd = rendered["/etc/conf.d/opendkim.chatmail"]
+    assert f'\ncommand_args="-x {CONF}"\n' in confd.content
+    assert confd.restart == ["opendkim.chatmail"]
+    assert rendered[CONF].reload == ["opendkim.chatmail"]
+
+
 def test_unknown_setting_is_reported_by_opendkim(domain_rendered, debian12):
     domain_rendered[CONF].content += "SignHeader *\n"
     problems = opendkim.validate(list(domain_rendered.values()), debian12)

@@ -213,6 +213,11 @@ def test_openrc_subpackage_installs_with_openrc(parsed):
         assert modes[f"/etc/conf.d/{service}"] == 0o644
     assert not any(f.startswith(("/etc/init.d", "/etc/conf.d"))
                    for f in parsed["chatmail-relay"].files)
+    # OpenDKIM with our configuration: an instance of the opendkim package's script
+    links = {"/" + i.name: i.linkname for i, _ in openrc.data if i.issym()}
+    assert links == {"/etc/init.d/opendkim.chatmail": "opendkim"}
+    post_install = (ALPINE / "chatmail-relay.post-install").read_text()
+    assert " opendkim.chatmail " in post_install
 
 
 def test_python_package_provides_and_depends(parsed):
