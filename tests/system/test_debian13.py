@@ -6,8 +6,10 @@ Debian's dovecot packages come from a stand-in for Debian's archive (its origin,
 suite), since the containers are offline. Most checks are test_install's, run again here
 against this module's relay."""
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -24,18 +26,20 @@ DOVECOT_PACKAGES = ["dovecot-core", "dovecot-imapd", "dovecot-lmtpd", "dovecot-a
                     "dovecot-sieve"]
 
 
-@pytest.fixture(scope="module")
-def relay():
+@contextlib.contextmanager
+def debian13_container(binds=()):
+    """A booted fresh Debian 13 with our Debian 13 repository at REPO_MOUNT and a stand-in
+    for Debian's archive with Debian's Dovecot (its `dovecot_version` attribute) at
+    DEBIAN_MOUNT, configured in apt; nothing installed yet."""
     ours = REPO / "dist" / "repo-trixie"
     if not (ours / "dists" / SUITE).is_dir():
-        pytest.fail("no Debian 13 repository: run `make debs-trixie`")
+        raise RuntimeError("no Debian 13 repository: run `make debs-trixie`")
     workdir = tempfile.mkdtemp(prefix="chatmail-debian13-", dir="/var/tmp")
     version, debs = debian_release_dovecot(SUITE, DOVECOT_PACKAGES)
     debian = build_repo(os.path.join(workdir, "debian"), debs, origin="Debian",
                         label="Debian", suite=SUITE)
-    venv = deltachat_venv()
     box = Container(f"trixie-{os.getpid()}", build_rootfs(SUITE),
-                    os.path.join(workdir, "container"), binds=[(venv, venv)],
+                    os.path.join(workdir, "container"), binds=list(binds),
                     repos={REPO_MOUNT: ours, DEBIAN_MOUNT: debian})
     try:
         box.boot()
@@ -46,17 +50,24 @@ Suites: {SUITE}
 Components: main
 Signed-By: {DEBIAN_MOUNT}/chatmail-archive-keyring.pgp
 EOF""")
+        box.dovecot_version = version
+        yield box
+    finally:
+        box.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def relay():
+    venv = deltachat_venv()
+    with debian13_container(binds=[(venv, venv)]) as box:
         result = box.run(INSTALL, check=False, timeout=900)
         journal = box.run("journalctl -b --no-pager -n 60 -u dovecot -u doveauth",
                           check=False).stdout
         assert result.returncode == 0, (result.stdout[-5000:] + result.stderr[-3000:]
                                         + journal)
-        box.dovecot_version = version
         box.clients = deltachat_clients(box, venv)
         yield box
-    finally:
-        box.stop()
-        os.system(f"rm -rf {workdir}")
 
 
 def test_debian_13_with_its_dovecot_24_and_our_lua_passdb(relay):
