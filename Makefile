@@ -22,7 +22,7 @@ PY313 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3) $(she
 VENV313 ?= $(HOME)/.cache/chatmail-relay/py313-$(shell echo $(PY313_LIBS) | md5sum | cut -c1-8)
 PY313_LIBS = aiosmtpd dkimpy dnspython filelock psutil pytest jinja2 qrcode pypng
 
-.PHONY: all build debs debs-trixie dovecot repo apk build-previous test test-unit test-config test-dovecot24 test-py313 test-package test-system deps demo bench clean
+.PHONY: all build debs debs-trixie dovecot dovecot-trixie repo apk build-previous test test-unit test-config test-dovecot24 test-py313 test-package test-system deps demo bench clean
 
 all: build
 
@@ -81,6 +81,14 @@ repo:
 debs-trixie:
 	$(call build_debs,build/trixie,,dist/trixie,tests/chroot.sh)
 	REPO_SUITE=trixie repo/build-repo.sh repo dist/repo-trixie dist/trixie/*.deb
+
+# Our patched Dovecot 2.4 for Debian 13, built in the Debian 13 chroot like `make dovecot`
+# (about 30 minutes on 2 cores, cached in build/dovecot-cache-trixie). Not part of `make
+# build` or the tests yet: bench/bench_debian13.py measures it when it is there.
+dovecot-trixie:
+	tests/chroot.sh sh -c 'apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null \
+		&& env CHATMAIL_BUILD_CACHE=/src/build/dovecot-cache-trixie \
+		dovecot/build-deb.sh dist/dovecot-trixie'
 
 # Alpine packages and their signed apk repository in dist/alpine/<arch>/, from
 # alpine/APKBUILD. APK_KEY=<private .rsa key, .rsa.pub next to it>; default: a throw-away
