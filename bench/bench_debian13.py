@@ -6,7 +6,6 @@ which shows whether 2.4 still waits 500 ms, i.e. whether our patch is still need
 Needs root and `make build debs-trixie`; with `make dovecot-trixie` also our patched 2.4.
 Writes bench/results/debian13.md."""
 
-import json
 import statistics
 import sys
 import time
@@ -19,7 +18,8 @@ sys.path.insert(0, str(REPO))
 from tests.system.test_debian13 import debian13_container  # noqa: E402
 from tests.system.test_install import DOMAIN, INSTALL  # noqa: E402
 
-from common import machine_facts, percentile  # noqa: E402
+from common import (  # noqa: E402
+    idle_wakeups, installed_dovecot_version, machine_facts, percentile)
 
 DELIVERIES = 50
 PATCHED = REPO / "dist" / "dovecot-trixie"  # make dovecot-trixie
@@ -43,11 +43,9 @@ def wait_until_status_is_good(box, timeout=120):
 
 
 def measure_idle_wakeup(box):
-    version = box.run("dpkg-query -W -f '${Version}' dovecot-core").stdout
-    script = (REPO / "bench" / "idle_meter.py").read_text()
-    out = box.run(f"python3 - {DOMAIN} {DELIVERIES}", input=script, timeout=300)
-    wakeups = json.loads(out.stdout.strip().splitlines()[-1])
-    return version, statistics.median(wakeups) * 1000, percentile(wakeups, 0.95) * 1000
+    wakeups = idle_wakeups(box, DOMAIN, DELIVERIES)
+    return (installed_dovecot_version(box), statistics.median(wakeups) * 1000,
+            percentile(wakeups, 0.95) * 1000)
 
 
 def main():

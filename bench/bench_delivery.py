@@ -22,7 +22,8 @@ from tests.system.container import HERE, Container, build_rootfs, deltachat_venv
 from tests.system.repos import debian_dovecot_debs  # noqa: E402
 from tests.system.test_install import DOMAIN, INSTALL  # noqa: E402
 
-from common import machine_facts, percentile  # noqa: E402
+from common import (  # noqa: E402
+    idle_wakeups, installed_dovecot_version, machine_facts, percentile)
 
 from tests.system.container import DELTACHAT_VERSION as DELTACHAT  # noqa: E402
 
@@ -69,16 +70,6 @@ def measure_latency(box, venv):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure_idle_wakeup(box):
-    script = (REPO / "bench" / "idle_meter.py").read_text()
-    out = box.run(f"python3 - {DOMAIN} {MESSAGES}", input=script, timeout=300)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def dovecot_version(box):
-    return box.run("dpkg-query -W -f '${Version}' dovecot-core").stdout
-
-
 def summary(latencies):
     return statistics.median(latencies) * 1000, percentile(latencies, 0.95) * 1000
 
@@ -100,10 +91,12 @@ def main():
         box.run(INSTALL, timeout=900)
         wait_all_active(box)
         install_seconds = time.monotonic() - start
-        patched = (dovecot_version(box), measure_latency(box, venv), measure_idle_wakeup(box))
+        patched = (installed_dovecot_version(box), measure_latency(box, venv),
+                   idle_wakeups(box, DOMAIN, MESSAGES))
         box.run("dpkg -i /srv/stock-dovecot/*.deb >/dev/null 2>&1 && systemctl restart dovecot")
         wait_all_active(box)
-        stock = (dovecot_version(box), measure_latency(box, venv), measure_idle_wakeup(box))
+        stock = (installed_dovecot_version(box), measure_latency(box, venv),
+                 idle_wakeups(box, DOMAIN, MESSAGES))
     finally:
         box.stop()
     rows = "\n".join(

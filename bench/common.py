@@ -1,6 +1,8 @@
-"""What every benchmark records: the machine it ran on, a process's memory, percentiles."""
+"""What every benchmark records: the machine it ran on, a process's memory, percentiles;
+and what the relay benchmarks measure inside a test container."""
 
 import datetime
+import json
 import os
 import platform
 from pathlib import Path
@@ -33,3 +35,16 @@ def percentile(values, fraction):
     """The value below which `fraction` of `values` lie (nearest rank)."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def installed_dovecot_version(box):
+    """The dovecot-core version installed in container `box` (tests/system)."""
+    return box.run("dpkg-query -W -f '${Version}' dovecot-core").stdout
+
+
+def idle_wakeups(box, domain, count):
+    """Seconds from the end of each of `count` LMTP deliveries to the EXISTS an IDLE-ing
+    client gets, measured in container `box` by idle_meter.py."""
+    script = (Path(__file__).resolve().parent / "idle_meter.py").read_text()
+    out = box.run(f"python3 - {domain} {count}", input=script, timeout=300)
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -19,13 +19,10 @@ def verified_pair(rpc, domain, bob_domain=None, host="127.0.0.1"):
     (then both log in to their domain's name, `host` otherwise)."""
     dc = DeltaChat(rpc)
     alice, bob = dc.add_account(), dc.add_account()
-    if bob_domain:
-        alice.add_transport_from_qr(dclogin(domain, "alice0001", "alice-password-1", domain))
-        bob.add_transport_from_qr(dclogin(bob_domain, "bobby0002", "bob-password-22",
-                                          bob_domain))
-    else:
-        alice.add_transport_from_qr(dclogin(domain, "alice0001", "alice-password-1", host))
-        bob.add_transport_from_qr(dclogin(domain, "bobby0002", "bob-password-22", host))
+    alice_host, bob_host = (domain, bob_domain) if bob_domain else (host, host)
+    alice.add_transport_from_qr(dclogin(domain, "alice0001", "alice-password-1", alice_host))
+    bob.add_transport_from_qr(dclogin(bob_domain or domain, "bobby0002", "bob-password-22",
+                                      bob_host))
     alice.bring_online()
     bob.bring_online()
     bob.secure_join(alice.get_qr_code())

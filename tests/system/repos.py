@@ -52,16 +52,34 @@ class VersionKey:
                                other.version]).returncode == 0
 
 
-def debian_dovecot_debs(version):
-    """Debian's own dovecot packages of `version`, downloaded once into the cache."""
-    cache = CACHE / f"debian-dovecot-{version.replace(':', '_')}"
+def download_once(name, packages, version, apt_options=()):
+    """`packages` at `version` from Debian, downloaded once into the cache folder `name`
+    (apt_options: another release's apt lists); their .debs."""
+    cache = CACHE / f"{name}-{version.replace(':', '_')}"
     if not (cache / ".complete").exists():
         cache.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["apt-get", "download", "-q",
-                        *[f"{package}={version}" for package in DOVECOT_PACKAGES]],
+        subprocess.run(["apt-get", *apt_options, "download", "-q",
+                        *[f"{package}={version}" for package in packages]],
                        cwd=cache, check=True, capture_output=True)
         (cache / ".complete").touch()
     return sorted(cache.glob("*.deb"))
+
+
+def debian_dovecot_debs(version):
+    """Debian's own dovecot packages of `version`, downloaded once into the cache."""
+    return download_once("debian-dovecot", DOVECOT_PACKAGES, version)
+
+
+def stand_in_sources(name, mount, suite):
+    """The shell command that makes a container's apt use the repository published at
+    `mount` (signed with our test key) for `suite`."""
+    return f"""cat >/etc/apt/sources.list.d/{name}.sources <<EOF
+Types: deb
+URIs: file://{mount}
+Suites: {suite}
+Components: main
+Signed-By: {mount}/chatmail-archive-keyring.pgp
+EOF"""
 
 
 def debian_security_dovecot(directory, ours):
@@ -100,11 +118,4 @@ def debian_release_dovecot(suite, packages):
     policy = subprocess.run(["apt-cache", *options, "policy", packages[0]], check=True,
                             capture_output=True, text=True).stdout
     version = policy.split("Candidate:")[1].split()[0]
-    cache = CACHE / f"debian-dovecot-{suite}-{version.replace(':', '_')}"
-    if not (cache / ".complete").exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["apt-get", *options, "download", "-q",
-                        *[f"{package}={version}" for package in packages]],
-                       cwd=cache, check=True, capture_output=True)
-        (cache / ".complete").touch()
-    return version, sorted(cache.glob("*.deb"))
+    return version, download_once(f"debian-dovecot-{suite}", packages, version, options)

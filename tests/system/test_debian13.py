@@ -17,7 +17,7 @@ import pytest
 from . import test_deltachat, test_install
 from .conftest import deltachat_clients
 from .container import REPO, REPO_MOUNT, Container, build_rootfs, deltachat_venv
-from .repos import build_repo, debian_release_dovecot
+from .repos import build_repo, debian_release_dovecot, stand_in_sources
 from .test_install import DOMAIN, INSTALL
 
 SUITE = "trixie"
@@ -43,13 +43,7 @@ def debian13_container(binds=()):
                     repos={REPO_MOUNT: ours, DEBIAN_MOUNT: debian})
     try:
         box.boot()
-        box.run(f"""cat >/etc/apt/sources.list.d/debian-stand-in.sources <<EOF
-Types: deb
-URIs: file://{DEBIAN_MOUNT}
-Suites: {SUITE}
-Components: main
-Signed-By: {DEBIAN_MOUNT}/chatmail-archive-keyring.pgp
-EOF""")
+        box.run(stand_in_sources("debian-stand-in", DEBIAN_MOUNT, SUITE))
         box.dovecot_version = version
         yield box
     finally:

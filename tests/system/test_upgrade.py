@@ -11,7 +11,8 @@ import tempfile
 import pytest
 
 from .container import REPO, REPO_MOUNT, Container
-from .repos import build_repo, debian_security_dovecot, package_without_files
+from .repos import (build_repo, debian_security_dovecot, package_without_files,
+                    stand_in_sources)
 from .test_install import DOMAIN, INSTALL
 
 UNATTENDED_UPGRADE = "apt-get update -q && unattended-upgrade -v"
@@ -142,13 +143,8 @@ def test_a_newer_debian_security_update_wins_and_is_reported(upgraded):
     ours = installed_versions(upgraded, "dovecot-core")["dovecot-core"]
     security_repo, version = debian_security_dovecot(upgraded.security_dir, ours)
     upgraded.publish(SECURITY_MOUNT, security_repo)
-    upgraded.run(f"""cat >/etc/apt/sources.list.d/debian-security-stand-in.sources <<EOF
-Types: deb
-URIs: file://{SECURITY_MOUNT}
-Suites: bookworm-security
-Components: main
-Signed-By: {SECURITY_MOUNT}/chatmail-archive-keyring.pgp
-EOF""")
+    upgraded.run(stand_in_sources("debian-security-stand-in", SECURITY_MOUNT,
+                                  "bookworm-security"))
     result = upgraded.run(UNATTENDED_UPGRADE, check=False, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:]
     versions = installed_versions(upgraded, "dovecot-core", "dovecot-imapd", "dovecot-lmtpd")
