@@ -2,34 +2,33 @@
 would (signatures, per-file checksums, datahash, index), and compared with the Debian
 packaging they must match (files, dependencies, install steps, services, daily jobs).
 
-No Alpine here: the OpenRC scripts run under a harness of stub OpenRC functions."""
+The install scripts run twice: under Debian's sh and under Alpine's own busybox sh, in
+Alpine's minirootfs (alpine_root.py); test_apk_tools.py has apk-tools read the packages."""
 
 import hashlib
 import os
 import re
+import shutil
 import subprocess
-import sys
 import tarfile
 
 import pytest
 
 from chatmaild.render import load_platform
 from tests.conftest import REPO
+from tests.package.conftest import ARCH, PYTHON_VERSION
 from tests.package.test_deb import SERVICE_PROGRAMS
 from tests.package.apk_format import (
     CHECKSUM_PAX_KEY,
     ends_with_end_of_archive,
     openssl_verify,
     parse_apkindex,
-    read_apk,
     read_index,
 )
 
 ALPINE = REPO / "alpine"
 DEBIAN = REPO / "debian"
 DIST = REPO / "dist"
-ARCH = "x86_64"
-PYTHON_VERSION = "3.12"
 RELAY_SERVICES = ["doveauth", "lastlogin", "chatmail-metadata", "filtermail",
                   "filtermail-incoming"]
 INSTALL_SCRIPTS = sorted(ALPINE.glob("chatmail-relay.*-*"))
@@ -74,38 +73,6 @@ ALPINE_ONLY = {
     "py3-chatmaild": {"python3": "Debian: ${python3:Depends}",
                       f"python3~{PYTHON_VERSION}": "abuild's Python version tracing"},
 }
-
-
-# --- building -----------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def repo_dir(tmp_path_factory):
-    """The repository mkapk.py writes, built once for this module."""
-    out = tmp_path_factory.mktemp("alpine-repo")
-    result = subprocess.run([sys.executable, str(ALPINE / "mkapk.py"), "--out", str(out),
-                             "--arch", ARCH, "--python-version", PYTHON_VERSION],
-                            capture_output=True, text=True, cwd=REPO)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return out
-
-
-@pytest.fixture(scope="module")
-def apks(repo_dir):
-    found = {path.name.rsplit("-", 2)[0]: path for path in (repo_dir / ARCH).glob("*.apk")}
-    assert found, "mkapk.py wrote no packages"
-    return found
-
-
-@pytest.fixture(scope="module")
-def parsed(apks):
-    return {name: read_apk(path) for name, path in apks.items()}
-
-
-@pytest.fixture(scope="module")
-def public_key(repo_dir):
-    keys = list(repo_dir.glob("*.rsa.pub"))
-    assert len(keys) == 1, f"expected one public key in {repo_dir}, found {keys}"
-    return keys[0]
 
 
 def apkbuild_var(name):
@@ -358,60 +325,56 @@ def test_install_scripts_know_debians_relay_services(script):
     assert listed == debian_relay_services() == RELAY_SERVICES
 
 
-def run_install_script(tmp_path, script, ini_exists, args=()):
-    """Run an install script with INI under tmp_path and stub chatmail/rc-update/rc-service
-    commands that log their arguments."""
-    ini = tmp_path / "chatmail.ini"
+def run_install_script(shell, script, ini_exists, args=(), chatmail_exit=0):
+    """Run an install script in SHELL with its INI in the shell's directory and stub
+    chatmail/rc-update/rc-service commands that log their arguments (chatmail exits with
+    CHATMAIL_EXIT). -> (result, logged calls, INI as the script sees it)"""
+    ini = shell.dir / "chatmail.ini"
     if ini_exists:
         ini.write_text("[params]\nmail_domain = chat.example.org\n")
-    stubs = tmp_path / "bin"
+    stubs = shell.dir / "bin"
     stubs.mkdir(exist_ok=True)
-    log = tmp_path / "calls.log"
+    log = shell.dir / "calls.log"
     for command in ["chatmail", "rc-update", "rc-service"]:
         stub = stubs / command
-        stub.write_text(f'#!/bin/sh\necho "{command} $*" >>{log}\n')
+        status = chatmail_exit if command == "chatmail" else 0
+        stub.write_text(f'#!/bin/sh\necho "{command} $*" >>{shell.inside(log)}\n'
+                        f"exit {status}\n")
         stub.chmod(0o755)
     text = (ALPINE / f"chatmail-relay.{script}").read_text()
-    text = re.sub(r"^INI=.*$", f"INI={ini}", text, flags=re.M)
-    copy = tmp_path / script
+    text = re.sub(r"^INI=.*$", f"INI={shell.inside(ini)}", text, flags=re.M)
+    copy = shell.dir / script
     copy.write_text(text)
-    result = subprocess.run(["sh", str(copy), *args], capture_output=True, text=True,
-                            env={"PATH": f"{stubs}:/usr/bin:/bin"})
+    result = shell.run(["/bin/sh", shell.inside(copy), *args],
+                       env={"PATH": f"{shell.inside(stubs)}:/usr/bin:/bin"})
     calls = log.read_text().splitlines() if log.exists() else []
-    return result, calls, ini
+    return result, calls, shell.inside(ini)
 
 
-def test_post_install_without_ini_says_run_setup_and_succeeds(tmp_path):
-    result, calls, _ = run_install_script(tmp_path, "post-install", ini_exists=False)
+def test_post_install_without_ini_says_run_setup_and_succeeds(shell):
+    result, calls, _ = run_install_script(shell, "post-install", ini_exists=False)
     assert result.returncode == 0, result.stderr
     assert "chatmail setup YOUR.DOMAIN" in result.stdout
     assert not [c for c in calls if c.startswith("chatmail ")]
 
 
-def test_post_install_with_ini_runs_chatmail_configure(tmp_path):
-    result, calls, ini = run_install_script(tmp_path, "post-install", ini_exists=True)
+def test_post_install_with_ini_runs_chatmail_configure(shell):
+    result, calls, ini = run_install_script(shell, "post-install", ini_exists=True)
     assert result.returncode == 0, result.stderr
     assert f"chatmail --config {ini} configure" in calls
 
 
-def test_post_upgrade_reloads_relay_services_like_debian(tmp_path):
-    result, calls, ini = run_install_script(tmp_path, "post-upgrade", ini_exists=True,
+def test_post_upgrade_reloads_relay_services_like_debian(shell):
+    result, calls, ini = run_install_script(shell, "post-upgrade", ini_exists=True,
                                             args=("0.2.0-r0", "0.1.0-r0"))
     assert result.returncode == 0, result.stderr
     reloads = " ".join(f"--reload {s}" for s in RELAY_SERVICES)
     assert calls == [f"chatmail --config {ini} configure {reloads}"]
 
 
-def test_post_install_fails_when_configure_fails(tmp_path):
-    stubs = tmp_path / "bin"
-    stubs.mkdir()
-    (stubs / "chatmail").write_text("#!/bin/sh\nexit 1\n")
-    (stubs / "chatmail").chmod(0o755)
-    (tmp_path / "chatmail.ini").write_text("[params]\n")
-    text = (ALPINE / "chatmail-relay.post-install").read_text()
-    text = re.sub(r"^INI=.*$", f"INI={tmp_path / 'chatmail.ini'}", text, flags=re.M)
-    result = subprocess.run(["sh", "-c", text], capture_output=True, text=True,
-                            env={"PATH": f"{stubs}:/usr/bin:/bin"})
+def test_post_install_fails_when_configure_fails(shell):
+    result, _, _ = run_install_script(shell, "post-install", ini_exists=True,
+                                      chatmail_exit=1)
     assert result.returncode == 1
     assert "apk fix chatmail-relay" in result.stderr
 
@@ -427,11 +390,30 @@ def test_configuration_steps_are_the_shared_postinst_d():
         assert "postinst.d" not in text.replace("postinst.d steps", "")
 
 
-def test_pre_install_creates_vmail_the_alpine_way():
-    text = (ALPINE / "chatmail-relay.pre-install").read_text()
-    assert re.search(r"^\s*addgroup -S vmail$", text, re.M)
-    assert re.search(r"^\s*adduser -S -D -H .*-G vmail .*vmail$", text, re.M)
-    assert "addgroup postfix opendkim" in text
+def test_pre_install_creates_vmail_with_busybox_once(alpine_root):
+    # Postfix's and OpenDKIM's users exist first: apk installs dependencies first, and
+    # their pre-install scripts create them.
+    for argv in [["addgroup", "-S", "opendkim"], ["addgroup", "-S", "postfix"],
+                 ["adduser", "-S", "-D", "-H", "-G", "postfix", "postfix"]]:
+        assert alpine_root.run(*argv).returncode == 0
+    script = alpine_root.host_path("/tmp/pre-install")
+    shutil.copy(ALPINE / "chatmail-relay.pre-install", script)
+    first = alpine_root.run("/bin/sh", "/tmp/pre-install")
+    assert first.returncode == 0, first.stderr
+    passwd = alpine_root.host_path("/etc/passwd").read_text()
+    group = alpine_root.host_path("/etc/group").read_text()
+    vmail = re.search(r"^vmail:x:(\d+):(\d+):[^:]*:([^:\n]*):([^:\n]*)$", passwd, re.M)
+    assert vmail, passwd
+    uid, gid, home, login_shell = vmail.groups()
+    assert int(uid) < 1000, "a system user"
+    assert re.search(rf"^vmail:x:{gid}:", group, re.M)
+    assert (home, login_shell) == ("/home/vmail", "/sbin/nologin")
+    assert not alpine_root.host_path(home).exists(), "10-directories makes the home"
+    assert re.search(r"^opendkim:x:\d+:.*\bpostfix\b", group, re.M)
+    again = alpine_root.run("/bin/sh", "/tmp/pre-install")
+    assert again.returncode == 0, again.stderr
+    assert alpine_root.host_path("/etc/passwd").read_text() == passwd
+    assert alpine_root.host_path("/etc/group").read_text() == group
 
 
 # --- shell checks -------------------------------------------------------------------

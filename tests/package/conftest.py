@@ -1,0 +1,63 @@
+"""The Alpine packages and their repository, built once per test run by alpine/mkapk.py
+for test_apk (read back by our own reader) and test_apk_tools (read by apk-tools)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+from tests.package.alpine_root import AlpineShell, DebianShell, unpack_minirootfs
+from tests.package.apk_format import read_apk
+
+ARCH = "x86_64"
+PYTHON_VERSION = "3.12"
+
+
+@pytest.fixture(scope="session")
+def repo_dir(tmp_path_factory):
+    """The repository mkapk.py writes: ARCH/*.apk, ARCH/APKINDEX.tar.gz, the public key."""
+    out = tmp_path_factory.mktemp("alpine-repo")
+    result = subprocess.run([sys.executable, str(REPO / "alpine" / "mkapk.py"),
+                             "--out", str(out), "--arch", ARCH,
+                             "--python-version", PYTHON_VERSION],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def apks(repo_dir):
+    """{package name: path of its .apk}"""
+    found = {path.name.rsplit("-", 2)[0]: path for path in (repo_dir / ARCH).glob("*.apk")}
+    assert found, "mkapk.py wrote no packages"
+    return found
+
+
+@pytest.fixture(scope="session")
+def parsed(apks):
+    return {name: read_apk(path) for name, path in apks.items()}
+
+
+@pytest.fixture(scope="session")
+def public_key(repo_dir):
+    keys = list(repo_dir.glob("*.rsa.pub"))
+    assert len(keys) == 1, f"expected one public key in {repo_dir}, found {keys}"
+    return keys[0]
+
+
+@pytest.fixture
+def alpine_root(tmp_path):
+    """A fresh Alpine minirootfs to chroot into (needs root, as the system tests do)."""
+    if os.geteuid() != 0:
+        pytest.skip("entering Alpine's minirootfs needs chroot, so root")
+    return unpack_minirootfs(tmp_path / "alpine")
+
+
+@pytest.fixture(params=["debian-sh", "alpine-busybox"])
+def shell(request, tmp_path):
+    """Where a /bin/sh script runs: Debian's dash here, then Alpine's busybox ash."""
+    if request.param == "debian-sh":
+        return DebianShell(tmp_path)
+    return AlpineShell(request.getfixturevalue("alpine_root"))

@@ -1,0 +1,135 @@
+"""Our .apk files and signed repository as the real apk-tools (2.14.4, in Alpine's
+minirootfs) reads them: signatures, data hashes, the index it would write itself, the
+dependencies it resolves, and an installation with `apk add`."""
+
+import re
+import shutil
+import subprocess
+import zlib
+
+import pytest
+
+from tests.package.apk_format import gzip_streams, parse_apkindex, read_index
+from tests.package.conftest import ARCH
+
+REPOSITORY = "/srv/chatmail-repo"
+
+
+@pytest.fixture
+def alpine(alpine_root, repo_dir, public_key):
+    """The minirootfs with our repository in REPOSITORY as its only one, and our key
+    trusted (what README tells an Alpine admin to do)."""
+    shutil.copytree(repo_dir / ARCH, alpine_root.host_path(f"{REPOSITORY}/{ARCH}"))
+    shutil.copy(public_key, alpine_root.host_path("/etc/apk/keys"))
+    alpine_root.host_path("/etc/apk/repositories").write_text(REPOSITORY + "\n")
+    return alpine_root
+
+
+def untrust_our_key(alpine, public_key):
+    alpine.host_path(f"/etc/apk/keys/{public_key.name}").unlink()
+
+
+def package_paths(apks):
+    return [f"{REPOSITORY}/{ARCH}/{path.name}" for path in apks.values()]
+
+
+# --- package signatures ----------------------------------------------------------------
+
+def test_apk_verify_accepts_each_package(alpine, apks):
+    result = alpine.apk("verify", *package_paths(apks))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count(" - OK") == len(apks)
+
+
+def test_apk_verify_refuses_a_package_whose_key_is_not_trusted(alpine, apks, public_key):
+    untrust_our_key(alpine, public_key)
+    result = alpine.apk("verify", *package_paths(apks))
+    assert result.returncode != 0
+    assert result.stdout.count("UNTRUSTED") == len(apks)
+
+
+def test_apk_verify_refuses_a_package_whose_files_were_changed(alpine, apks):
+    # The signature covers the control stream, whose datahash covers the data stream:
+    # a changed file must be caught although the signature still verifies.
+    signature, control, data = gzip_streams(apks["chatmail-relay"].read_bytes())
+    original = b"chatmail --config"
+    assert original in data[1]
+    tampered = data[1].replace(original, b"chatmail --cOnfig", 1)
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    tampered_stream = compressor.compress(tampered) + compressor.flush()
+    path = alpine.host_path("/tmp/tampered.apk")
+    path.write_bytes(signature[0] + control[0] + tampered_stream)
+    result = alpine.apk("verify", "/tmp/tampered.apk")
+    assert result.returncode != 0
+    assert " - OK" not in result.stdout
+
+
+# --- the signed index --------------------------------------------------------------------
+
+def test_apk_update_trusts_our_signed_index(alpine, apks):
+    result = alpine.apk("update")
+    assert result.returncode == 0, result.stderr
+    assert "UNTRUSTED" not in result.stderr
+    listed = alpine.apk("search", "--exact", "-v", *apks)
+    versions = {line.split(" - ")[0] for line in listed.stdout.splitlines()}
+    assert versions == {path.name.removesuffix(".apk") for path in apks.values()}
+
+
+def test_apk_update_refuses_the_index_without_our_key(alpine, apks, public_key):
+    untrust_our_key(alpine, public_key)
+    result = alpine.apk("update")
+    assert "UNTRUSTED signature" in result.stderr
+    assert alpine.apk("search", "--exact", *apks).stdout == ""
+
+
+def test_index_is_the_one_apk_index_writes(alpine, apks, repo_dir):
+    # abuild indexes noarch packages with --rewrite-arch for the repository's arch.
+    result = alpine.apk("index", "--rewrite-arch", ARCH, "-o", "/tmp/APKINDEX.tar.gz",
+                        *package_paths(apks))
+    assert result.returncode == 0, result.stderr
+    theirs = subprocess.run(["tar", "-xzOf", str(alpine.host_path("/tmp/APKINDEX.tar.gz")),
+                             "APKINDEX"], capture_output=True, check=True).stdout
+    _, _, _, ours = read_index(repo_dir / ARCH / "APKINDEX.tar.gz")
+    assert parse_apkindex(ours["APKINDEX"].decode()) == parse_apkindex(theirs.decode())
+    assert ours["APKINDEX"] == theirs
+
+
+# --- resolving and installing ------------------------------------------------------------
+
+def missing_packages(output):
+    return set(re.findall(r"^  (\S+) \(no such package\):$", output, re.M))
+
+
+def test_apk_resolves_our_own_dependencies_and_names_alpines(alpine, parsed):
+    # Only our repository is there: apk must find py3-chatmaild=VERSION in it, take
+    # /bin/sh from busybox, and name exactly the Alpine packages we depend on as missing.
+    result = alpine.apk("add", "--simulate", "chatmail-relay")
+    assert result.returncode != 0
+    declared = set()
+    for name in ["chatmail-relay", "py3-chatmaild"]:
+        declared |= {re.split(r"[=~<>]", d)[0] for d in parsed[name].pkginfo["depend"]}
+    ours_or_alpines_base = {"py3-chatmaild", "/bin/sh"}
+    assert missing_packages(result.stderr) == declared - ours_or_alpines_base
+
+
+def test_apk_add_installs_the_openrc_package_and_keeps_the_admins_changes(alpine, parsed):
+    # chatmail-relay-openrc depends on nothing, so it installs here for real: apk writes
+    # the files of our data stream and records their checksums, which `apk audit` checks.
+    result = alpine.apk("add", "chatmail-relay-openrc")
+    assert result.returncode == 0, result.stdout + result.stderr
+    listed = alpine.apk("info", "-L", "chatmail-relay-openrc").stdout.splitlines()
+    ours = {info.name for info, _ in parsed["chatmail-relay-openrc"].data
+            if info.isfile() or info.issym()}
+    assert {line for line in listed[1:] if line} == ours
+    audit = alpine.apk("audit", "--full").stdout.splitlines()
+    assert not [line for line in audit if line[2:] in ours], audit
+    init = alpine.host_path("/etc/init.d/doveauth")
+    assert init.stat().st_mode & 0o777 == 0o755
+    assert alpine.host_path("/etc/init.d/opendkim.chatmail").readlink().name == "opendkim"
+    confd = alpine.host_path("/etc/conf.d/doveauth")
+    confd.write_text(confd.read_text() + "# changed by the admin\n")
+    assert "U etc/conf.d/doveauth" in alpine.apk("audit").stdout.splitlines()
+    removed = alpine.apk("del", "chatmail-relay-openrc")
+    assert removed.returncode == 0, removed.stderr
+    assert not init.exists()
+    assert confd.read_text().endswith("# changed by the admin\n")
