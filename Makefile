@@ -22,7 +22,7 @@ PY313 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3) $(she
 VENV313 ?= $(HOME)/.cache/chatmail-relay/py313-$(shell echo $(PY313_LIBS) | md5sum | cut -c1-8)
 PY313_LIBS = aiosmtpd dkimpy dnspython filelock psutil pytest jinja2 qrcode pypng
 
-.PHONY: all build debs debs-trixie dovecot dovecot-trixie repo apk build-previous test test-unit test-config test-dovecot24 test-py313 test-package test-system deps demo bench clean
+.PHONY: all build debs debs-trixie dovecot dovecot-trixie repo apk build-previous test test-unit test-config test-dovecot24 test-openrc test-py313 test-package test-system deps demo bench clean
 
 all: build
 
@@ -86,9 +86,8 @@ debs-trixie:
 # (about 30 minutes on 2 cores, cached in build/dovecot-cache-trixie). Not part of `make
 # build` or the tests yet: bench/bench_debian13.py measures it when it is there.
 dovecot-trixie:
-	tests/chroot.sh sh -c 'apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null \
-		&& env CHATMAIL_BUILD_CACHE=/src/build/dovecot-cache-trixie \
-		dovecot/build-deb.sh dist/dovecot-trixie'
+	tests/chroot.sh env CHATMAIL_BUILD_CACHE=/src/build/dovecot-cache-trixie \
+		dovecot/build-deb.sh dist/dovecot-trixie
 
 # Alpine packages and their signed apk repository in dist/alpine/<arch>/, from
 # alpine/APKBUILD. APK_KEY=<private .rsa key, .rsa.pub next to it>; default: a throw-away
@@ -106,7 +105,7 @@ build-previous: build
 	REPO_DATE="$$(date -u -R -d '1 day ago')" \
 		repo/build-repo.sh repo dist/repo-previous dist/previous/*.deb dist/previous/dovecot/*.deb
 
-test: test-unit test-config test-dovecot24 test-package test-system test-py313
+test: test-unit test-config test-dovecot24 test-package test-openrc test-system test-py313
 
 test-unit:
 	$(PYTEST) tests/unit
@@ -124,6 +123,13 @@ test-dovecot24:
 
 test-package: build
 	$(PYTEST) tests/package
+
+# The Alpine init scripts and daily jobs run by the real OpenRC (openrc-run,
+# supervise-daemon) in the Debian 13 chroot, with python3-chatmaild from dist/trixie, in a
+# network namespace of their own (the services listen on their usual ports).
+test-openrc: debs-trixie
+	tests/chroot.sh unshare --net sh -c 'ip link set lo up && \
+		exec python3 -m pytest -p no:cacheprovider tests/openrc'
 
 # Installs dist/ in a fresh Debian 12 booted with systemd-nspawn (root file system cached
 # outside the checkout by tests/system/rootfs.sh) and uses the relay like its users.

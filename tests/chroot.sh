@@ -1,9 +1,10 @@
 #!/bin/sh
 # Run a command of this checkout inside another Debian release (default: Debian 13,
 # whose Dovecot is 2.4), in a chroot with that release's Dovecot, Postfix, OpenSSL, the
-# Python libraries our packages depend on and the tools that build them. Not a booted
-# system (tests/system does that): for tests that start the daemons themselves, like
-# tests/config, and for building our packages for that release (make debs-trixie).
+# Python libraries our packages depend on, the tools that build them, and OpenRC (to run
+# our Alpine init scripts, tests/openrc). Not a booted system (tests/system does that):
+# for tests that start the daemons themselves, like tests/config and tests/openrc, and
+# for building our packages for that release (make debs-trixie).
 # The chroot is built once and cached outside the checkout, keyed by this script; each
 # run gets a throw-away overlay on it, with the checkout mounted at /src.
 # Usage: tests/chroot.sh [--suite SUITE] COMMAND...   (run from anywhere, as root)
@@ -23,7 +24,7 @@ packages="dovecot-core dovecot-imapd dovecot-lmtpd postfix openssl adduser procp
 python3 python3-pytest python3-jinja2 python3-aiosmtpd python3-dkim python3-dnspython \
 python3-filelock python3-psutil python3-qrcode dovecot-auth-lua lua-socket lua-cjson \
 debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools help2man \
-po-debconf dpkg-dev fakeroot build-essential"
+po-debconf dpkg-dev fakeroot build-essential openrc iproute2"
 
 build_base() {
 	mkdir -p "$cache"
@@ -55,7 +56,16 @@ build_base() {
 
 run=$(mktemp -d /var/tmp/chatmail-chroot.XXXXXX)
 root=$run/root
+# Daemons a test left running (supervise-daemon respawns its service) would keep the
+# overlay busy: end every process whose root is this chroot.
+kill_leftovers() {
+	for proc in /proc/[0-9]*; do
+		[ "$(readlink "$proc/root" 2>/dev/null)" = "$root" ] && kill -9 "${proc#/proc/}" 2>/dev/null
+	done
+	return 0
+}
 cleanup() {
+	kill_leftovers
 	for mount in "$root/src" "$root/dev" "$root/proc" "$root/tmp" "$root"; do
 		umount "$mount" 2>/dev/null || true
 	done

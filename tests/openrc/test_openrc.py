@@ -1,0 +1,255 @@
+"""Our Alpine init scripts and daily jobs (alpine/) run for real: OpenRC's openrc-run and
+supervise-daemon (Debian 13's openrc 0.56; Alpine runs the same programs) start our
+services from the python3-chatmaild package built for Debian 13 (dist/trixie), as vmail.
+
+Runs inside tests/chroot.sh, in a network namespace of its own: `make test-openrc`."""
+
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from chatmaild.config import default_config_text, read_config
+from tests.conftest import REPO
+
+ALPINE = REPO / "alpine"
+INI = Path("/etc/chatmail/chatmail.ini")
+DOMAIN = "chat.example.org"
+RESPAWN_DELAY = 1
+SOCKETS = {
+    "doveauth": "/run/doveauth/doveauth.socket",
+    "lastlogin": "/run/chatmail-lastlogin/lastlogin.socket",
+    "chatmail-metadata": "/run/chatmail-metadata/metadata.socket",
+}
+PORT_SETTINGS = {
+    "filtermail": "filtermail_smtp_port",
+    "filtermail-incoming": "filtermail_smtp_port_incoming",
+}
+SERVICES = [*SOCKETS, *PORT_SETTINGS]
+
+pytestmark = pytest.mark.skipif(shutil.which("openrc-run") is None,
+                                reason="needs OpenRC: run `make test-openrc`")
+
+
+def run(*argv):
+    return subprocess.run(argv, capture_output=True, text=True)
+
+
+def rc_service(service, action):
+    return run("rc-service", service, action)
+
+
+def install_chatmaild():
+    debs = sorted(Path(REPO / "dist" / "trixie").glob("python3-chatmaild_*.deb"))
+    assert debs, "no dist/trixie/python3-chatmaild_*.deb: run `make debs-trixie` first"
+    result = run("dpkg", "-i", str(debs[-1]))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def add_vmail():
+    if run("getent", "passwd", "vmail").returncode != 0:
+        result = run("adduser", "--system", "--group", "--home", "/home/vmail",
+                     "--no-create-home", "vmail")
+        assert result.returncode == 0, result.stderr
+    Path("/home/vmail").mkdir(exist_ok=True)
+    shutil.chown("/home/vmail", "vmail", "vmail")
+
+
+def install_service(service, open_files):
+    """/etc/init.d/SERVICE and /etc/conf.d/SERVICE as chatmail-relay-openrc installs them,
+    the conf.d with what an admin may set there: quicker respawns, an open files limit
+    this machine allows (raising the hard limit needs CAP_SYS_RESOURCE)."""
+    init = Path("/etc/init.d") / service
+    shutil.copy(ALPINE / f"{service}.initd", init)
+    init.chmod(0o755)
+    confd = (ALPINE / f"{service}.confd").read_text()
+    confd += f'respawn_delay={RESPAWN_DELAY}\nrc_ulimit="-n {open_files}"\n'
+    Path("/etc/conf.d").mkdir(exist_ok=True)
+    (Path("/etc/conf.d") / service).write_text(confd)
+
+
+@pytest.fixture(scope="module")
+def relay():
+    """OpenRC's state as on a booted system, our services installed, chatmail.ini written
+    -> the relay's configuration; the services are stopped at the end."""
+    install_chatmaild()
+    add_vmail()
+    open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    for service in SERVICES:
+        install_service(service, open_files)
+    # OpenRC installs this PAM service with supervise-daemon; Debian's package leaves it
+    # out, so PAM's "other" would add Debian's pam_umask, which turns umask 077 into 007
+    # for a user in a group of its own, such as vmail.
+    Path("/etc/pam.d/supervise-daemon").write_text(
+        "auth required pam_permit.so\naccount required pam_permit.so\n"
+        "password required pam_deny.so\nsession optional pam_limits.so\n")
+    # Not booted by OpenRC: this file says the system is in a runlevel anyway.
+    Path("/run/openrc").mkdir(parents=True, exist_ok=True)
+    Path("/run/openrc/softlevel").touch()
+    INI.parent.mkdir(parents=True, exist_ok=True)
+    INI.write_text(default_config_text(DOMAIN))
+    config = read_config(INI)
+    # What `chatmail configure` (postinst.d/10-directories) makes before services start.
+    Path(config.mailboxes_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+    shutil.chown(config.mailboxes_dir, "vmail", "vmail")
+    config.open_files = open_files
+    yield config
+    for service in SERVICES:
+        rc_service(service, "stop")
+
+
+@pytest.fixture
+def started(relay, request):
+    """Start the service named by the test's `service` parameter; stop it afterwards."""
+    service = request.node.callspec.params["service"]
+    result = rc_service(service, "start")
+    assert result.returncode == 0, result.stdout + result.stderr
+    yield service
+    rc_service(service, "stop")
+
+
+def supervisor_pid(service):
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv[0].endswith(b"supervise-daemon") and argv[1:2] == [service.encode()]:
+                return int(proc.name)
+    return None
+
+
+def daemon_pid(service, timeout=10):
+    """The process supervise-daemon runs for SERVICE (waiting for a respawn)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        supervisor = supervisor_pid(service)
+        if supervisor:
+            children = Path(f"/proc/{supervisor}/task/{supervisor}/children")
+            pids = children.read_text().split()
+            if pids:
+                return int(pids[0])
+        time.sleep(0.1)
+    raise AssertionError(f"{service}: no supervised process")
+
+
+def proc_status(pid):
+    text = Path(f"/proc/{pid}/status").read_text()
+    return dict(re.findall(r"^(\w+):\s*(.*)$", text, re.M))
+
+
+def open_files_limit(pid):
+    limits = Path(f"/proc/{pid}/limits").read_text()
+    return re.search(r"^Max open files\s+(\d+)\s+(\d+)", limits, re.M).groups()
+
+
+def answers(config, service, timeout=15):
+    """True once SERVICE accepts a connection on its socket or port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if service in SOCKETS:
+                with socket.socket(socket.AF_UNIX) as client:
+                    client.connect(SOCKETS[service])
+            else:
+                port = getattr(config, PORT_SETTINGS[service])
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_service_runs_supervised_as_vmail_and_answers(relay, started, service):
+    assert "started" in rc_service(service, "status").stdout
+    pid = daemon_pid(service)
+    status = proc_status(pid)
+    vmail = run("id", "-u", "vmail").stdout.strip()
+    assert status["Uid"].split()[:2] == [vmail, vmail]
+    assert status["NoNewPrivs"] == "1"
+    assert status["Umask"] == "0077"
+    assert open_files_limit(pid) == (str(relay.open_files), str(relay.open_files))
+    assert answers(relay, service)
+    if service in SOCKETS:
+        runtime_dir = Path(SOCKETS[service]).parent
+        assert runtime_dir.owner() == runtime_dir.group() == "vmail"
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_service_is_started_again_after_a_crash(relay, started, service):
+    first = daemon_pid(service)
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + RESPAWN_DELAY + 10
+    while time.monotonic() < deadline:
+        second = daemon_pid(service)
+        if second != first:
+            break
+        time.sleep(0.1)
+    assert second != first, "not respawned"
+    assert answers(relay, service)
+    assert "started" in rc_service(service, "status").stdout
+
+
+@pytest.mark.parametrize("service", ["doveauth", "filtermail"])
+def test_stop_ends_the_service(relay, started, service):
+    pid = daemon_pid(service)
+    result = rc_service(service, "stop")
+    assert result.returncode == 0, result.stderr
+    assert supervisor_pid(service) is None
+    assert not Path(f"/proc/{pid}").exists()
+    assert "stopped" in rc_service(service, "status").stdout
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_start_without_ini_says_run_setup(relay, service):
+    saved = INI.with_name("chatmail.ini.away")
+    INI.rename(saved)
+    try:
+        result = rc_service(service, "start")
+    finally:
+        saved.rename(INI)
+    assert result.returncode != 0
+    assert "chatmail setup" in result.stdout + result.stderr
+    assert supervisor_pid(service) is None
+    rc_service(service, "zap")
+
+
+# --- daily jobs (busybox crond runs /etc/periodic/daily on Alpine) ------------------
+
+def run_periodic(job):
+    return run("sh", str(ALPINE / f"{job}.periodic"))
+
+
+def test_daily_expiry_runs_as_vmail(relay):
+    # An address that logged in today, with a message from long ago and one of today.
+    mailbox = Path(relay.mailboxes_dir) / f"user@{DOMAIN}"
+    (mailbox / "cur").mkdir(parents=True, exist_ok=True)
+    (mailbox / "password").write_text("hash\n")
+    old, new = mailbox / "cur" / "1.M1P1.host:2,S", mailbox / "cur" / "2.M2P2.host:2,S"
+    for message in [old, new]:
+        message.write_text("Subject: hello\n\nhello\n")
+    long_ago = time.time() - (int(relay.delete_mails_after) + 1) * 86400
+    os.utime(old, (long_ago, long_ago))
+    subprocess.run(["chown", "-R", "vmail:vmail", str(relay.mailboxes_dir)], check=True)
+    result = run_periodic("chatmail-expire")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not old.exists() and new.exists()
+
+
+def test_daily_report_is_written_by_vmail(relay):
+    result = run_periodic("chatmail-fsreport")
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = Path("/var/lib/chatmail-relay/metrics/fsreport.prom")
+    assert report.owner() == "vmail"
+    # readable by node_exporter's textfile collector
+    assert report.stat().st_mode & 0o777 == 0o644
+    assert "# TYPE" in report.read_text()
