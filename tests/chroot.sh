@@ -1,20 +1,16 @@
 #!/bin/sh
-# Run a command of this checkout inside another Debian release (default: Debian 13,
-# whose Dovecot is 2.4), in a chroot with that release's Dovecot, Postfix, OpenSSL, the
-# Python libraries our packages depend on, the tools that build them, and OpenRC (to run
-# our Alpine init scripts, tests/openrc). Not a booted system (tests/system does that):
+# Run a command of this checkout inside Debian 13 (whose Dovecot is 2.4), in a chroot
+# with that release's Dovecot, Postfix, OpenSSL, the Python libraries our packages depend
+# on, the tools that build them, and OpenRC (to run our Alpine init scripts,
+# tests/openrc). Not a booted system (tests/system does that):
 # for tests that start the daemons themselves, like tests/config and tests/openrc, and
 # for building our packages for that release (make debs-trixie).
 # The chroot is built once and cached outside the checkout, keyed by this script; each
 # run gets a throw-away overlay on it, with the checkout mounted at /src.
-# Usage: tests/chroot.sh [--suite SUITE] COMMAND...   (run from anywhere, as root)
+# Usage: tests/chroot.sh COMMAND...   (run from anywhere, as root)
 set -eu
 suite=trixie
-if [ "${1:-}" = --suite ]; then
-	suite=$2
-	shift 2
-fi
-[ $# -gt 0 ] || { echo "usage: $0 [--suite SUITE] COMMAND..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 COMMAND..." >&2; exit 2; }
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
 cache=${CHATMAIL_TEST_CACHE:-/var/cache/chatmail-relay-test}
@@ -33,7 +29,7 @@ build_base() {
 	echo "chroot.sh: building a $suite chroot with its Dovecot (cached as $base)" >&2
 	debootstrap --variant=minbase "$suite" "$tmp" http://deb.debian.org/debian \
 		>"$tmp.log" 2>&1 || { tail -20 "$tmp.log" >&2; rm -f "$tmp.log"; exit 1; }
-	# Nothing may start in the chroot: it shares the host's network and /run.
+	# Nothing may start in the chroot: it shares the host's network.
 	printf '#!/bin/sh\nexit 101\n' >"$tmp/usr/sbin/policy-rc.d"
 	chmod 755 "$tmp/usr/sbin/policy-rc.d"
 	mount -t proc proc "$tmp/proc"

@@ -47,7 +47,7 @@ def rc_service(service, action):
 
 
 def install_chatmaild():
-    debs = sorted(Path(REPO / "dist" / "trixie").glob("python3-chatmaild_*.deb"))
+    debs = sorted((REPO / "dist" / "trixie").glob("python3-chatmaild_*.deb"))
     assert debs, "no dist/trixie/python3-chatmaild_*.deb: run `make debs-trixie` first"
     result = run("dpkg", "-i", str(debs[-1]))
     assert result.returncode == 0, result.stdout + result.stderr

@@ -1,6 +1,6 @@
 """Runs inside a test container with the Delta Chat virtualenv's packages on the path (not
-imported by pytest): the start of every client script. Two accounts on the relay, created by their
-first login through dclogin links, verified with each other by SecureJoin."""
+imported by pytest): the start of every client script. Two accounts on the relay, created
+by their first login through dclogin links, verified with each other by SecureJoin."""
 
 import os
 import sys
