@@ -7,10 +7,17 @@
 # for building our packages for that release (make debs-trixie).
 # The chroot is built once and cached outside the checkout, keyed by this script; each
 # run gets a throw-away overlay on it, with the checkout mounted at /src.
-# Usage: tests/chroot.sh COMMAND...   (run from anywhere, as root)
+# --dovecot-from SUITE: with that Debian suite's Dovecot instead (e.g. forky's 2.4.5, the
+# release Alpine 3.23 ships), from a second cached layer on top of the chroot.
+# Usage: tests/chroot.sh [--dovecot-from SUITE] COMMAND...   (run from anywhere, as root)
 set -eu
 suite=trixie
-[ $# -gt 0 ] || { echo "usage: $0 COMMAND..." >&2; exit 2; }
+dovecot_suite=
+if [ "${1:-}" = "--dovecot-from" ]; then
+	dovecot_suite=${2:?--dovecot-from needs a suite}
+	shift 2
+fi
+[ $# -gt 0 ] || { echo "usage: $0 [--dovecot-from SUITE] COMMAND..." >&2; exit 2; }
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
 cache=${CHATMAIL_TEST_CACHE:-/var/cache/chatmail-relay-test}
@@ -48,7 +55,40 @@ build_base() {
 	done
 }
 
+# The layer with another suite's Dovecot: an overlay upper directory kept for reuse.
+build_dovecot_layer() {
+	tmp=$(mktemp -d "$cache/.layer.XXXXXX")
+	trap 'umount "$tmp/root/proc" "$tmp/root" 2>/dev/null || true; rm -rf "$tmp"' EXIT
+	echo "chroot.sh: adding $dovecot_suite's Dovecot (cached as $layer)" >&2
+	mkdir -p "$tmp/upper" "$tmp/work" "$tmp/root"
+	mount -t overlay overlay -o "lowerdir=$base,upperdir=$tmp/upper,workdir=$tmp/work" "$tmp/root"
+	mount -t proc proc "$tmp/root/proc"
+	echo "deb http://deb.debian.org/debian $dovecot_suite main" \
+		>"$tmp/root/etc/apt/sources.list.d/$dovecot_suite.list"
+	# A testing suite's Release file expires within days; the archive reachable here
+	# may serve one past that date.
+	chroot "$tmp/root" sh -c "apt-get -o Acquire::Check-Valid-Until=false update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get -o Acquire::Check-Valid-Until=false \
+		install -y -qq --no-install-recommends -t $dovecot_suite dovecot-core \
+		dovecot-imapd dovecot-lmtpd dovecot-auth-lua >/dev/null && apt-get clean" \
+		>"$tmp.log" 2>&1 || { tail -20 "$tmp.log" >&2; rm -f "$tmp.log"; exit 1; }
+	umount "$tmp/root/proc" "$tmp/root"
+	rm -f "$tmp.log"
+	mv "$tmp/upper" "$layer"
+	rm -rf "$tmp"
+	trap - EXIT
+	for old in "$cache/layer-$suite-"*; do # layers of an older chroot
+		case $old in "$cache/layer-$suite-$key-"*) ;; *) rm -rf "$old" ;; esac
+	done
+}
+
 [ -d "$base" ] || build_base
+lower=$base
+if [ -n "$dovecot_suite" ]; then
+	layer=$cache/layer-$suite-$key-dovecot-$dovecot_suite
+	[ -d "$layer" ] || build_dovecot_layer
+	lower=$layer:$base
+fi
 
 run=$(mktemp -d /var/tmp/chatmail-chroot.XXXXXX)
 root=$run/root
@@ -70,7 +110,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 mkdir -p "$run/upper" "$run/work" "$root"
-mount -t overlay overlay -o "lowerdir=$base,upperdir=$run/upper,workdir=$run/work" "$root"
+mount -t overlay overlay -o "lowerdir=$lower,upperdir=$run/upper,workdir=$run/work" "$root"
 mount -t proc proc "$root/proc"
 mount --bind /dev "$root/dev"
 mount -t tmpfs tmpfs "$root/tmp"
