@@ -14,7 +14,7 @@ DEPS = python3 python3-aiosmtpd python3-dkim python3-dnspython python3-filelock 
        fakeroot dpkg-dev po-debconf \
        postfix dovecot-core dovecot-imapd dovecot-lmtpd nginx libnginx-mod-stream \
        opendkim opendkim-tools nsd systemd python3-qrcode zbar-tools debootstrap systemd-container \
-       apt-utils pebble
+       apt-utils pebble lua5.3 lua5.4 lua-socket lua-cjson
 
 # Debian 13 runs Python 3.13 (no crypt module): the unit tests also run there when a 3.13
 # interpreter exists, in a virtualenv cached outside the checkout.

@@ -21,6 +21,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -38,9 +39,17 @@ AUTH = "/etc/dovecot/chatmail/auth.conf"
 AUTH_LUA = "/etc/dovecot/chatmail/auth.lua"
 LUA = "/etc/dovecot/chatmail/push_notification.lua"
 DROPIN = "/etc/systemd/system/dovecot.service.d/chatmail.conf"
+OPENRC_MAIN = "/etc/dovecot/dovecot.conf"
+# /etc/init.d/dovecot of our Alpine Dovecot build
+OUR_INITD = REPO / "alpine" / "dovecot" / "dovecot.initd"
 
 
 # -- helpers ----------------------------------------------------------------------------
+
+
+def without_header(doveconf_output):
+    """doveconf -n's output without its header (versions, OS, the file it read)."""
+    return [line for line in doveconf_output.splitlines() if not line.startswith("#")]
 
 
 def doveconf(files, platform, *args):
@@ -105,23 +114,36 @@ def test_files_and_paths(relay_config, platform, render):
 @pytest.mark.parametrize("name, auth", [("debian12", AUTH), ("debian13", AUTH_LUA),
                                         ("alpine", AUTH_LUA)])
 def test_each_platform_gets_the_files_of_its_dovecot(relay_config, name, auth, render):
-    """2.3 and 2.4 syntax never mix; on OpenRC, /etc/conf.d/dovecot does what the systemd
-    drop-in does: /etc/init.d/dovecot of our Alpine build starts Dovecot with our file."""
+    """2.3 and 2.4 syntax never mix. Debian: a systemd drop-in starts Dovecot with our
+    file; OpenRC: our file is Dovecot's default one, which /etc/init.d/dovecot starts
+    Dovecot with (Alpine's script or our build's)."""
     platform = load_platform(name)
     files = render("dovecot", relay_config, platform)
-    service = DROPIN if platform.service_manager == "systemd" else "/etc/conf.d/dovecot"
-    assert set(files) == {MAIN, auth, LUA, service}
-    if service != DROPIN:
-        assert files[service].restart == ["dovecot"]
-        assert f"\nDOVECOT_CONFIG={MAIN}\n" in files[service].content
-        initd = (REPO / "alpine" / "dovecot" / "dovecot.initd").read_text()
-        assert 'command_args="-F -c $DOVECOT_CONFIG"' in initd
-    first_setting = next(line for line in files[MAIN].content.splitlines()
+    if platform.service_manager == "systemd":
+        assert set(files) == {MAIN, auth, LUA, DROPIN}
+        main = MAIN
+    else:
+        main = OPENRC_MAIN
+        assert set(files) == {main, auth, LUA}
+        assert "-c " not in OUR_INITD.read_text()  # the default file, as Alpine's
+    first_setting = next(line for line in files[main].content.splitlines()
                          if line and not line.startswith("#"))
     if is_24(platform):
         assert first_setting == "dovecot_config_version = 2.4.1"
     else:
-        assert "dovecot_config_version" not in files[MAIN].content
+        assert "dovecot_config_version" not in files[main].content
+
+
+def test_openrc_layout_is_accepted_by_doveconf(relay_config, platform, render):
+    """The whole configuration as Dovecot's default file, the rest in chatmail/ (OpenRC):
+    the same settings as with our file in chatmail/."""
+    openrc = SimpleNamespace(**{**vars(platform), "service_manager": "openrc",
+                                "dovecot_main_config": OPENRC_MAIN})
+    files = render("dovecot", relay_config, openrc)
+    assert dovecot.validate(list(files.values()), openrc) == []
+    expected = without_header(doveconf(render("dovecot", relay_config, platform),
+                                       platform, "-n").stdout)
+    assert without_header(doveconf(files, openrc, "-n").stdout) == expected
 
 
 def test_doveconf_accepts_every_configuration(relay_config, platform, render):
@@ -278,7 +300,8 @@ def test_tls_files(relay_config, platform, render):
     if is_24(platform):
         lines = [f"ssl_server_cert_file = {config.tls_cert_path}",
                  f"ssl_server_key_file = {config.tls_key_path}",
-                 "ssl_server_dh_file = /usr/share/dovecot/dh.pem"]
+                 "ssl_min_protocol = TLSv1.3"]
+        assert "\nssl_server_dh_file" not in text  # no DHE in TLS 1.3
     else:
         lines = [f"ssl_cert = <{config.tls_cert_path}", f"ssl_key = <{config.tls_key_path}",
                  "ssl_dh = </usr/share/dovecot/dh.pem"]

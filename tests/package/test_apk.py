@@ -62,12 +62,11 @@ DEBIAN_TO_ALPINE = {
 # Alpine needs these beyond the mapping: what Debian's packages bundle, Alpine splits.
 ALPINE_ONLY = {
     "chatmail-relay": {"dovecot-lua": "Debian's dovecot-core has the Lua plugins",
-                       "postfix-lmdb": "Alpine's Postfix has no Berkeley DB: lmdb maps",
                        "dnssec-root": "OpenDKIM's trust anchor (Debian: dns-root-data, "
                                       "pulled in by opendkim)",
-                       "lua5.4-cjson": "auth.lua, Dovecot 2.4's passdb (Debian 13's "
+                       "lua5.3-cjson": "auth.lua, Dovecot 2.4's passdb (Debian 13's "
                                        "package depends on lua-cjson; 12 has Dovecot 2.3)",
-                       "lua5.4-socket": "auth.lua reaches doveauth's socket (Debian 13: "
+                       "lua5.3-socket": "auth.lua reaches doveauth's socket (Debian 13: "
                                         "lua-socket)",
                        "/bin/sh": "abuild adds it for install scripts"},
     "py3-chatmaild": {"python3": "Debian: ${python3:Depends}",
@@ -75,10 +74,11 @@ ALPINE_ONLY = {
 }
 
 
-def apkbuild_var(name):
-    result = subprocess.run(["sh", "-c", f'startdir={ALPINE}; srcdir=/nonexistent; '
+def apkbuild_var(name, directory=ALPINE):
+    """A variable of the APKBUILD in `directory`, as abuild sees it after sourcing it."""
+    result = subprocess.run(["sh", "-c", f'startdir={directory}; srcdir=/nonexistent; '
                              f'. ./APKBUILD; printf %s "${name}"'],
-                            cwd=ALPINE, capture_output=True, text=True, check=True)
+                            cwd=directory, capture_output=True, text=True, check=True)
     return result.stdout
 
 
@@ -553,12 +553,32 @@ def test_dovecot_apkbuild_applies_the_same_patch():
     patch = ALPINE / "dovecot" / "instant-idle.patch"
     assert patch.is_symlink()
     assert patch.resolve() == (REPO / "dovecot" / "instant-idle.patch").resolve()
-    text = (ALPINE / "dovecot" / "APKBUILD").read_text()
-    source = re.search(r'^source="([^"]*)"', text, re.M | re.S).group(1).split()
-    assert "instant-idle.patch" in source
-    digest = hashlib.sha512(patch.read_bytes()).hexdigest()
-    assert f"{digest}  instant-idle.patch" in text
+    assert "instant-idle.patch" in apkbuild_var("source", ALPINE / "dovecot").split()
     assert "dovecot-lua" in apkbuild_var("depends").split()
+
+
+def test_dovecot_apkbuild_lists_a_checksum_for_every_source():
+    """What `abuild verify` checks: upstream's tarballs (their checksums as in Alpine's
+    main/dovecot of the same release) and the current content of our files."""
+    directory = ALPINE / "dovecot"
+    sums = dict(reversed(line.split("  ")) for line in
+                apkbuild_var("sha512sums", directory).split("\n") if line)
+    names = [entry.rsplit("/", 1)[-1] for entry in apkbuild_var("source", directory).split()]
+    assert sorted(sums) == sorted(names)
+    for name in names:
+        if (directory / name).exists():
+            assert sums[name] == hashlib.sha512((directory / name).read_bytes()).hexdigest()
+
+
+def test_lua_modules_fit_the_lua_dovecot_is_built_with():
+    """auth.lua loads LuaSocket and lua-cjson into Dovecot's Lua: they must be built for
+    the same Lua version, 5.3 in Alpine's Dovecot and ours."""
+    luas = [dep for dep in apkbuild_var("makedepends", ALPINE / "dovecot").split()
+            if re.fullmatch(r"lua5\.\d-dev", dep)]
+    assert luas == ["lua5.3-dev"]
+    depends = apkbuild_var("depends").split()
+    assert {"lua5.3-socket", "lua5.3-cjson"} <= set(depends)
+    assert not [dep for dep in depends if re.match(r"lua5\.[0-24-9]-", dep)]
 
 
 def test_dovecot_apkbuild_builds_the_version_our_alpine_templates_are_for():
