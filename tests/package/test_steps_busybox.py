@@ -1,0 +1,116 @@
+"""The configuration steps (postinst.d/) that need only a base system, run by Alpine's
+busybox in Alpine's minirootfs, with the environment `chatmail configure` gives them on
+Alpine: busybox's install, mktemp, grep, sort, sha256sum and ash instead of Debian's.
+rc-service is not in the minirootfs (tests/openrc runs the real OpenRC); a stand-in
+records the calls and, as OpenRC does, refuses `status` and `reload` for a service that
+was not started."""
+
+import shutil
+import stat
+
+import pytest
+
+from chatmaild.config import default_config_text, read_config
+from chatmaild.configure import platform_settings, relay_settings
+from chatmaild.render import load_platform
+from tests.conftest import REPO
+
+DOMAIN = "chat.example.org"
+DATA_DIR = "/usr/share/chatmail-relay"
+INI = "/etc/chatmail/chatmail.ini"
+RELAY_SERVICES = ["doveauth", "lastlogin", "chatmail-metadata", "filtermail",
+                  "filtermail-incoming"]
+
+RC_SERVICE = """#!/bin/sh
+echo "$*" >>/tmp/rc-service.calls
+case $1 in --quiet) shift ;; esac
+case $2 in
+status|reload) grep -qx "$1" /tmp/rc-service.started ;;
+start|restart) echo "$1" >>/tmp/rc-service.started ;;
+esac
+"""
+
+
+@pytest.fixture
+def alpine(alpine_root):
+    """The minirootfs with the users Alpine's packages make (postfix, opendkim; vmail by
+    our pre-install), our steps installed and a chatmail.ini."""
+    for argv in [["addgroup", "-S", "opendkim"], ["adduser", "-S", "-D", "-H", "-G",
+                                                  "opendkim", "opendkim"],
+                 ["addgroup", "-S", "postfix"],
+                 ["adduser", "-S", "-D", "-H", "-G", "postfix", "postfix"]]:
+        assert alpine_root.run(*argv).returncode == 0
+    shutil.copy(REPO / "alpine" / "chatmail-relay.pre-install",
+                alpine_root.host_path("/tmp/pre-install"))
+    assert alpine_root.run("/bin/sh", "/tmp/pre-install").returncode == 0
+    shutil.copytree(REPO / "postinst.d", alpine_root.host_path(DATA_DIR + "/postinst.d"))
+    ini = alpine_root.host_path(INI)
+    ini.parent.mkdir(parents=True)
+    ini.write_text(default_config_text(DOMAIN))
+    stand_in = alpine_root.host_path("/usr/local/bin/rc-service")
+    stand_in.parent.mkdir(parents=True, exist_ok=True)
+    stand_in.write_text(RC_SERVICE)
+    stand_in.chmod(0o755)
+    alpine_root.host_path("/tmp/rc-service.started").touch()
+    return alpine_root
+
+
+def run_step(alpine, name, reload=()):
+    config = read_config(alpine.host_path(INI))
+    reload_list = alpine.host_path("/tmp/reload")
+    reload_list.write_text("".join(f"{service}\n" for service in reload))
+    alpine.host_path("/tmp/rc-service.calls").write_text("")
+    env = {**relay_settings(config), **platform_settings(load_platform("alpine")),
+           "CHATMAIL_INI": INI, "CHATMAIL_DATA_DIR": DATA_DIR,
+           "CHATMAIL_RELOAD_LIST": "/tmp/reload", "CHATMAIL_NO_RELOAD": ""}
+    result = alpine.run("/bin/sh", f"{DATA_DIR}/postinst.d/{name}", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout, alpine.host_path("/tmp/rc-service.calls").read_text().splitlines()
+
+
+def owner_and_mode(alpine, path):
+    info = alpine.host_path(path).stat()
+    users = {int(fields[2]): fields[0] for fields in
+             (line.split(":") for line in
+              alpine.host_path("/etc/passwd").read_text().splitlines())}
+    return users.get(info.st_uid, str(info.st_uid)), stat.S_IMODE(info.st_mode)
+
+
+def test_directories_step_makes_the_relay_directories(alpine):
+    run_step(alpine, "10-directories")
+    platform = load_platform("alpine")
+    config = read_config(alpine.host_path(INI))
+    assert owner_and_mode(alpine, config.mailboxes_dir) == ("vmail", 0o700)
+    assert owner_and_mode(alpine, platform.vmail_home) == ("vmail", 0o755)
+    assert owner_and_mode(alpine, f"{platform.state_dir}/reports") == ("vmail", 0o750)
+    assert owner_and_mode(alpine, platform.dkim_key_dir) == ("opendkim", 0o750)
+    assert owner_and_mode(alpine, f"{platform.postfix_queue_dir}/private") == \
+        ("postfix", 0o700)
+    run_step(alpine, "10-directories")  # idempotent
+
+
+def test_acme_step_without_certbot_says_what_to_install(alpine):
+    out, _ = run_step(alpine, "70-acme")
+    assert "certbot is not installed" in out and "Install certbot" in out
+
+
+def test_services_step_starts_everything_then_only_what_changed(alpine):
+    run_step(alpine, "10-directories")
+    _, calls = run_step(alpine, "60-services")
+    platform = load_platform("alpine")
+    # First run: the relay's services are new to this chatmail.ini, so reloaded, which
+    # fails while they are stopped: restarted; the daemons are started.
+    assert [call for call in calls if not call.startswith("--quiet ")] == \
+        [f"{service} {action}" for service in RELAY_SERVICES
+         for action in ("reload", "restart")] + \
+        [f"{daemon} start" for daemon in ["dovecot", platform.opendkim_service, "postfix",
+                                          "nginx", platform.fcgiwrap_service]]
+    # Nothing changed: all running, nothing to do.
+    _, calls = run_step(alpine, "60-services")
+    assert [call for call in calls if not call.startswith("--quiet ")] == []
+    # A changed chatmail.ini reloads the relay's own services; a listed one reloads too.
+    ini = alpine.host_path(INI)
+    ini.write_text(ini.read_text() + "max_user_send_per_minute = 61\n")
+    _, calls = run_step(alpine, "60-services", reload=["postfix"])
+    assert [call for call in calls if not call.startswith("--quiet ")] == \
+        [f"{service} reload" for service in RELAY_SERVICES + ["postfix"]]
