@@ -1,9 +1,12 @@
 """Our Alpine init scripts and daily jobs (alpine/) run for real: OpenRC's openrc-run and
 supervise-daemon (Debian 13's openrc 0.56; Alpine runs the same programs) start our
-services from the python3-chatmaild package built for Debian 13 (dist/trixie), as vmail.
+services from the python3-chatmaild package built for Debian 13 (dist/trixie), as vmail,
+and Dovecot 2.4 (Debian 13's) with our Dovecot build's init script and the relay's
+configuration laid out as on Alpine.
 
 Runs inside tests/chroot.sh, in a network namespace of its own: `make test-openrc`."""
 
+import imaplib
 import os
 import re
 import resource
@@ -11,18 +14,23 @@ import shutil
 import signal
 import socket
 import subprocess
+import ssl
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from chatmaild.config import default_config_text, read_config
+from chatmaild.render import load_platform, render_component
 from tests.conftest import REPO
 
 ALPINE = REPO / "alpine"
 INI = Path("/etc/chatmail/chatmail.ini")
 DOMAIN = "chat.example.org"
 RESPAWN_DELAY = 1
+# Account creation must not depend on how busy the test machine is.
+PERMISSIVE = {"max_load_1m": "99999", "min_available_memory": "0", "min_free_disk_space": "0"}
 SOCKETS = {
     "doveauth": "/run/doveauth/doveauth.socket",
     "lastlogin": "/run/chatmail-lastlogin/lastlogin.socket",
@@ -94,7 +102,7 @@ def relay():
     Path("/run/openrc").mkdir(parents=True, exist_ok=True)
     Path("/run/openrc/softlevel").touch()
     INI.parent.mkdir(parents=True, exist_ok=True)
-    INI.write_text(default_config_text(DOMAIN))
+    INI.write_text(default_config_text(DOMAIN, **PERMISSIVE))
     config = read_config(INI)
     # What `chatmail configure` (postinst.d/10-directories) makes before services start.
     Path(config.mailboxes_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -253,3 +261,116 @@ def test_daily_report_is_written_by_vmail(relay):
     # readable by node_exporter's textfile collector
     assert report.stat().st_mode & 0o777 == 0o644
     assert "# TYPE" in report.read_text()
+
+
+# --- Dovecot: our Alpine build's init script, the relay's configuration as on Alpine ----
+
+DOVECOT_CONF = Path("/etc/dovecot/dovecot.conf")
+IMAPS = ("127.0.0.1", 993)
+PASSWORD = "Ohwu4aeshahx7shei"
+
+
+def openrc_platform():
+    """Debian 13's paths (its Dovecot runs here) with Alpine's layout: OpenRC, and the
+    relay's whole configuration in Dovecot's default file."""
+    return SimpleNamespace(**{**vars(load_platform("debian13")), "service_manager": "openrc",
+                              "dovecot_main_config": str(DOVECOT_CONF)})
+
+
+def make_certificate(cert, key):
+    for path in (cert, key):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:P-256", "-noenc", "-days", "2", "-subj",
+                    f"/CN={DOMAIN}", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+
+
+def dovecot_errors():
+    """Dovecot's recent errors (no syslog here to read them from)."""
+    return run("doveadm", "log", "errors").stdout
+
+
+def imaps_login(address, timeout=15):
+    """Log in over IMAPS (creating the account on its first login): the answer to LOGIN.
+    Dovecot restarts its processes on a reload or respawn, so a connection broken
+    meanwhile is tried again; if none works, Dovecot's recent errors."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with imaplib.IMAP4_SSL(*IMAPS, ssl_context=context, timeout=10) as client:
+                return client.login(address, PASSWORD)[0]
+        except (OSError, imaplib.IMAP4.abort) as error:
+            if time.monotonic() > deadline:
+                return f"{error}\n{dovecot_errors()}"
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def dovecot(relay):
+    """The relay's Dovecot files written by `chatmail configure` on Alpine, with the
+    services Dovecot asks (doveauth, lastlogin, chatmail-metadata) running."""
+    init = Path("/etc/init.d/dovecot")
+    shutil.copy(ALPINE / "dovecot" / "dovecot.initd", init)
+    init.chmod(0o755)
+    Path("/etc/conf.d/dovecot").write_text(f'rc_ulimit="-n {relay.open_files}"\n')
+    # Dovecot needs localmount, which Alpine's boot runlevel starts (it mounts the local
+    # file systems); Debian's openrc has no such service: a stand-in with nothing to do.
+    localmount = Path("/etc/init.d/localmount")
+    localmount.write_text("#!/sbin/openrc-run\nstart() {\n\treturn 0\n}\n")
+    localmount.chmod(0o755)
+    assert rc_service("localmount", "start").returncode == 0
+    make_certificate(relay.tls_cert_path, relay.tls_key_path)
+    Path("/var/spool/postfix/private").mkdir(parents=True, exist_ok=True)
+    for item in render_component("dovecot", relay, openrc_platform()):
+        path = Path(item.path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(item.content)
+    for service in SOCKETS:
+        assert rc_service(service, "start").returncode == 0
+    yield relay
+    rc_service("dovecot", "stop")
+    for service in SOCKETS:
+        rc_service(service, "stop")
+
+
+def test_dovecot_runs_the_default_file_and_creates_accounts(dovecot):
+    result = rc_service("dovecot", "start")
+    assert result.returncode == 0, result.stdout + result.stderr
+    # Nothing but the default file tells Dovecot about the relay.
+    assert "-c" not in Path(f"/proc/{daemon_pid('dovecot')}/cmdline").read_bytes().split(b"\0")
+    address = f"openrc001@{DOMAIN}"
+    assert imaps_login(address) == "OK"
+    assert (Path(dovecot.mailboxes_dir) / address / "password").exists()
+    result = rc_service("dovecot", "reload")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert imaps_login(address) == "OK"
+
+
+def test_dovecot_is_started_again_after_a_crash(dovecot):
+    assert rc_service("dovecot", "start").returncode == 0
+    first = daemon_pid("dovecot")
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while (second := daemon_pid("dovecot")) == first and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert second != first, "not respawned"
+    assert imaps_login(f"openrc002@{DOMAIN}") == "OK"
+    result = rc_service("dovecot", "stop")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert supervisor_pid("dovecot") is None
+
+
+def test_dovecot_refuses_to_start_with_a_broken_configuration(dovecot):
+    good = DOVECOT_CONF.read_text()
+    DOVECOT_CONF.write_text(good + "no_such_setting = 1\n")
+    try:
+        result = rc_service("dovecot", "start")
+    finally:
+        DOVECOT_CONF.write_text(good)
+    assert result.returncode != 0
+    assert "no_such_setting" in result.stdout + result.stderr
+    assert supervisor_pid("dovecot") is None
+    rc_service("dovecot", "zap")
