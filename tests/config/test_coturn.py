@@ -41,7 +41,7 @@ def installed(monkeypatch):
     monkeypatch.setattr(render_module, "read_text", read_text)
 
     def install(config, platform):
-        files[platform.coturn_config] = "# coturn's own configuration"
+        files[platform.coturn_package_file] = "# a file of the coturn package"
         files[config.turn_secret_path] = SECRET
         return files
 
@@ -84,14 +84,14 @@ def test_shared_secret_realm_and_listeners(relay_config, debian12, render, insta
 
 def test_nothing_without_coturn(relay_config, debian12, render, installed):
     files = installed(relay_config, debian12)
-    files[debian12.coturn_config] = ""
+    files[debian12.coturn_package_file] = ""
     assert render("coturn", relay_config, debian12) == {}
 
 
 def test_alpine_has_no_systemd_dropin(relay_config, render, installed):
     alpine = load_platform("alpine")
     installed(relay_config, alpine)
-    assert list(render("coturn", relay_config, alpine)) == ["/etc/chatmail/turnserver.conf"]
+    assert list(render("coturn", relay_config, alpine)) == ["/etc/coturn/turnserver.conf"]
 
 
 def test_validate_wants_the_secret(relay_config, debian12, render, installed):
@@ -175,3 +175,28 @@ def test_coturn_runs_the_rendered_configuration(rendered_coturn, relay_config):
     assert "Bad configuration format" not in log
     assert log.count("Black listing:") == len(options(
         (log_path.parent / "turnserver.conf").read_text(), "denied-peer-ip"))
+
+
+@needs_coturn
+def test_alpine_turnserver_finds_our_file_without_c(relay_config, render, installed,
+                                                     tmp_path):
+    """Alpine's init script starts turnserver without -c (and the package ships no
+    configuration): turnserver looks in ./etc/coturn/ before /etc/, so run from tmp_path
+    it finds our file at tmp_path/etc/coturn/turnserver.conf as it finds
+    /etc/coturn/turnserver.conf on Alpine."""
+    alpine = load_platform("alpine")
+    installed(relay_config, alpine)
+    text = render("coturn", relay_config, alpine)[alpine.turnserver_config].content
+    port = free_udp_and_tcp_port()
+    conf = tmp_path / alpine.turnserver_config.lstrip("/")
+    conf.parent.mkdir(parents=True)
+    conf.write_text(on_loopback(text, port, tmp_path))
+    log_path = tmp_path / "turnserver.log"
+    proc = subprocess.Popen(["turnserver", "--no-stdout-log"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until_answering(proc, port, log_path)
+        kind, attributes = allocate(port, make_credentials(SECRET))
+        assert kind == ALLOCATE_SUCCESS, attributes
+    finally:
+        stop_process(proc)

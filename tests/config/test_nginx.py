@@ -358,9 +358,14 @@ def test_every_platform_puts_the_files_where_its_nginx_reads_them(platform_name,
                                                                   render):
     platform = load_platform(platform_name)
     files = render("nginx", read_config(make_ini()), platform)
-    assert sorted(files) == sorted([
-        f"{platform.nginx_toplevel_include_dir}/90-chatmail-relay-stream.conf",
-        f"{platform.nginx_http_include_dir}/chatmail-relay.conf"])
+    if platform.nginx_stream_include_dir:
+        stream = f"{platform.nginx_stream_include_dir}/chatmail-relay.conf"
+        assert "\nstream {" not in files[stream].content  # inside the package's block
+    else:
+        stream = f"{platform.nginx_toplevel_include_dir}/90-chatmail-relay-stream.conf"
+        assert "\nstream {" in files[stream].content
+    assert sorted(files) == sorted([stream,
+                                    f"{platform.nginx_http_include_dir}/chatmail-relay.conf"])
     site = files[f"{platform.nginx_http_include_dir}/chatmail-relay.conf"].content
     assert f"fastcgi_pass unix:{platform.fcgiwrap_socket};" in site
     # both folders are read with a *.conf glob, so apply's .chatmail-new proposals are not
@@ -383,3 +388,40 @@ def test_admin_server_for_the_relay_domain_is_reported(domain_relay):
     [problem] = nginx.validate(files, platform, stand_in_certificates=True)
     assert 'conflicting server name "chat.example.org" on 0.0.0.0:80' in problem
     assert "remove the relay's names from the other server" in problem
+
+
+def alpine_nginx(etc):
+    """/etc/nginx laid out as Alpine's nginx and nginx-mod-stream install it, at `etc`:
+    module loaders in modules/, conf.d/ included at the top level, where nginx-mod-stream's
+    stream.conf holds the one stream {} block, which includes stream.d/; http.d/ inside
+    http {}."""
+    for folder in ("modules", "conf.d", "stream.d", "http.d"):
+        (etc / folder).mkdir(parents=True)
+    for name in ("mime.types", "fastcgi_params"):  # as Alpine's nginx ships them
+        shutil.copy(f"/etc/nginx/{name}", etc / name)
+    (etc / "modules" / "10_stream.conf").write_text(
+        f'load_module "{load_platform("alpine").nginx_stream_module}";\n')
+    (etc / "conf.d" / "stream.conf").write_text(
+        f"stream {{\n    access_log off;\n    include {etc}/stream.d/*.conf;\n}}\n")
+    (etc / "nginx.conf").write_text(
+        f"include {etc}/modules/*.conf;\n"
+        "events {}\n"
+        f"include {etc}/conf.d/*.conf;\n"
+        f"http {{\n    include {etc}/mime.types;\n    include {etc}/http.d/*.conf;\n}}\n")
+
+
+def test_alpine_nginx_accepts_the_rendered_files(relay_config, render, tmp_path):
+    """With Alpine's layout our server goes into nginx-mod-stream's stream {} block: a
+    second stream {} block would stop nginx ("stream" directive is duplicate)."""
+    etc = tmp_path / "etc-nginx"
+    alpine_nginx(etc)
+    platform = SimpleNamespace(**vars(load_platform("alpine")))
+    for key in ("nginx_config_dir", "nginx_toplevel_include_dir",
+                "nginx_stream_include_dir", "nginx_http_include_dir"):
+        setattr(platform, key, getattr(platform, key).replace("/etc/nginx", str(etc)))
+    files = list(render("nginx", relay_config, platform).values())
+    assert nginx.validate(files, platform, stand_in_certificates=True) == []
+    own_block = SimpleNamespace(**{**vars(platform), "nginx_stream_include_dir": ""})
+    [problem] = nginx.validate(list(render("nginx", relay_config, own_block).values()),
+                               own_block, stand_in_certificates=True)
+    assert '"stream" directive is duplicate' in problem
