@@ -29,13 +29,19 @@ python3-filelock python3-psutil python3-qrcode dovecot-auth-lua lua-socket lua-c
 debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools help2man \
 po-debconf dpkg-dev fakeroot build-essential openrc iproute2"
 
+# quietly LOG COMMAND...: run COMMAND with its output in LOG; on failure show LOG's end.
+quietly() {
+	log=$1
+	shift
+	"$@" >>"$log" 2>&1 || { tail -20 "$log" >&2; rm -f "$log"; exit 1; }
+}
+
 build_base() {
 	mkdir -p "$cache"
 	tmp=$(mktemp -d "$cache/.chroot-$suite.XXXXXX")
 	trap 'umount "$tmp/proc" 2>/dev/null || true; rm -rf "$tmp"' EXIT
 	echo "chroot.sh: building a $suite chroot with its Dovecot (cached as $base)" >&2
-	debootstrap --variant=minbase "$suite" "$tmp" http://deb.debian.org/debian \
-		>"$tmp.log" 2>&1 || { tail -20 "$tmp.log" >&2; rm -f "$tmp.log"; exit 1; }
+	quietly "$tmp.log" debootstrap --variant=minbase "$suite" "$tmp" http://deb.debian.org/debian
 	# Nothing may start in the chroot: it shares the host's network.
 	printf '#!/bin/sh\nexit 101\n' >"$tmp/usr/sbin/policy-rc.d"
 	chmod 755 "$tmp/usr/sbin/policy-rc.d"
@@ -43,15 +49,16 @@ build_base() {
 	echo "postfix postfix/main_mailer_type select No configuration" |
 		chroot "$tmp" debconf-set-selections
 	# shellcheck disable=SC2086 # one package per word
-	chroot "$tmp" sh -c "apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-		apt-get install -y -qq --no-install-recommends $packages >/dev/null && apt-get clean" \
-		>>"$tmp.log" 2>&1 || { tail -20 "$tmp.log" >&2; rm -f "$tmp.log"; exit 1; }
+	quietly "$tmp.log" chroot "$tmp" sh -c "apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		$packages >/dev/null && apt-get clean"
 	umount "$tmp/proc"
 	rm -f "$tmp.log"
 	mv "$tmp" "$base"
 	trap - EXIT
-	for old in "$cache/chroot-$suite-"*; do
-		[ "$old" = "$base" ] || rm -rf "$old"
+	# Older chroots, and the layers made on them.
+	for old in "$cache/chroot-$suite-"* "$cache/layer-$suite-"*; do
+		case $old in "$base" | "$cache/layer-$suite-$key-"*) ;; *) rm -rf "$old" ;; esac
 	done
 }
 
@@ -67,19 +74,16 @@ build_dovecot_layer() {
 		>"$tmp/root/etc/apt/sources.list.d/$dovecot_suite.list"
 	# A testing suite's Release file expires within days; the archive reachable here
 	# may serve one past that date.
-	chroot "$tmp/root" sh -c "apt-get -o Acquire::Check-Valid-Until=false update -qq && \
-		DEBIAN_FRONTEND=noninteractive apt-get -o Acquire::Check-Valid-Until=false \
-		install -y -qq --no-install-recommends -t $dovecot_suite dovecot-core \
-		dovecot-imapd dovecot-lmtpd dovecot-auth-lua >/dev/null && apt-get clean" \
-		>"$tmp.log" 2>&1 || { tail -20 "$tmp.log" >&2; rm -f "$tmp.log"; exit 1; }
+	quietly "$tmp.log" chroot "$tmp/root" sh -c "apt-get -o Acquire::Check-Valid-Until=false \
+		update -qq && DEBIAN_FRONTEND=noninteractive apt-get \
+		-o Acquire::Check-Valid-Until=false install -y -qq --no-install-recommends \
+		-t $dovecot_suite dovecot-core dovecot-imapd dovecot-lmtpd dovecot-auth-lua \
+		>/dev/null && apt-get clean"
 	umount "$tmp/root/proc" "$tmp/root"
 	rm -f "$tmp.log"
 	mv "$tmp/upper" "$layer"
 	rm -rf "$tmp"
 	trap - EXIT
-	for old in "$cache/layer-$suite-"*; do # layers of an older chroot
-		case $old in "$cache/layer-$suite-$key-"*) ;; *) rm -rf "$old" ;; esac
-	done
 }
 
 [ -d "$base" ] || build_base

@@ -64,6 +64,18 @@ def stop_process(proc, timeout=5):
             proc.wait()
 
 
+def make_certificate(cert, key):
+    """A self-signed P-256 certificate for 127.0.0.1, as clients of a test relay see it."""
+    for path in (cert, key):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-noenc", "-days", "2", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

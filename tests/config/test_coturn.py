@@ -2,6 +2,7 @@
 
 import subprocess
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -134,22 +135,32 @@ def wait_until_answering(proc, port, log_path, timeout=10.0):
         client.close()
 
 
-@pytest.fixture
-def rendered_coturn(relay_config, debian12, render, installed, tmp_path):
-    """A turnserver running on the rendered configuration; yields (port, log path)."""
-    installed(relay_config, debian12)
-    text = render("coturn", relay_config, debian12)["/etc/chatmail/turnserver.conf"].content
+@contextmanager
+def turnserver(relay_config, platform, render, tmp_path, conf, argv):
+    """turnserver started with `argv` (in tmp_path) once the rendered configuration is
+    at `conf`, moved to loopback; yields (port, log path) while it answers."""
+    text = render("coturn", relay_config, platform)[platform.turnserver_config].content
     port = free_udp_and_tcp_port()
-    conf = tmp_path / "turnserver.conf"
+    conf.parent.mkdir(parents=True, exist_ok=True)
     conf.write_text(on_loopback(text, port, tmp_path))
     log_path = tmp_path / "turnserver.log"
-    proc = subprocess.Popen(["turnserver", "-c", str(conf)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     try:
         wait_until_answering(proc, port, log_path)
         yield port, log_path
     finally:
         stop_process(proc)
+
+
+@pytest.fixture
+def rendered_coturn(relay_config, debian12, render, installed, tmp_path):
+    """A turnserver running on the rendered configuration; yields (port, log path)."""
+    installed(relay_config, debian12)
+    conf = tmp_path / "turnserver.conf"
+    with turnserver(relay_config, debian12, render, tmp_path, conf,
+                    ["turnserver", "-c", str(conf)]) as running:
+        yield running
 
 
 def allocate(port, credentials):
@@ -186,17 +197,8 @@ def test_alpine_turnserver_finds_our_file_without_c(relay_config, render, instal
     /etc/coturn/turnserver.conf on Alpine."""
     alpine = load_platform("alpine")
     installed(relay_config, alpine)
-    text = render("coturn", relay_config, alpine)[alpine.turnserver_config].content
-    port = free_udp_and_tcp_port()
     conf = tmp_path / alpine.turnserver_config.lstrip("/")
-    conf.parent.mkdir(parents=True)
-    conf.write_text(on_loopback(text, port, tmp_path))
-    log_path = tmp_path / "turnserver.log"
-    proc = subprocess.Popen(["turnserver", "--no-stdout-log"], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_until_answering(proc, port, log_path)
+    with turnserver(relay_config, alpine, render, tmp_path, conf,
+                    ["turnserver", "--no-stdout-log"]) as (port, _):
         kind, attributes = allocate(port, make_credentials(SECRET))
-        assert kind == ALLOCATE_SUCCESS, attributes
-    finally:
-        stop_process(proc)
+    assert kind == ALLOCATE_SUCCESS, attributes

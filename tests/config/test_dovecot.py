@@ -28,7 +28,7 @@ import pytest
 from chatmaild.components import dovecot
 from chatmaild.config import default_config_text, read_config
 from chatmaild.render import load_platform, render_component
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, make_certificate
 from tests.unit.push_server import PushServer
 from tests.conftest import stop_process
 
@@ -456,17 +456,6 @@ def ensure_vmail_user():
         command = ["useradd", "--system", "--user-group", "--home-dir", "/home/vmail",
                    "--no-create-home", "--shell", "/usr/sbin/nologin", VMAIL]
     subprocess.run(command, check=True)
-
-
-def make_certificate(cert, key):
-    """A self-signed P-256 certificate for 127.0.0.1, as clients of a test relay see it."""
-    cert.parent.mkdir(parents=True)
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-noenc", "-days", "2", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True)
 
 
 def chown_vmail(path, mode):

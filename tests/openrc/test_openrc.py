@@ -23,7 +23,7 @@ import pytest
 
 from chatmaild.config import default_config_text, read_config
 from chatmaild.render import load_platform, render_component
-from tests.conftest import REPO
+from tests.conftest import REPO, make_certificate
 
 ALPINE = REPO / "alpine"
 INI = Path("/etc/chatmail/chatmail.ini")
@@ -275,15 +275,6 @@ def openrc_platform():
     relay's whole configuration in Dovecot's default file."""
     return SimpleNamespace(**{**vars(load_platform("debian13")), "service_manager": "openrc",
                               "dovecot_main_config": str(DOVECOT_CONF)})
-
-
-def make_certificate(cert, key):
-    for path in (cert, key):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:P-256", "-noenc", "-days", "2", "-subj",
-                    f"/CN={DOMAIN}", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
 
 
 def dovecot_errors():

@@ -31,6 +31,16 @@ class AlpineRoot:
     def apk(self, *args):
         return self.run("/sbin/apk", "--no-network", "--no-progress", *args)
 
+    def add_dependency_users(self):
+        """The users and groups the pre-install scripts of our dependencies create (apk
+        installs dependencies first): opendkim's and postfix's, with busybox."""
+        for argv in [["addgroup", "-S", "opendkim"],
+                     ["adduser", "-S", "-D", "-H", "-G", "opendkim", "opendkim"],
+                     ["addgroup", "-S", "postfix"],
+                     ["adduser", "-S", "-D", "-H", "-G", "postfix", "postfix"]]:
+            result = self.run(*argv)
+            assert result.returncode == 0, result.stderr
+
 
 def unpack_minirootfs(directory):
     data = TARBALL.read_bytes()

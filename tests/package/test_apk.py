@@ -391,11 +391,7 @@ def test_configuration_steps_are_the_shared_postinst_d():
 
 
 def test_pre_install_creates_vmail_with_busybox_once(alpine_root):
-    # Postfix's and OpenDKIM's users exist first: apk installs dependencies first, and
-    # their pre-install scripts create them.
-    for argv in [["addgroup", "-S", "opendkim"], ["addgroup", "-S", "postfix"],
-                 ["adduser", "-S", "-D", "-H", "-G", "postfix", "postfix"]]:
-        assert alpine_root.run(*argv).returncode == 0
+    alpine_root.add_dependency_users()
     script = alpine_root.host_path("/tmp/pre-install")
     shutil.copy(ALPINE / "chatmail-relay.pre-install", script)
     first = alpine_root.run("/bin/sh", "/tmp/pre-install")

@@ -35,11 +35,7 @@ esac
 def alpine(alpine_root):
     """The minirootfs with the users Alpine's packages make (postfix, opendkim; vmail by
     our pre-install), our steps installed and a chatmail.ini."""
-    for argv in [["addgroup", "-S", "opendkim"], ["adduser", "-S", "-D", "-H", "-G",
-                                                  "opendkim", "opendkim"],
-                 ["addgroup", "-S", "postfix"],
-                 ["adduser", "-S", "-D", "-H", "-G", "postfix", "postfix"]]:
-        assert alpine_root.run(*argv).returncode == 0
+    alpine_root.add_dependency_users()
     shutil.copy(REPO / "alpine" / "chatmail-relay.pre-install",
                 alpine_root.host_path("/tmp/pre-install"))
     assert alpine_root.run("/bin/sh", "/tmp/pre-install").returncode == 0
