@@ -27,7 +27,7 @@ packages="dovecot-core dovecot-imapd dovecot-lmtpd postfix openssl adduser procp
 python3 python3-pytest python3-jinja2 python3-aiosmtpd python3-dkim python3-dnspython \
 python3-filelock python3-psutil python3-qrcode dovecot-auth-lua lua-socket lua-cjson \
 debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools help2man \
-po-debconf dpkg-dev fakeroot build-essential openrc iproute2"
+po-debconf dpkg-dev fakeroot build-essential openrc iproute2 nginx fcgiwrap"
 
 # quietly LOG COMMAND...: run COMMAND with its output in LOG; on failure show LOG's end.
 quietly() {

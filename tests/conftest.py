@@ -76,6 +76,16 @@ def make_certificate(cert, key):
         check=True, capture_output=True)
 
 
+def block(text, opening):
+    """The body of the block that starts with `opening {` (nested blocks included)."""
+    start = text.index(opening + " {") + len(opening) + 2
+    depth, position = 1, start
+    while depth:
+        position += 1
+        depth += {"{": 1, "}": -1}.get(text[position], 0)
+    return text[start:position]
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

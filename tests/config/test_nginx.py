@@ -16,6 +16,7 @@ from chatmaild.components import nginx
 from chatmaild.config import read_config
 from chatmaild.render import load_platform
 from tests.config.scratch_nginx import ADMIN_SITE_NAME, ScratchRelay
+from tests.conftest import block
 
 STREAM = "/etc/nginx/modules-enabled/90-chatmail-relay-stream.conf"
 SITE = "/etc/nginx/conf.d/chatmail-relay.conf"
@@ -43,16 +44,6 @@ def admin_nginx(tmp_path, debian12):
     platform.nginx_http_include_dir = f"{etc}/conf.d"
     platform.nginx_toplevel_include_dir = f"{etc}/modules-enabled"
     return platform, etc
-
-
-def block(text, opening):
-    """The body of the block that starts with `opening {` (nested blocks included)."""
-    start = text.index(opening + " {") + len(opening) + 2
-    depth, position = 1, start
-    while depth:
-        position += 1
-        depth += {"{": 1, "}": -1}.get(text[position], 0)
-    return text[start:position]
 
 
 def servers(text):

@@ -7,6 +7,7 @@ configuration laid out as on Alpine.
 Runs inside tests/chroot.sh, in a network namespace of its own: `make test-openrc`."""
 
 import imaplib
+import json
 import os
 import re
 import resource
@@ -16,6 +17,8 @@ import socket
 import subprocess
 import ssl
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,7 +26,7 @@ import pytest
 
 from chatmaild.config import default_config_text, read_config
 from chatmaild.render import load_platform, render_component
-from tests.conftest import REPO, make_certificate
+from tests.conftest import REPO, block, make_certificate
 
 ALPINE = REPO / "alpine"
 INI = Path("/etc/chatmail/chatmail.ini")
@@ -365,3 +368,115 @@ def test_dovecot_refuses_to_start_with_a_broken_configuration(dovecot):
     assert "no_such_setting" in result.stdout + result.stderr
     assert supervisor_pid("dovecot") is None
     rc_service("dovecot", "zap")
+
+
+# --- /new: our fcgiwrap service, nginx connecting as on Alpine -----------------------
+
+WEB = "http://127.0.0.1:8080"
+
+
+def add_alpine_web_users():
+    """The users Alpine's fcgiwrap and nginx packages create: fcgiwrap in group www-data;
+    nginx in a group of its own and, as a second group, in www-data."""
+    for argv in (["adduser", "--system", "--ingroup", "www-data", "--no-create-home",
+                  "fcgiwrap"],
+                 ["adduser", "--system", "--group", "--no-create-home", "nginx"],
+                 ["adduser", "nginx", "www-data"]):
+        result = run(*argv)
+        assert result.returncode == 0, result.stderr
+
+
+def write_nginx_config(relay, path):
+    """nginx as Alpine's nginx.conf runs it (`user nginx;`), serving the relay's rendered
+    /new location."""
+    platform = SimpleNamespace(**{**vars(openrc_platform()),
+                                  **{k: getattr(load_platform("alpine"), k)
+                                     for k in ("fcgiwrap_socket", "fcgiwrap_service")}})
+    [site] = [item.content for item in render_component("nginx", relay, platform)
+              if "location = /new" in item.content]
+    location = block(site, "location = /new")
+    # Another program asked for through the same socket (as a second site could).
+    other = location.replace(f"{platform.libexec_dir}/chatmail-newemail",
+                             f"{platform.libexec_dir}/doveauth")
+    path.write_text(
+        f"user nginx;\npid /run/nginx-newemail.pid;\nerror_log {path.with_name('error.log')};\n"
+        "events {}\n"
+        "http {\n    access_log off;\n    server {\n        listen 127.0.0.1:8080;\n"
+        f"        location = /new {{{location}}}\n"
+        f"        location = /other {{{other}}}\n    }}\n}}\n")
+
+
+def post(path, timeout=15):
+    """POST PATH through nginx: (status, body)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        request = urllib.request.Request(WEB + path, data=b"", method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def web(relay, tmp_path_factory):
+    """Our chatmail-newemail service with Alpine's fcgiwrap path and users, and nginx
+    passing /new to its socket."""
+    add_alpine_web_users()
+    # Alpine's fcgiwrap is /usr/bin/fcgiwrap, Debian's /usr/sbin/fcgiwrap.
+    Path("/usr/bin/fcgiwrap").symlink_to("/usr/sbin/fcgiwrap")
+    install_service("chatmail-newemail", relay.open_files)
+    config = tmp_path_factory.mktemp("nginx") / "nginx.conf"
+    write_nginx_config(relay, config)
+    # nginx's master keeps what it inherits open: no pipes to wait for.
+    result = subprocess.run(["nginx", "-c", str(config)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    error_log = config.with_name("error.log")
+    assert result.returncode == 0, error_log.read_text()
+    yield error_log
+    run("nginx", "-c", str(config), "-s", "stop")
+    rc_service("chatmail-newemail", "stop")
+
+
+def test_new_account_through_nginx(web):
+    result = rc_service("chatmail-newemail", "start")
+    assert result.returncode == 0, result.stdout + result.stderr
+    socket_path = Path(load_platform("alpine").fcgiwrap_socket)
+    assert (socket_path.owner(), socket_path.group()) == ("fcgiwrap", "www-data")
+    mode = socket_path.stat().st_mode
+    # nginx connects through the group (write permission); others may not
+    assert (mode & 0o060, mode & 0o007) == (0o060, 0)
+    status = proc_status(daemon_pid("chatmail-newemail"))
+    assert status["NoNewPrivs"] == "1"
+    status, body = post("/new")
+    assert status == 200, body
+    account = json.loads(body)
+    assert account["email"].endswith(f"@{DOMAIN}")
+
+
+def test_new_works_again_after_fcgiwrap_was_killed(web):
+    assert rc_service("chatmail-newemail", "start").returncode == 0
+    first = daemon_pid("chatmail-newemail")
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while (second := daemon_pid("chatmail-newemail")) == first and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert second != first, "not respawned"
+    status, body = post("/new")
+    assert status == 200, body
+    result = rc_service("chatmail-newemail", "stop")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not Path(load_platform("alpine").fcgiwrap_socket).exists()
+
+
+def test_only_the_relays_cgi_runs(web):
+    """fcgiwrap -p: a request for another program is refused."""
+    assert rc_service("chatmail-newemail", "start").returncode == 0
+    status, body = post("/other")
+    assert status == 403, body
+    # fcgiwrap -f: the CGI side's errors reach nginx's error log
+    assert "The given script is not allowed to execute" in web.read_text()

@@ -187,6 +187,23 @@ def test_openrc_subpackage_installs_with_openrc(parsed):
     assert " opendkim.chatmail " in post_install
 
 
+def test_newemail_service_serves_the_socket_nginx_uses(parsed):
+    """/new on Alpine: our fcgiwrap service (Alpine's own makes its socket with umask 022,
+    closed to nginx), enabled after install, behind the socket nginx's site names."""
+    platform = load_platform("alpine")
+    service = platform.fcgiwrap_service
+    assert f"/etc/init.d/{service}" in parsed["chatmail-relay-openrc"].files
+    variables, depends = run_openrc_harness(ALPINE / f"{service}.initd")
+    assert f"fcgiwrap {platform.fcgiwrap_socket} " in variables["command_args"]
+    assert variables["command_args"].endswith(f" {platform.libexec_dir}/chatmail-newemail")
+    assert "/usr/libexec/chatmail/chatmail-newemail" in parsed["py3-chatmaild"].files
+    assert (variables["umask"], variables["command_user"]) == ("007", "fcgiwrap:www-data")
+    assert "before nginx" in depends
+    post_install = (ALPINE / "chatmail-relay.post-install").read_text()
+    daemons = re.search(r'^DAEMONS="([^"]*)"', post_install, re.M).group(1).split()
+    assert service in daemons and "fcgiwrap" not in daemons
+
+
 def test_python_package_provides_and_depends(parsed):
     info = parsed["py3-chatmaild"].pkginfo
     version = info["pkgver"][0]
