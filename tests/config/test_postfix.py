@@ -487,6 +487,20 @@ def test_no_systemd_drop_in_on_alpine(relay_config, render):
     assert "smtp_tls_session_cache_database = lmdb:" in main
 
 
+@pytest.mark.parametrize("platform_name,chroot", [("debian12", "y"), ("debian13", "y"),
+                                                  ("alpine", "n")])
+def test_public_smtpd_services_run_chrooted_only_where_the_chroot_is_provided(
+        relay_config, render, platform_name, chroot):
+    """Debian's postfix fills /var/spool/postfix with resolv.conf and the like; on Alpine
+    nothing does, and a chrooted smtpd would wait 5 s on every client's reverse lookup."""
+    rendered = render("postfix", relay_config, load_platform(platform_name))
+    [master] = [item.content for item in rendered.values() if item.kind == "postconf-master"]
+    services, _ = postfix.parse_master(master)
+    fields = {service.key: service.fields["chroot"] for service in services}
+    for public in ("smtp/inet", "submission/inet", "smtps/inet"):
+        assert fields[public] == chroot
+
+
 # --- the rendered lists themselves -------------------------------------------------------------
 
 def test_parse_master_reads_entries_options_and_removals():
