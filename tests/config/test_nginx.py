@@ -385,7 +385,8 @@ def alpine_nginx(etc):
     """/etc/nginx laid out as Alpine's nginx and nginx-mod-stream install it, at `etc`:
     module loaders in modules/, conf.d/ included at the top level, where nginx-mod-stream's
     stream.conf holds the one stream {} block, which includes stream.d/; http.d/ inside
-    http {}."""
+    http {}, with the package's default.conf: the default server on port 80, answering
+    404."""
     for folder in ("modules", "conf.d", "stream.d", "http.d"):
         (etc / folder).mkdir(parents=True)
     for name in ("mime.types", "fastcgi_params"):  # as Alpine's nginx ships them
@@ -394,6 +395,10 @@ def alpine_nginx(etc):
         f'load_module "{load_platform("alpine").nginx_stream_module}";\n')
     (etc / "conf.d" / "stream.conf").write_text(
         f"stream {{\n    access_log off;\n    include {etc}/stream.d/*.conf;\n}}\n")
+    (etc / "http.d" / "default.conf").write_text(
+        "server {\n    listen 80 default_server;\n    listen [::]:80 default_server;\n"
+        "    location / {\n        return 404;\n    }\n"
+        "    location = /404.html {\n        internal;\n    }\n}\n")
     (etc / "nginx.conf").write_text(
         f"include {etc}/modules/*.conf;\n"
         "events {}\n"
