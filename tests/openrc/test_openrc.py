@@ -152,6 +152,17 @@ def daemon_pid(service, timeout=10):
     raise AssertionError(f"{service}: no supervised process")
 
 
+def kill_and_wait_for_respawn(service, timeout=15):
+    """SIGKILL SERVICE's process; the one supervise-daemon starts instead."""
+    first = daemon_pid(service)
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while (second := daemon_pid(service)) == first and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert second != first, "not respawned"
+    return second
+
+
 def proc_status(pid):
     text = Path(f"/proc/{pid}/status").read_text()
     return dict(re.findall(r"^(\w+):\s*(.*)$", text, re.M))
@@ -197,15 +208,7 @@ def test_service_runs_supervised_as_vmail_and_answers(relay, started, service):
 
 @pytest.mark.parametrize("service", SERVICES)
 def test_service_is_started_again_after_a_crash(relay, started, service):
-    first = daemon_pid(service)
-    os.kill(first, signal.SIGKILL)
-    deadline = time.monotonic() + RESPAWN_DELAY + 10
-    while time.monotonic() < deadline:
-        second = daemon_pid(service)
-        if second != first:
-            break
-        time.sleep(0.1)
-    assert second != first, "not respawned"
+    kill_and_wait_for_respawn(service, timeout=RESPAWN_DELAY + 10)
     assert answers(relay, service)
     assert "started" in rc_service(service, "status").stdout
 
@@ -345,12 +348,7 @@ def test_dovecot_runs_the_default_file_and_creates_accounts(dovecot):
 
 def test_dovecot_is_started_again_after_a_crash(dovecot):
     assert rc_service("dovecot", "start").returncode == 0
-    first = daemon_pid("dovecot")
-    os.kill(first, signal.SIGKILL)
-    deadline = time.monotonic() + 15
-    while (second := daemon_pid("dovecot")) == first and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert second != first, "not respawned"
+    kill_and_wait_for_respawn("dovecot")
     assert imaps_login(f"openrc002@{DOMAIN}") == "OK"
     result = rc_service("dovecot", "stop")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -460,12 +458,7 @@ def test_new_account_through_nginx(web):
 
 def test_new_works_again_after_fcgiwrap_was_killed(web):
     assert rc_service("chatmail-newemail", "start").returncode == 0
-    first = daemon_pid("chatmail-newemail")
-    os.kill(first, signal.SIGKILL)
-    deadline = time.monotonic() + 15
-    while (second := daemon_pid("chatmail-newemail")) == first and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert second != first, "not respawned"
+    kill_and_wait_for_respawn("chatmail-newemail")
     status, body = post("/new")
     assert status == 200, body
     result = rc_service("chatmail-newemail", "stop")

@@ -68,7 +68,9 @@ ALPINE_ONLY = {
                                        "package depends on lua-cjson; 12 has Dovecot 2.3)",
                        "lua5.3-socket": "auth.lua reaches doveauth's socket (Debian 13: "
                                         "lua-socket)",
-                       "/bin/sh": "abuild adds it for install scripts"},
+                       "/bin/sh": "abuild adds it for install scripts",
+                       "chatmail-relay-openrc": "Debian's init scripts are in the package; "
+                                                "post-install needs them unpacked first"},
     "py3-chatmaild": {"python3": "Debian: ${python3:Depends}",
                       f"python3~{PYTHON_VERSION}": "abuild's Python version tracing"},
 }

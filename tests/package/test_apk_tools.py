@@ -2,6 +2,7 @@
 minirootfs) reads them: signatures, data hashes, the index it would write itself, the
 dependencies it resolves, and an installation with `apk add`."""
 
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -10,7 +11,8 @@ import zlib
 import pytest
 
 from tests.package.apk_format import gzip_streams, parse_apkindex, read_index
-from tests.package.conftest import ARCH
+from tests.conftest import REPO
+from tests.package.conftest import ARCH, PYTHON_VERSION
 
 REPOSITORY = "/srv/chatmail-repo"
 
@@ -108,7 +110,7 @@ def test_apk_resolves_our_own_dependencies_and_names_alpines(alpine, parsed):
     declared = set()
     for name in ["chatmail-relay", "py3-chatmaild"]:
         declared |= {re.split(r"[=~<>]", d)[0] for d in parsed[name].pkginfo["depend"]}
-    ours_or_alpines_base = {"py3-chatmaild", "/bin/sh"}
+    ours_or_alpines_base = {"py3-chatmaild", "chatmail-relay-openrc", "/bin/sh"}
     assert missing_packages(result.stderr) == declared - ours_or_alpines_base
 
 
@@ -133,3 +135,101 @@ def test_apk_add_installs_the_openrc_package_and_keeps_the_admins_changes(alpine
     assert removed.returncode == 0, removed.stderr
     assert not init.exists()
     assert confd.read_text().endswith("# changed by the admin\n")
+
+
+# --- a whole installation, Alpine's packages stood in for ---------------------------------
+
+STAND_IN_VERSIONS = {"python3": f"{PYTHON_VERSION}.0-r0"}
+# Alpine packages whose init scripts the relay enables (chatmail-relay.post-install).
+STAND_IN_INIT_SCRIPTS = ["dovecot", "opendkim", "postfix", "nginx"]
+# OpenRC's commands, logging what the install scripts ask of them.
+RC_LOG = "/var/log/rc-calls"
+RC_COMMAND = f'#!/bin/sh\necho "$(basename "$0") $*" >> {RC_LOG}\n'
+
+
+def load_mkapk():
+    spec = importlib.util.spec_from_file_location("mkapk", REPO / "alpine" / "mkapk.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def stand_in_files(name, directory):
+    if name == "openrc":
+        for command in ("rc-update", "rc-service"):
+            path = directory / "sbin" / command
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(RC_COMMAND)
+            path.chmod(0o755)
+    if name in STAND_IN_INIT_SCRIPTS:
+        path = directory / "etc" / "init.d" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("#!/sbin/openrc-run\n")
+        path.chmod(0o755)
+
+
+def stand_in_repository(names, directory):
+    """A signed repository of empty packages named NAMES (OpenRC's with logging rc-update
+    and rc-service, the daemons' with an init script): (its directory, its public key)."""
+    mkapk = load_mkapk()
+    key = mkapk.ensure_key(None, directory / "key")
+    out = directory / "repo" / ARCH
+    out.mkdir(parents=True)
+    builts = []
+    for name in sorted(names):
+        files = directory / "files" / name
+        files.mkdir(parents=True)
+        stand_in_files(name, files)
+        package = mkapk.Package(name=name, directory=files,
+                                pkgver=STAND_IN_VERSIONS.get(name, "1.0-r0"),
+                                pkgdesc=f"stand-in for Alpine's {name}",
+                                url="https://alpinelinux.org", arch="noarch", license="MIT",
+                                origin=name)
+        builts.append(mkapk.write_apk(package, out, key, 0, "test", "", ""))
+    mkapk.write_index(builts, out, ARCH, key, 0, "stand-ins")
+    return out.parent, key[1]
+
+
+@pytest.fixture
+def alpine_with_stand_ins(alpine, tmp_path):
+    """The minirootfs with our repository and one of stand-ins for the Alpine packages it
+    lacks (and OpenRC): `apk add chatmail-relay` installs for real."""
+    missing = missing_packages(alpine.apk("add", "--simulate", "chatmail-relay").stderr)
+    repo, key = stand_in_repository(missing | {"openrc"}, tmp_path / "stand-ins")
+    shutil.copytree(repo / ARCH, alpine.host_path(f"/srv/stand-ins/{ARCH}"))
+    shutil.copy(key, alpine.host_path("/etc/apk/keys"))
+    with alpine.host_path("/etc/apk/repositories").open("a") as repositories:
+        repositories.write("/srv/stand-ins\n")
+    assert alpine.apk("add", "openrc").returncode == 0
+    alpine.add_dependency_users()
+    return alpine
+
+
+def rc_calls(alpine):
+    log = alpine.host_path(RC_LOG)
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def test_install_enables_the_relays_services_and_removal_stops_them(alpine_with_stand_ins):
+    """apk runs chatmail-relay's post-install once chatmail-relay-openrc's init scripts are
+    in place (a dependency, not install_if alone), so every service is enabled; removal
+    stops them while their init scripts still exist."""
+    alpine = alpine_with_stand_ins
+    result = alpine.apk("add", "chatmail-relay")
+    assert result.returncode == 0, result.stdout + result.stderr
+    order = re.findall(r"Installing (\S+) ", result.stdout)
+    assert order.index("chatmail-relay-openrc") < order.index("chatmail-relay")
+    assert "chatmail setup YOUR.DOMAIN" in result.stdout
+    services = ["doveauth", "lastlogin", "chatmail-metadata", "filtermail",
+                "filtermail-incoming", "chatmail-newemail", "opendkim.chatmail",
+                *STAND_IN_INIT_SCRIPTS]
+    enabled = {call.split()[2] for call in rc_calls(alpine) if call.startswith("rc-update add")}
+    assert enabled >= set(services) - {"opendkim"}
+    assert "opendkim" not in enabled  # the package's own instance stays off
+    result = alpine.apk("del", "chatmail-relay")
+    assert result.returncode == 0, result.stdout + result.stderr
+    calls = rc_calls(alpine)
+    for service in ["doveauth", "filtermail-incoming", "chatmail-newemail"]:
+        assert f"rc-service --quiet {service} stop" in calls
+        assert f"rc-update del {service}" in calls
+    assert not alpine.host_path("/etc/init.d/doveauth").exists()
