@@ -208,6 +208,18 @@ http {{
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         self.processes.append(proc)
         wait_for(lambda: accepts_connections(self.ports.http), proc, "nginx", self.errors)
+        # Ready once a TLS handshake through the multiplexer reaches the HTTPS server.
+        wait_for(self.completes_a_handshake, proc, "nginx's port 443 multiplexer",
+                 self.errors)
+
+    def completes_a_handshake(self):
+        context = ssl._create_unverified_context()
+        try:
+            with socket.create_connection(("127.0.0.1", self.ports.mux), timeout=2) as raw:
+                with context.wrap_socket(raw):
+                    return True
+        except OSError:
+            return False
 
     def errors(self):
         try:
