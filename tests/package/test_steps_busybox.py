@@ -95,12 +95,14 @@ def test_services_step_starts_everything_then_only_what_changed(alpine):
     _, calls = run_step(alpine, "60-services")
     platform = load_platform("alpine")
     # First run: the relay's services are new to this chatmail.ini, so reloaded, which
-    # fails while they are stopped: restarted; the daemons are started.
+    # fails while they are stopped: restarted; the daemons are started, and crond, which
+    # runs the daily jobs.
+    assert platform.relay_timers == "crond"
     assert [call for call in calls if not call.startswith("--quiet ")] == \
         [f"{service} {action}" for service in RELAY_SERVICES
          for action in ("reload", "restart")] + \
         [f"{daemon} start" for daemon in ["dovecot", platform.opendkim_service, "postfix",
-                                          "nginx", platform.fcgiwrap_service]]
+                                          "nginx", platform.fcgiwrap_service, "crond"]]
     # Nothing changed: all running, nothing to do.
     _, calls = run_step(alpine, "60-services")
     assert [call for call in calls if not call.startswith("--quiet ")] == []

@@ -272,6 +272,15 @@ def test_ipv4_relay_has_no_opendkim_and_no_certbot(make_config):
     assert "opendkim" not in found and "certbot.timer" not in found
 
 
+def test_alpine_expects_its_own_service_names(config):
+    """/new is our chatmail-newemail, OpenDKIM the opendkim.chatmail instance, and crond
+    runs the daily jobs (and certbot's renewal)."""
+    expected = dict(status.expected_services(config, load_platform("alpine")))
+    for name in ("chatmail-newemail", "opendkim.chatmail", "crond", "postfix", "doveauth"):
+        assert expected[name] is True
+    assert not [name for name in expected if name.endswith(".timer") or name == "fcgiwrap"]
+
+
 def test_systemd_not_running(config):
     def run(argv):
         return Completed(1, "", "System has not been booted with systemd as init system "
