@@ -1,8 +1,8 @@
 """Our Alpine init scripts and daily jobs (alpine/) run for real: OpenRC's openrc-run and
 supervise-daemon (Debian 13's openrc 0.56; Alpine runs the same programs) start our
 services from the python3-chatmaild package built for Debian 13 (dist/trixie), as vmail,
-and Dovecot 2.4 (Debian 13's) with our Dovecot build's init script and the relay's
-configuration laid out as on Alpine.
+Dovecot 2.4 (Debian 13's) with our Dovecot build's init script and the relay's
+configuration laid out as on Alpine, and our fcgiwrap service for /new behind nginx.
 
 Runs inside tests/chroot.sh, in a network namespace of its own: `make test-openrc`."""
 
@@ -152,9 +152,28 @@ def daemon_pid(service, timeout=10):
     raise AssertionError(f"{service}: no supervised process")
 
 
+OPENAT = "257"  # x86_64
+
+
+def wait_until_supervising(service, timeout=10):
+    """Until SERVICE's supervise-daemon waits on its control fifo (in openat). It looks
+    for a dead child only when a signal ends that wait: a child that dies earlier, while
+    it is still setting up, is never started again (OpenRC 0.56)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        supervisor = supervisor_pid(service)
+        if supervisor:
+            syscall = Path(f"/proc/{supervisor}/syscall").read_text().split()
+            if syscall[:1] == [OPENAT]:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"{service}: supervise-daemon is not waiting on its fifo")
+
+
 def kill_and_wait_for_respawn(service, timeout=15):
     """SIGKILL SERVICE's process; the one supervise-daemon starts instead."""
     first = daemon_pid(service)
+    wait_until_supervising(service)
     os.kill(first, signal.SIGKILL)
     deadline = time.monotonic() + timeout
     while (second := daemon_pid(service)) == first and time.monotonic() < deadline:
@@ -448,8 +467,7 @@ def test_new_account_through_nginx(web):
     mode = socket_path.stat().st_mode
     # nginx connects through the group (write permission); others may not
     assert (mode & 0o060, mode & 0o007) == (0o060, 0)
-    status = proc_status(daemon_pid("chatmail-newemail"))
-    assert status["NoNewPrivs"] == "1"
+    assert proc_status(daemon_pid("chatmail-newemail"))["NoNewPrivs"] == "1"
     status, body = post("/new")
     assert status == 200, body
     account = json.loads(body)
