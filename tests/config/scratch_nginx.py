@@ -72,14 +72,6 @@ def wait_for(ready, proc, what, log, timeout=10.0):
     raise AssertionError(f"{what} not ready after {timeout}s: {log()}")
 
 
-def accepts_connections(port):
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
 class ScratchRelay:
     """Start with ScratchRelay(config, platform, tmp_path).start(); stop() at the end."""
 
@@ -207,8 +199,8 @@ http {{
              "-e", str(self.dir / "error.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         self.processes.append(proc)
-        wait_for(lambda: accepts_connections(self.ports.http), proc, "nginx", self.errors)
-        # Ready once a TLS handshake through the multiplexer reaches the HTTPS server.
+        # Ready once a TLS handshake through the multiplexer reaches the HTTPS server (one
+        # process: its other listeners are open by then too).
         wait_for(self.completes_a_handshake, proc, "nginx's port 443 multiplexer",
                  self.errors)
 
