@@ -55,6 +55,7 @@ class Probes:
     proc_net_tcp: tuple = ("/proc/net/tcp", "/proc/net/tcp6")
     proc_dir: str = "/proc"
     dovecot_pid_file: str = "/run/dovecot/master.pid"
+    postfix_pid_file: str = ""  # default: in the platform's Postfix queue directory
     now: object = time.time
     manager: object = None  # a servicemanager; default: the platform's
     manager_paths: dict = field(default_factory=dict)
@@ -217,9 +218,30 @@ def check_services(config, platform, probes):
     findings = []
     for name, required in wanted:
         finding = service_finding(states[name], required, platform)
+        if name == platform.postfix_instance_service and finding and finding.level == OK:
+            finding = dead_postfix_finding(platform, probes) or finding
         if finding:
             findings.append(finding)
     return findings
+
+
+def dead_postfix_finding(platform, probes):
+    """Alpine's postfix init script keeps no pid file of its own: OpenRC goes on calling
+    Postfix started after its master process died. Postfix's pid file tells."""
+    pid_file = probes.postfix_pid_file or f"{platform.postfix_queue_dir}/pid/master.pid"
+    try:
+        pid = int(Path(pid_file).read_text())
+    except (OSError, ValueError):
+        return None  # never started, or not ours to read (it is root's alone)
+    try:
+        running = (Path(probes.proc_dir) / str(pid) / "comm").read_text().strip() == "master"
+    except OSError:
+        running = False
+    if running:
+        return None
+    return Finding("Services", platform.postfix_instance_service, FAIL,
+                   f"{platform.service_manager} counts it as running, but its master "
+                   f"process (pid {pid}) is gone", "run 'chatmail configure' to start it")
 
 
 def service_finding(state, required, platform):

@@ -35,6 +35,33 @@ service() {
 	esac
 }
 
+# A container without an init system has the relay's files but nothing to run its
+# services with: say so once, instead of a "not found" per service.
+require_service_manager() {
+	case "$PLATFORM_SERVICE_MANAGER" in
+	systemd) command -v systemctl >/dev/null ||
+		fail "systemctl not found: the relay's services need systemd running" ;;
+	openrc) command -v rc-service >/dev/null ||
+		fail "rc-service not found: the relay's services need OpenRC (apk add openrc," \
+			"then boot with it)" ;;
+	esac
+}
+
+# forget_dead_postfix: Alpine's postfix init script keeps no pid file of its own, so
+# OpenRC goes on counting Postfix as started after its master process died (or was
+# stopped behind its back), and would neither start nor reload it. Postfix's own pid file
+# tells: forget the state of a dead one, so that it is started.
+forget_dead_postfix() {
+	[ "$PLATFORM_SERVICE_MANAGER" = openrc ] || return 0
+	service is-active postfix || return 0
+	pid_file=$PLATFORM_POSTFIX_QUEUE_DIR/pid/master.pid
+	[ -f "$pid_file" ] || return 0
+	pid=$(tr -dc 0-9 <"$pid_file")
+	[ "$(cat "/proc/${pid:-0}/comm" 2>/dev/null)" != master ] || return 0
+	say "postfix is not running, although OpenRC counts it as started: starting it"
+	rc-service --quiet postfix zap
+}
+
 is_ipv4_relay() {
 	[ -n "$CHATMAIL_IPV4_RELAY" ]
 }

@@ -26,6 +26,7 @@ import pytest
 
 from chatmaild.config import default_config_text, read_config
 from chatmaild.render import load_platform, render_component
+from chatmaild.status import Probes, dead_postfix_finding
 from tests.conftest import REPO, block, make_certificate
 
 ALPINE = REPO / "alpine"
@@ -491,3 +492,74 @@ def test_only_the_relays_cgi_runs(web):
     assert status == 403, body
     # fcgiwrap -f: the CGI side's errors reach nginx's error log
     assert "The given script is not allowed to execute" in web.read_text()
+
+
+# --- Postfix: Alpine's init script keeps no pid file ----------------------------------
+
+# Stands in for Alpine's /etc/init.d/postfix, which also only runs the postfix command:
+# no pid file, no supervisor, so OpenRC cannot see Postfix die.
+POSTFIX_INITD = """#!/sbin/openrc-run
+extra_started_commands="reload"
+start() { ebegin "Starting postfix"; postfix start >/dev/null 2>&1; eend $?; }
+stop() { ebegin "Stopping postfix"; postfix stop >/dev/null 2>&1; eend $?; }
+reload() { ebegin "Reloading postfix"; postfix reload >/dev/null 2>&1; eend $?; }
+"""
+FUNCTIONS = REPO / "postinst.d" / "functions.sh"
+POSTFIX_PID_FILE = Path("/var/spool/postfix/pid/master.pid")
+
+
+@pytest.fixture
+def postfix(relay):
+    """Postfix, as Debian installs it, started by the stand-in init script."""
+    shutil.copy("/usr/share/postfix/main.cf.debian", "/etc/postfix/main.cf")
+    shutil.copy("/usr/share/postfix/master.cf.dist", "/etc/postfix/master.cf")
+    assert run("postconf", "-e", "inet_interfaces=loopback-only",
+               f"myhostname={DOMAIN}").returncode == 0
+    init = Path("/etc/init.d/postfix")
+    init.write_text(POSTFIX_INITD)
+    init.chmod(0o755)
+    result = rc_service("postfix", "start")
+    assert result.returncode == 0, result.stdout + result.stderr
+    yield
+    rc_service("postfix", "stop")
+
+
+def postfix_master_pid():
+    pid = int(POSTFIX_PID_FILE.read_text())
+    return pid if Path(f"/proc/{pid}/comm").read_text().strip() == "master" else None
+
+
+def run_service_functions(script):
+    """SCRIPT in a shell with postinst.d/functions.sh, as the steps run on Alpine."""
+    env = {"PATH": os.environ["PATH"], "PLATFORM_SERVICE_MANAGER": "openrc",
+           "PLATFORM_POSTFIX_QUEUE_DIR": "/var/spool/postfix"}
+    return subprocess.run(["sh", "-c", f". {FUNCTIONS}; {script}"], capture_output=True,
+                          text=True, env=env)
+
+
+@pytest.mark.parametrize("then", ["bring_up_start", "bring_up_reload"])
+def test_a_dead_postfix_is_found_and_started_again(postfix, then):
+    platform = load_platform("alpine")
+    first = postfix_master_pid()
+    assert first
+    assert dead_postfix_finding(platform, Probes()) is None
+    os.kill(first, signal.SIGKILL)
+    while Path(f"/proc/{first}").exists():
+        time.sleep(0.05)
+    # What OpenRC cannot see: it still counts Postfix as started.
+    assert rc_service("postfix", "status").returncode == 0
+    assert "master process (pid" in dead_postfix_finding(platform, Probes()).detail
+    # What 60-services does: forget the dead Postfix, then start it, or, with a changed
+    # configuration, reload it (refused while stopped), restarting instead.
+    action = "start" if then == "bring_up_start" else "reload-or-restart"
+    result = run_service_functions(
+        f"forget_dead_postfix && {{ service is-active postfix || service {action} postfix; }}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "postfix is not running, although OpenRC counts it as started" in result.stdout
+    second = postfix_master_pid()
+    assert second and second != first
+    assert dead_postfix_finding(platform, Probes()) is None
+    # With its master running, nothing to forget.
+    result = run_service_functions("forget_dead_postfix")
+    assert (result.returncode, result.stdout) == (0, "")
+    assert postfix_master_pid() == second

@@ -3,7 +3,7 @@ busybox in Alpine's minirootfs, with the environment `chatmail configure` gives 
 Alpine: busybox's install, mktemp, grep, sort, sha256sum and ash instead of Debian's.
 rc-service is not in the minirootfs (tests/openrc runs the real OpenRC); a stand-in
 records the calls and, as OpenRC does, refuses `status` and `reload` for a service that
-was not started."""
+was not started, and forgets a service on `zap`."""
 
 import shutil
 import stat
@@ -27,6 +27,7 @@ case $1 in --quiet) shift ;; esac
 case $2 in
 status|reload) grep -qx "$1" /tmp/rc-service.started ;;
 start|restart) echo "$1" >>/tmp/rc-service.started ;;
+stop|zap) sed -i "/^$1\\$/d" /tmp/rc-service.started ;;
 esac
 """
 
@@ -51,7 +52,9 @@ def alpine(alpine_root):
     return alpine_root
 
 
-def run_step(alpine, name, reload=()):
+def run_step(alpine, name, reload=(), check=True):
+    """(output, rc-service calls) of postinst.d/NAME; with check=False the completed
+    process, whatever its exit status."""
     config = read_config(alpine.host_path(INI))
     reload_list = alpine.host_path("/tmp/reload")
     reload_list.write_text("".join(f"{service}\n" for service in reload))
@@ -60,6 +63,8 @@ def run_step(alpine, name, reload=()):
            "CHATMAIL_INI": INI, "CHATMAIL_DATA_DIR": DATA_DIR,
            "CHATMAIL_RELOAD_LIST": "/tmp/reload", "CHATMAIL_NO_RELOAD": ""}
     result = alpine.run("/bin/sh", f"{DATA_DIR}/postinst.d/{name}", env=env)
+    if not check:
+        return result
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout, alpine.host_path("/tmp/rc-service.calls").read_text().splitlines()
 
@@ -112,3 +117,33 @@ def test_services_step_starts_everything_then_only_what_changed(alpine):
     _, calls = run_step(alpine, "60-services", reload=["postfix"])
     assert [call for call in calls if not call.startswith("--quiet ")] == \
         [f"{service} reload" for service in RELAY_SERVICES + ["postfix"]]
+
+
+def test_services_step_starts_a_postfix_that_died_behind_openrcs_back(alpine):
+    """Alpine's postfix init script keeps no pid file: OpenRC still calls Postfix started
+    once its master died. Postfix's own pid file names a process that is gone."""
+    run_step(alpine, "10-directories")
+    run_step(alpine, "60-services")
+    pid_file = alpine.host_path("/var/spool/postfix/pid/master.pid")
+    pid_file.parent.mkdir(parents=True, exist_ok=True)
+    pid_file.write_text(f"{4194304:>33}\n")  # above any pid Linux hands out
+    out, calls = run_step(alpine, "60-services")
+    assert "postfix is not running, although OpenRC counts it as started" in out
+    assert [call for call in calls if "postfix" in call] == \
+        ["--quiet postfix status", "--quiet postfix zap", "--quiet postfix status",
+         "postfix start"]
+    assert [call for call in calls if not call.startswith("--quiet ")] == ["postfix start"]
+    # Without a pid file nothing tells that Postfix died: OpenRC is believed.
+    pid_file.unlink()
+    out, calls = run_step(alpine, "60-services")
+    assert "postfix" not in out and "--quiet postfix zap" not in calls
+
+
+def test_services_step_without_openrc_says_what_is_missing(alpine):
+    """As in a container: the packages installed, no OpenRC."""
+    run_step(alpine, "10-directories")
+    alpine.host_path("/usr/local/bin/rc-service").unlink()
+    result = run_step(alpine, "60-services", check=False)
+    assert result.returncode == 1
+    assert result.stderr == ("chatmail: error: rc-service not found: the relay's services "
+                             "need OpenRC (apk add openrc, then boot with it)\n")

@@ -233,9 +233,10 @@ class FakeSystemctl:
         return Completed(0, systemctl_show(units))
 
 
-def services(config, run):
-    platform = load_platform("debian12")
-    return {f.name: f for f in status.check_services(config, platform, status.Probes(run=run))}
+def services(config, run, platform="debian12"):
+    probes = status.Probes(run=run, postfix_pid_file="/nonexistent/master.pid")
+    return {f.name: f
+            for f in status.check_services(config, load_platform(platform), probes)}
 
 
 def test_systemd_all_services_running(config):
@@ -320,6 +321,51 @@ def test_openrc_from_init_scripts_and_runlevels(tmp_path):
     assert states["dovecot"] == UnitState("dovecot", True, True, False, "stopped")
     assert states["coturn"].enabled is False and states["coturn"].exists
     assert states["none"].exists is False
+
+
+def alpine_services(config, tmp_path, postfix_pid):
+    """check_services on Alpine, where OpenRC calls every service started, and Postfix's
+    pid file names POSTFIX_PID."""
+    init, levels = tmp_path / "init.d", tmp_path / "runlevels"
+    (levels / "default").mkdir(parents=True)
+    init.mkdir()
+    for name, _ in status.expected_services(config, load_platform("alpine")):
+        (init / name).write_text("#!/sbin/openrc-run\n")
+    pid_file = tmp_path / "master.pid"
+    pid_file.write_text(f"{postfix_pid:>33}\n")  # as Postfix writes it
+    probes = status.Probes(
+        manager=OpenRC(lambda argv: Completed(0, " * status: started\n"), init, levels),
+        postfix_pid_file=str(pid_file))
+    found = status.check_services(config, load_platform("alpine"), probes)
+    return {f.name: f for f in found}
+
+
+def test_postfix_counted_started_after_its_master_died_fails(config, tmp_path):
+    """Alpine's postfix init script keeps no pid file: OpenRC's "started" outlives a
+    killed master."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    found = alpine_services(config, tmp_path, dead.pid)
+    assert found["postfix"].level == status.FAIL
+    assert found["postfix"].detail == \
+        f"openrc counts it as running, but its master process (pid {dead.pid}) is gone"
+    assert found["postfix"].hint == "run 'chatmail configure' to start it"
+    assert found["dovecot"].level == status.OK
+
+
+def test_postfix_with_its_master_running_is_ok(config, tmp_path):
+    # A process named master, as Postfix's is; another process with the pid (the pid was
+    # reused) is not Postfix.
+    master = tmp_path / "master"
+    shutil.copy("/bin/sleep", master)
+    for program, level in [(str(master), status.OK), ("sleep", status.FAIL)]:
+        proc = subprocess.Popen([program, "30"])
+        try:
+            found = alpine_services(config, tmp_path / program.replace("/", "_"), proc.pid)
+        finally:
+            proc.kill()
+            proc.wait()
+        assert found["postfix"].level == level, program
 
 
 # -- Postfix queue and Dovecot -------------------------------------------------------------
@@ -412,7 +458,8 @@ def healthy_relay(make_config, certificates, tmp_path):
         return run_command(argv)  # openssl: the real one
 
     probes = status.Probes(run=run, proc_net_tcp=write_proc_net(tmp_path, ALL_PORTS),
-                           dovecot_pid_file=str(tmp_path / "none.pid"))
+                           dovecot_pid_file=str(tmp_path / "none.pid"),
+                           postfix_pid_file=str(tmp_path / "none.pid"))
     return config, probes, fake
 
 
