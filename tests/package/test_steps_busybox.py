@@ -147,3 +147,8 @@ def test_services_step_without_openrc_says_what_is_missing(alpine):
     assert result.returncode == 1
     assert result.stderr == ("chatmail: error: rc-service not found: the relay's services "
                              "need OpenRC (apk add openrc, then boot with it)\n")
+    # The same check for systemd (Debian in a container without it).
+    result = alpine.run("/bin/sh", "-c", f". {DATA_DIR}/postinst.d/functions.sh && "
+                        "require_service_manager", env={"PLATFORM_SERVICE_MANAGER": "systemd"})
+    assert (result.returncode, result.stderr) == (
+        1, "chatmail: error: systemctl not found: the relay's services need systemd running\n")
