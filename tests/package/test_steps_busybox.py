@@ -152,3 +152,38 @@ def test_services_step_without_openrc_says_what_is_missing(alpine):
                         "require_service_manager", env={"PLATFORM_SERVICE_MANAGER": "systemd"})
     assert (result.returncode, result.stderr) == (
         1, "chatmail: error: systemctl not found: the relay's services need systemd running\n")
+
+
+# -- daily jobs: busybox crond runs them as root, busybox su and nice drop to vmail ------
+
+JOB_STAND_IN = """#!/bin/sh
+{ id -un; umask; nice; echo "$*"; } >/tmp/job.out
+"""
+
+
+@pytest.mark.parametrize("job, args", [
+    ("chatmail-expire", f"{INI} -v --remove"),
+    ("chatmail-fsreport",
+     f"{INI} --textfile /var/lib/chatmail-relay/metrics/fsreport.prom"),
+])
+def test_daily_job_runs_as_vmail_with_busybox_su(alpine, job, args):
+    """vmail's shell is /sbin/nologin (pre-install): busybox su must still run the job,
+    keeping the private umask, at low priority."""
+    periodic = alpine.host_path(f"/etc/periodic/daily/{job}")
+    periodic.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "alpine" / f"{job}.periodic", periodic)
+    program = alpine.host_path(f"/usr/libexec/chatmail/{job}")
+    program.parent.mkdir(parents=True, exist_ok=True)
+    program.write_text(JOB_STAND_IN)
+    program.chmod(0o755)
+    result = alpine.run("/bin/sh", f"/etc/periodic/daily/{job}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert alpine.host_path("/tmp/job.out").read_text().splitlines() == \
+        ["vmail", "0077", "10", args]
+    if job == "chatmail-fsreport":
+        assert owner_and_mode(alpine, "/var/lib/chatmail-relay/metrics") == ("vmail", 0o755)
+    # Before `chatmail setup` there is nothing to do.
+    alpine.host_path("/tmp/job.out").unlink()
+    alpine.host_path(INI).unlink()
+    result = alpine.run("/bin/sh", f"/etc/periodic/daily/{job}")
+    assert result.returncode == 0 and not alpine.host_path("/tmp/job.out").exists()
