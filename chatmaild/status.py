@@ -133,7 +133,7 @@ def read_certificate(path, domain, run=run_command):
     )
 
 
-def check_certificate(config, probes):
+def check_certificate(config, platform, probes):
     name, path = "certificate", Path(config.tls_cert_path)
     if not path.exists():
         return [Finding("Configuration", name, FAIL, f"{path} does not exist",
@@ -142,8 +142,8 @@ def check_certificate(config, probes):
         cert = read_certificate(path, config.mail_domain_bare, probes.run)
     except (ValueError, KeyError) as exc:
         return [Finding("Configuration", name, FAIL, f"{path}: cannot read: {exc}")]
-    return [certificate_validity(config, cert, probes.now()),
-            *certificate_problems(config, cert)]
+    return [certificate_validity(config, platform, cert, probes.now()),
+            *certificate_problems(config, platform, cert)]
 
 
 def missing_certificate_hint(config):
@@ -152,27 +152,37 @@ def missing_certificate_hint(config):
     return "run 'chatmail configure'"
 
 
-def certificate_validity(config, cert, now):
+def certificate_validity(config, platform, cert, now):
     days = int((cert.not_after - now) // DAY)
     until = time.strftime("%Y-%m-%d", time.gmtime(cert.not_after))
     detail = f"valid until {until} ({days} days), issued by {cert.issuer}"
     if cert.not_after <= now:
         return Finding("Configuration", "certificate", FAIL, f"expired on {until}",
-                       renewal_hint(config))
+                       renewal_hint(config, platform))
     if days < CERT_WARN_DAYS:
-        return Finding("Configuration", "certificate", FAIL, detail, renewal_hint(config))
+        return Finding("Configuration", "certificate", FAIL, detail,
+                       renewal_hint(config, platform))
     return Finding("Configuration", "certificate", OK, detail)
 
 
-def renewal_hint(config):
+def renewal_hint(config, platform):
     if config.tls_cert_mode == "acme":
-        return "certbot does not renew it: see 'journalctl -u certbot' and 'chatmail dns --check'"
+        return (f"certbot does not renew it: see {certbot_log(platform)} and "
+                "'chatmail dns --check'")
     if config.tls_cert_mode == "external":
         return f"renew {config.tls_cert_path}, then reload dovecot, postfix and nginx"
     return f"remove {config.tls_cert_path} and run 'chatmail configure' to make a new one"
 
 
-def certificate_problems(config, cert):
+def certbot_log(platform):
+    """Where certbot's renewal runs leave their errors: the journal of certbot.service
+    on Debian, syslog through the daily job on Alpine."""
+    if platform.service_manager == "systemd":
+        return "'journalctl -u certbot'"
+    return "certbot's lines in /var/log/messages"
+
+
+def certificate_problems(config, platform, cert):
     problems = []
     if not cert.matches_domain:
         problems.append(Finding(
@@ -184,7 +194,7 @@ def certificate_problems(config, cert):
             "Configuration", "certificate issuer", FAIL,
             "still the self-signed placeholder: certbot has not obtained a certificate",
             "other relays refuse self-signed certificates: check 'chatmail dns --check', "
-            "that port 80 is reachable, and 'journalctl -u certbot'"))
+            f"that port 80 is reachable, and {certbot_log(platform)}"))
     return problems
 
 
@@ -410,7 +420,7 @@ def collect(config, platform, probes=None):
     probes = probes or Probes()
     return [
         *check_config(config),
-        *check_certificate(config, probes),
+        *check_certificate(config, platform, probes),
         *check_services(config, platform, probes),
         *check_ports(config, probes),
         check_postfix_queue(probes),

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -87,8 +88,47 @@ def install_service(service, open_files):
     (Path("/etc/conf.d") / service).write_text(confd)
 
 
+class Syslog:
+    """A syslog socket the services' loggers write to: the `logger` command (util-linux's
+    here, busybox's on Alpine) is wrapped to send there, as this chroot has no syslog
+    daemon. The messages, as received, in .messages."""
+
+    SOCKET = "/run/test-syslog.socket"
+
+    def __init__(self):
+        self.messages = []
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.SOCKET)
+        os.chmod(self.SOCKET, 0o666)  # as /dev/log: the services log as vmail
+        threading.Thread(target=self._receive, daemon=True).start()
+        logger = Path(shutil.which("logger"))
+        logger.rename(logger.with_name("logger.real"))
+        logger.write_text(f'#!/bin/sh\nexec {logger}.real -u {self.SOCKET} "$@"\n')
+        logger.chmod(0o755)
+
+    def _receive(self):
+        while True:
+            self.messages.append(self.sock.recv(65536).decode())
+
+    def wait_for(self, tag, text, timeout=15):
+        """(priority, message) of the message tagged TAG that contains TEXT."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for message in self.messages:
+                match = re.match(rf"<(\d+)>.* {re.escape(tag)}(\[\d+\])?: (.*)", message)
+                if match and text in match.group(3):
+                    return int(match.group(1)), match.group(3).strip()
+            time.sleep(0.1)
+        raise AssertionError(f"no {tag} message with {text!r} in {self.messages}")
+
+
 @pytest.fixture(scope="module")
-def relay():
+def syslog():
+    return Syslog()
+
+
+@pytest.fixture(scope="module")
+def relay(syslog):
     """OpenRC's state as on a booted system, our services installed, chatmail.ini written
     -> the relay's configuration; the services are stopped at the end."""
     install_chatmaild()
@@ -231,6 +271,24 @@ def test_service_is_started_again_after_a_crash(relay, started, service):
     kill_and_wait_for_respawn(service, timeout=RESPAWN_DELAY + 10)
     assert answers(relay, service)
     assert "started" in rc_service(service, "status").stdout
+
+
+DAEMON_INFO = 3 * 8 + 6
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_service_output_goes_to_syslog(relay, syslog, started, service):
+    """supervise-daemon sends a service's output to /dev/null unless told otherwise; the
+    journal keeps it on Debian."""
+    assert answers(relay, service)
+    if service in SOCKETS:
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(SOCKETS[service])
+            client.sendall(b"Zbogus\n")
+        expected = "unknown dictproxy request: 'Zbogus'"
+    else:
+        expected = "entering serving loop"
+    assert syslog.wait_for(service, expected) == (DAEMON_INFO, expected)
 
 
 @pytest.mark.parametrize("service", ["doveauth", "filtermail"])

@@ -5,7 +5,10 @@ rc-service is not in the minirootfs (tests/openrc runs the real OpenRC); a stand
 records the calls and, as OpenRC does, refuses `status` and `reload` for a service that
 was not started, and forgets a service on `zap`."""
 
+import contextlib
+import re
 import shutil
+import socket
 import stat
 
 import pytest
@@ -158,7 +161,28 @@ def test_services_step_without_openrc_says_what_is_missing(alpine):
 
 JOB_STAND_IN = """#!/bin/sh
 { id -un; umask; nice; echo "$*"; } >/tmp/job.out
+echo "a line on stdout"
+echo "a line on stderr" >&2
 """
+
+
+@contextlib.contextmanager
+def syslog(alpine):
+    """What busybox's logger sends to /dev/log in the minirootfs: a list of the messages
+    (priority and tag included), filled when the block ends."""
+    path = alpine.host_path("/dev/log")
+    messages = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        try:
+            yield messages
+            sock.settimeout(0.5)
+            while True:
+                messages.append(sock.recv(4096).decode())
+        except TimeoutError:
+            pass
+        finally:
+            path.unlink()
 
 
 @pytest.mark.parametrize("job, args", [
@@ -176,10 +200,16 @@ def test_daily_job_runs_as_vmail_with_busybox_su(alpine, job, args):
     program.parent.mkdir(parents=True, exist_ok=True)
     program.write_text(JOB_STAND_IN)
     program.chmod(0o755)
-    result = alpine.run("/bin/sh", f"/etc/periodic/daily/{job}")
+    with syslog(alpine) as messages:
+        result = alpine.run("/bin/sh", f"/etc/periodic/daily/{job}")
     assert result.returncode == 0, result.stdout + result.stderr
     assert alpine.host_path("/tmp/job.out").read_text().splitlines() == \
         ["vmail", "0077", "10", args]
+    # busybox crond would drop the job's output: it goes to syslog, as daemon.info (30).
+    # (busybox su logs the change of user itself, to auth.)
+    assert [re.sub(r"^<30>.{15} ", "", message).strip() for message in messages
+            if not message.startswith("<37>")] == \
+        [f"{job}: a line on stdout", f"{job}: a line on stderr"]
     if job == "chatmail-fsreport":
         assert owner_and_mode(alpine, "/var/lib/chatmail-relay/metrics") == ("vmail", 0o755)
     # Before `chatmail setup` there is nothing to do.
@@ -187,3 +217,23 @@ def test_daily_job_runs_as_vmail_with_busybox_su(alpine, job, args):
     alpine.host_path(INI).unlink()
     result = alpine.run("/bin/sh", f"/etc/periodic/daily/{job}")
     assert result.returncode == 0 and not alpine.host_path("/tmp/job.out").exists()
+
+
+def test_daily_certbot_renewal_reports_to_syslog(alpine):
+    periodic = alpine.host_path("/etc/periodic/daily/chatmail-certbot-renew")
+    periodic.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "alpine" / "chatmail-certbot-renew.periodic", periodic)
+    certbot = alpine.host_path("/usr/local/bin/certbot")
+    certbot.write_text('#!/bin/sh\necho "$*" >/tmp/certbot.args\n'
+                       'echo "Failed to renew certificate chat.example.org" >&2\n')
+    certbot.chmod(0o755)
+    # Before certbot has any certificate: nothing to renew.
+    result = alpine.run("/bin/sh", "/etc/periodic/daily/chatmail-certbot-renew")
+    assert result.returncode == 0 and not alpine.host_path("/tmp/certbot.args").exists()
+    alpine.host_path("/etc/letsencrypt/renewal").mkdir(parents=True)
+    with syslog(alpine) as messages:
+        result = alpine.run("/bin/sh", "/etc/periodic/daily/chatmail-certbot-renew")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert alpine.host_path("/tmp/certbot.args").read_text() == "renew --quiet\n"
+    assert [re.sub(r"^<30>.{15} ", "", message).strip() for message in messages] == \
+        ["certbot: Failed to renew certificate chat.example.org"]

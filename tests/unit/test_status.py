@@ -142,9 +142,10 @@ def external_config(make_config, cert):
                        tls_external_cert_and_key=f"{cert} {cert.with_suffix('.key')}")
 
 
-def cert_findings(config, now=None):
+def cert_findings(config, now=None, platform="debian12"):
     probes = status.Probes(now=now or time.time)
-    return {f.name: f for f in status.check_certificate(config, probes)}
+    return {f.name: f
+            for f in status.check_certificate(config, load_platform(platform), probes)}
 
 
 def test_certificate_valid(make_config, certificates):
@@ -180,6 +181,11 @@ def test_self_signed_placeholder_in_acme_mode_fails(make_config, certificates, m
     findings = cert_findings(config)
     assert findings["certificate issuer"].level == status.FAIL
     assert "certbot has not obtained" in findings["certificate issuer"].detail
+    assert findings["certificate issuer"].hint.endswith("and 'journalctl -u certbot'")
+    # Alpine: the daily renewal job logs to syslog, and there is no journal.
+    findings = cert_findings(config, platform="alpine")
+    assert findings["certificate issuer"].hint.endswith(
+        "and certbot's lines in /var/log/messages")
 
 
 def test_self_signed_is_fine_for_an_underscore_domain(make_config, certificates, monkeypatch):
