@@ -398,7 +398,9 @@ def dovecot(relay):
     localmount.chmod(0o755)
     assert rc_service("localmount", "start").returncode == 0
     make_certificate(relay.tls_cert_path, relay.tls_key_path)
-    Path("/var/spool/postfix/private").mkdir(parents=True, exist_ok=True)
+    # As 10-directories makes it: Postfix refuses to start while it is not its own.
+    Path("/var/spool/postfix/private").mkdir(mode=0o700, parents=True, exist_ok=True)
+    shutil.chown("/var/spool/postfix/private", "postfix", "postfix")
     for item in render_component("dovecot", relay, openrc_platform()):
         path = Path(item.path)
         path.parent.mkdir(parents=True, exist_ok=True)
