@@ -229,7 +229,13 @@ def test_install_enables_the_relays_services_and_removal_stops_them(alpine_with_
     result = alpine.apk("del", "chatmail-relay")
     assert result.returncode == 0, result.stdout + result.stderr
     calls = rc_calls(alpine)
-    for service in ["doveauth", "filtermail-incoming", "chatmail-newemail"]:
+    for service in ["doveauth", "filtermail-incoming", "chatmail-newemail",
+                    "opendkim.chatmail"]:
         assert f"rc-service --quiet {service} stop" in calls
         assert f"rc-update del {service}" in calls
-    assert not alpine.host_path("/etc/init.d/doveauth").exists()
+    for script in ["doveauth", "opendkim.chatmail"]:
+        assert not alpine.host_path(f"/etc/init.d/{script}").is_symlink()
+        assert not alpine.host_path(f"/etc/init.d/{script}").exists()
+    # Alpine's own services stay, as on Debian: the admin may use them for more.
+    assert not [call for call in calls if re.match(r"rc-\S+ .*\b(postfix|dovecot|nginx)\b", call)
+                and ("stop" in call or " del " in call)]
