@@ -189,6 +189,7 @@ class Package:
     install_if: list = field(default_factory=list)
     replaces: list = field(default_factory=list)
     scripts: dict = field(default_factory=dict)  # ".post-install" -> bytes
+    triggers: list = field(default_factory=list)  # directories whose changes run .trigger
 
 
 def say(text):
@@ -312,6 +313,16 @@ def scripts_for(name, install, startdir):
     return scripts
 
 
+def trigger_for(name, triggers, startdir):
+    """(directories, script) of NAME's entry "NAME.trigger=/dir:/dir" in the APKBUILD's
+    triggers variable; ([], None) without one."""
+    for entry in triggers.split():
+        script, _, directories = entry.partition("=")
+        if script == f"{name}.trigger":
+            return directories.split(":"), (startdir / script).read_bytes()
+    return [], None
+
+
 def needs_bin_sh(scripts):
     return any(text.split(b"\n", 1)[0].replace(b" ", b"").startswith(b"#!/bin/sh")
                for text in scripts.values())
@@ -361,6 +372,8 @@ def pkginfo_text(package, builddate, packager, maintainer, commit, size, datahas
     lines += [f"replaces = {r}" for r in package.replaces]
     lines += [f"depend = {d}" for d in package.depends if d != package.name]
     lines += [f"provides = {p}" for p in package.provides]
+    if package.triggers:
+        lines.append("triggers = " + " ".join(package.triggers))
     if package.install_if:
         lines.append("install_if = " + " ".join(package.install_if))
     lines.append(f"datahash = {datahash}")
@@ -588,6 +601,9 @@ def make_packages(apkbuild, workdir, arch, python_version, mtime):
 
     def package(name, values):
         scripts = scripts_for(name, top["install"], startdir)
+        triggers, trigger = trigger_for(name, top["triggers"], startdir)
+        if trigger:
+            scripts[".trigger"] = trigger
         depends = values["depends"].split()
         if scripts and needs_bin_sh(scripts) and "/bin/sh" not in depends:
             depends.append("/bin/sh")
@@ -596,7 +612,8 @@ def make_packages(apkbuild, workdir, arch, python_version, mtime):
                        arch=values["arch"] or top["arch"], license=top["license"],
                        origin=pkgname, depends=depends, provides=values["provides"].split(),
                        install_if=values["install_if"].split(),
-                       replaces=values["replaces"].split(), scripts=scripts)
+                       replaces=values["replaces"].split(), scripts=scripts,
+                       triggers=triggers)
 
     subs = [run_split_function(apkbuild, env, entry, pkgbasedir, startdir)
             for entry in top["subpackages"].split()]

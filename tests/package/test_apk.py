@@ -31,7 +31,7 @@ DEBIAN = REPO / "debian"
 DIST = REPO / "dist"
 RELAY_SERVICES = ["doveauth", "lastlogin", "chatmail-metadata", "filtermail",
                   "filtermail-incoming"]
-INSTALL_SCRIPTS = sorted(ALPINE.glob("chatmail-relay.*-*"))
+INSTALL_SCRIPTS = sorted(ALPINE.glob("chatmail-relay.*-*")) + [ALPINE / "chatmail-relay.trigger"]
 INIT_SCRIPTS = sorted(ALPINE.glob("*.initd"))
 PERIODIC_SCRIPTS = sorted(ALPINE.glob("*.periodic"))
 
@@ -164,10 +164,13 @@ def test_pkginfo_fields(parsed):
 def test_install_scripts_are_in_control_with_bin_sh_dependency(parsed):
     relay = parsed["chatmail-relay"]
     assert set(relay.scripts) == {".pre-install", ".post-install", ".post-upgrade",
-                                  ".pre-deinstall"}
+                                  ".pre-deinstall", ".trigger"}
     for script, content in relay.scripts.items():
         assert content == (ALPINE / f"chatmail-relay{script}").read_bytes()
     assert "/bin/sh" in relay.pkginfo["depend"]
+    # abuild's form: the APKBUILD's "NAME.trigger=/a:/b" becomes "triggers = /a /b"
+    assert relay.pkginfo["triggers"] == ["/usr/sbin /usr/libexec/postfix"]
+    assert "triggers" not in parsed["chatmail-relay-openrc"].pkginfo
     assert not parsed["py3-chatmaild"].scripts
 
 

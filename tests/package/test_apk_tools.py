@@ -2,7 +2,9 @@
 minirootfs) reads them: signatures, data hashes, the index it would write itself, the
 dependencies it resolves, and an installation with `apk add`."""
 
+import contextlib
 import importlib.util
+import os
 import re
 import shutil
 import subprocess
@@ -142,9 +144,13 @@ def test_apk_add_installs_the_openrc_package_and_keeps_the_admins_changes(alpine
 STAND_IN_VERSIONS = {"python3": f"{PYTHON_VERSION}.0-r0"}
 # Alpine packages whose init scripts the relay enables (chatmail-relay.post-install).
 STAND_IN_INIT_SCRIPTS = ["dovecot", "opendkim", "postfix", "nginx"]
+# Stand-ins with a program that runs: busybox (from the minirootfs) under the daemon's
+# name, so that a process can run it while apk replaces it.
+STAND_IN_PROGRAMS = {"dovecot": "usr/sbin/dovecot", "nginx": "usr/sbin/nginx"}
 # OpenRC's commands, logging what the install scripts ask of them.
 RC_LOG = "/var/log/rc-calls"
 RC_COMMAND = f'#!/bin/sh\necho "$(basename "$0") $*" >> {RC_LOG}\n'
+STAND_INS = "/srv/stand-ins"
 
 
 def load_mkapk():
@@ -154,7 +160,7 @@ def load_mkapk():
     return module
 
 
-def stand_in_files(name, directory):
+def stand_in_files(name, directory, program):
     if name == "openrc":
         for command in ("rc-update", "rc-service"):
             path = directory / "sbin" / command
@@ -166,40 +172,52 @@ def stand_in_files(name, directory):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("#!/sbin/openrc-run\n")
         path.chmod(0o755)
+    if name in STAND_IN_PROGRAMS:
+        path = directory / STAND_IN_PROGRAMS[name]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(program)
+        path.chmod(0o755)
 
 
-def stand_in_repository(names, directory):
-    """A signed repository of empty packages named NAMES (OpenRC's with logging rc-update
-    and rc-service, the daemons' with an init script): (its directory, its public key)."""
+def publish_stand_ins(alpine, names, directory, versions=None):
+    """Empty signed packages named NAMES (OpenRC's with logging rc-update and rc-service,
+    the daemons' with an init script, some with a program), in versions 1.0-r0 unless
+    VERSIONS says otherwise, as the repository STAND_INS of ALPINE, whose apk trusts
+    their key. Publishing again replaces the repository, signed with the same key."""
     mkapk = load_mkapk()
     key = mkapk.ensure_key(None, directory / "key")
-    out = directory / "repo" / ARCH
+    shutil.rmtree(directory / "files", ignore_errors=True)
+    out = alpine.host_path(f"{STAND_INS}/{ARCH}")
+    shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
+    busybox = alpine.host_path("/bin/busybox").read_bytes()
+    versions = {**STAND_IN_VERSIONS, **(versions or {})}
     builts = []
     for name in sorted(names):
         files = directory / "files" / name
         files.mkdir(parents=True)
-        stand_in_files(name, files)
-        package = mkapk.Package(name=name, directory=files,
-                                pkgver=STAND_IN_VERSIONS.get(name, "1.0-r0"),
+        version = versions.get(name, "1.0-r0")
+        # A trailing version makes each release's program a different file.
+        stand_in_files(name, files, busybox + version.encode())
+        package = mkapk.Package(name=name, directory=files, pkgver=version,
                                 pkgdesc=f"stand-in for Alpine's {name}",
                                 url="https://alpinelinux.org", arch="noarch", license="MIT",
                                 origin=name)
         builts.append(mkapk.write_apk(package, out, key, 0, "test", "", ""))
     mkapk.write_index(builts, out, ARCH, key, 0, "stand-ins")
-    return out.parent, key[1]
+    shutil.copy(key[1], alpine.host_path("/etc/apk/keys"))
 
 
 @pytest.fixture
 def alpine_with_stand_ins(alpine, tmp_path):
     """The minirootfs with our repository and one of stand-ins for the Alpine packages it
-    lacks (and OpenRC): `apk add chatmail-relay` installs for real."""
+    lacks (and OpenRC): `apk add chatmail-relay` installs for real. .stand_ins: their
+    names."""
     missing = missing_packages(alpine.apk("add", "--simulate", "chatmail-relay").stderr)
-    repo, key = stand_in_repository(missing | {"openrc"}, tmp_path / "stand-ins")
-    shutil.copytree(repo / ARCH, alpine.host_path(f"/srv/stand-ins/{ARCH}"))
-    shutil.copy(key, alpine.host_path("/etc/apk/keys"))
+    alpine.stand_ins = missing | {"openrc"}
+    publish_stand_ins(alpine, alpine.stand_ins, tmp_path / "stand-ins")
     with alpine.host_path("/etc/apk/repositories").open("a") as repositories:
-        repositories.write("/srv/stand-ins\n")
+        repositories.write(STAND_INS + "\n")
     assert alpine.apk("add", "openrc").returncode == 0
     alpine.add_dependency_users()
     return alpine
@@ -239,3 +257,56 @@ def test_install_enables_the_relays_services_and_removal_stops_them(alpine_with_
     # Alpine's own services stay, as on Debian: the admin may use them for more.
     assert not [call for call in calls if re.match(r"rc-\S+ .*\b(postfix|dovecot|nginx)\b", call)
                 and ("stop" in call or " del " in call)]
+
+
+@contextlib.contextmanager
+def running(alpine, program):
+    """A process in ALPINE running PROGRAM (a stand-in's busybox, as `sleep`), with /proc
+    mounted there so that the trigger can see it."""
+    proc_dir = alpine.host_path("/proc")
+    subprocess.run(["mount", "-t", "proc", "proc", str(proc_dir)], check=True)
+    root = str(alpine.path)
+    process = subprocess.Popen(["sleep", "600"], executable=program,
+                               preexec_fn=lambda: (os.chroot(root), os.chdir("/")))
+    try:
+        yield process
+    finally:
+        process.kill()
+        process.wait()
+        subprocess.run(["umount", str(proc_dir)], check=True)
+
+
+TRIGGER_RUN = r"Executing chatmail-relay-[^ ]+\.trigger"
+
+
+def restarts(alpine):
+    return [call for call in rc_calls(alpine) if call.endswith(" restart")]
+
+
+def test_upgrading_a_daemon_restarts_it_if_it_runs_the_replaced_program(
+        alpine_with_stand_ins, tmp_path):
+    """Alpine's packages leave running daemons alone on upgrade; chatmail-relay's trigger
+    restarts the relay's daemons that run a program apk replaced (a Dovecot left running
+    would refuse every login)."""
+    alpine = alpine_with_stand_ins
+    result = alpine.apk("add", "chatmail-relay")
+    assert result.returncode == 0, result.stdout + result.stderr
+    # apk runs a new package's trigger once: nothing replaced, nothing restarted.
+    assert re.search(TRIGGER_RUN, result.stdout)
+    assert restarts(alpine) == []
+    with running(alpine, "/usr/sbin/dovecot"):
+        publish_stand_ins(alpine, alpine.stand_ins, tmp_path / "stand-ins",
+                          {"dovecot": "1.0-r1"})
+        result = alpine.apk("upgrade", "dovecot")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "restarting dovecot (apk replaced /usr/sbin/dovecot)" in result.stdout
+        assert restarts(alpine) == ["rc-service --quiet dovecot restart"]
+    # A program changing in /usr/sbin fires the trigger again; Dovecot now runs its
+    # current program and nginx does not run: nothing to restart.
+    with running(alpine, "/usr/sbin/dovecot"):
+        publish_stand_ins(alpine, alpine.stand_ins, tmp_path / "stand-ins",
+                          {"dovecot": "1.0-r1", "nginx": "1.0-r1"})
+        result = alpine.apk("upgrade", "nginx")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert re.search(TRIGGER_RUN, result.stdout)
+        assert restarts(alpine) == ["rc-service --quiet dovecot restart"]
