@@ -188,8 +188,7 @@ def test_openrc_subpackage_installs_with_openrc(parsed):
     # OpenDKIM with our configuration: an instance of the opendkim package's script
     links = {"/" + i.name: i.linkname for i, _ in openrc.data if i.issym()}
     assert links == {"/etc/init.d/opendkim.chatmail": "opendkim"}
-    post_install = (ALPINE / "chatmail-relay.post-install").read_text()
-    assert " opendkim.chatmail " in post_install
+    assert "opendkim.chatmail" in enabled_services()
 
 
 def test_newemail_service_serves_the_socket_nginx_uses(parsed):
@@ -204,9 +203,7 @@ def test_newemail_service_serves_the_socket_nginx_uses(parsed):
     assert "/usr/libexec/chatmail/chatmail-newemail" in parsed["py3-chatmaild"].files
     assert (variables["umask"], variables["command_user"]) == ("007", "fcgiwrap:www-data")
     assert "before nginx" in depends
-    post_install = (ALPINE / "chatmail-relay.post-install").read_text()
-    daemons = re.search(r'^DAEMONS="([^"]*)"', post_install, re.M).group(1).split()
-    assert service in daemons and "fcgiwrap" not in daemons
+    assert service in enabled_services() and "fcgiwrap" not in enabled_services()
 
 
 def test_python_package_provides_and_depends(parsed):
@@ -306,7 +303,9 @@ def test_relay_data_files_match_the_deb(parsed):
     deb = {f for f in deb_files("chatmail-relay") if f.startswith("/usr/share/chatmail-relay/")}
     apk = {f for f in apk_files(parsed["chatmail-relay"])
            if f.startswith("/usr/share/chatmail-relay/")}
-    assert apk - deb == set(), "files only in the .apk"
+    # The runlevel helper of the install scripts: systemd units are enabled by
+    # deb-systemd-helper on Debian.
+    assert apk - deb == {"/usr/share/chatmail-relay/enable-services"}, "files only in the .apk"
     assert deb - apk == set(), "files only in the .deb"
 
 
@@ -320,6 +319,7 @@ def test_relay_package_holds_steps_hooks_and_daily_jobs(parsed):
         assert f"/etc/periodic/daily/{job}" in files
     modes = {"/" + i.name: i.mode for i, _ in parsed["chatmail-relay"].data}
     assert modes["/usr/share/chatmail-relay/postinst.d/60-services"] == 0o755
+    assert modes["/usr/share/chatmail-relay/enable-services"] == 0o755
     assert modes["/etc/periodic/daily/chatmail-expire"] == 0o755
 
 
@@ -335,16 +335,23 @@ def test_services_in_libexec_and_only_chatmail_on_path(parsed):
 
 # --- install scripts ----------------------------------------------------------------
 
+def enabled_services():
+    """The services alpine/enable-services puts into the default runlevel."""
+    text = (ALPINE / "enable-services").read_text()
+    return re.search(r'^SERVICES="([^"]*)"', text, re.M).group(1).split()
+
+
 def debian_relay_services():
     text = (DEBIAN / "chatmail-relay.postinst").read_text()
     return re.search(r'^RELAY_SERVICES="([^"]*)"', text, re.M).group(1).split()
 
 
-@pytest.mark.parametrize("script", ["post-install", "post-upgrade", "pre-deinstall"])
+@pytest.mark.parametrize("script", ["post-upgrade", "pre-deinstall"])
 def test_install_scripts_know_debians_relay_services(script):
     text = (ALPINE / f"chatmail-relay.{script}").read_text()
     listed = re.search(r'^RELAY_SERVICES="([^"]*)"', text, re.M).group(1).split()
     assert listed == debian_relay_services() == RELAY_SERVICES
+    assert set(RELAY_SERVICES) <= set(enabled_services())
 
 
 def run_install_script(shell, script, ini_exists, args=(), chatmail_exit=0):
@@ -357,7 +364,7 @@ def run_install_script(shell, script, ini_exists, args=(), chatmail_exit=0):
     stubs = shell.dir / "bin"
     stubs.mkdir(exist_ok=True)
     log = shell.dir / "calls.log"
-    for command in ["chatmail", "rc-update", "rc-service"]:
+    for command in ["chatmail", "rc-update", "rc-service", "enable-services"]:
         stub = stubs / command
         status = chatmail_exit if command == "chatmail" else 0
         stub.write_text(f'#!/bin/sh\necho "{command} $*" >>{shell.inside(log)}\n'
@@ -365,6 +372,7 @@ def run_install_script(shell, script, ini_exists, args=(), chatmail_exit=0):
         stub.chmod(0o755)
     text = (ALPINE / f"chatmail-relay.{script}").read_text()
     text = re.sub(r"^INI=.*$", f"INI={shell.inside(ini)}", text, flags=re.M)
+    text = re.sub(r"^DATA_DIR=.*$", f"DATA_DIR={shell.inside(stubs)}", text, flags=re.M)
     copy = shell.dir / script
     copy.write_text(text)
     result = shell.run(["/bin/sh", shell.inside(copy), *args],
@@ -383,7 +391,8 @@ def test_post_install_without_ini_says_run_setup_and_succeeds(shell):
 def test_post_install_with_ini_runs_chatmail_configure(shell):
     result, calls, ini = run_install_script(shell, "post-install", ini_exists=True)
     assert result.returncode == 0, result.stderr
-    assert f"chatmail --config {ini} configure" in calls
+    # every service into the runlevel first, then configure (which starts them)
+    assert calls == ["enable-services --all", f"chatmail --config {ini} configure"]
 
 
 def test_post_upgrade_reloads_relay_services_like_debian(shell):
@@ -391,7 +400,8 @@ def test_post_upgrade_reloads_relay_services_like_debian(shell):
                                             args=("0.2.0-r0", "0.1.0-r0"))
     assert result.returncode == 0, result.stderr
     reloads = " ".join(f"--reload {s}" for s in RELAY_SERVICES)
-    assert calls == [f"chatmail --config {ini} configure {reloads}"]
+    # only services no earlier version enabled (enable-services without --all)
+    assert calls == ["enable-services ", f"chatmail --config {ini} configure {reloads}"]
 
 
 def test_post_install_fails_when_configure_fails(shell):

@@ -232,3 +232,43 @@ def test_daily_certbot_renewal_reports_to_syslog(alpine):
     assert alpine.host_path("/tmp/certbot.args").read_text() == "renew --quiet\n"
     assert [re.sub(r"^<30>.{15} ", "", message).strip() for message in messages] == \
         ["certbot: Failed to renew certificate chat.example.org"]
+
+
+# -- the runlevel: alpine/enable-services, run by post-install and post-upgrade ---------
+
+RC_UPDATE = """#!/bin/sh
+case $1 in
+add) mkdir -p "/etc/runlevels/$3" && ln -s "/etc/init.d/$2" "/etc/runlevels/$3/$2" ;;
+del) rm -f /etc/runlevels/*/"$2" ;;
+esac
+"""
+ENABLE_SERVICES = "/usr/share/chatmail-relay/enable-services"
+
+
+def enabled(alpine):
+    return sorted(path.name for path in alpine.host_path("/etc/runlevels/default").iterdir())
+
+
+def test_upgrade_enables_a_new_service_but_not_one_the_admin_took_out(alpine):
+    stand_in = alpine.host_path("/usr/local/bin/rc-update")
+    stand_in.write_text(RC_UPDATE)
+    stand_in.chmod(0o755)
+    shutil.copy(REPO / "alpine" / "enable-services", alpine.host_path(ENABLE_SERVICES))
+    text = (REPO / "alpine" / "enable-services").read_text()
+    services = re.search(r'^SERVICES="([^"]*)"', text, re.M).group(1).split()
+    init_d = alpine.host_path("/etc/init.d")
+    init_d.mkdir(parents=True, exist_ok=True)
+    # The version installed first has no chatmail-newemail yet.
+    for service in services:
+        if service != "chatmail-newemail":
+            (init_d / service).write_text("#!/sbin/openrc-run\n")
+    assert alpine.run("/bin/sh", ENABLE_SERVICES, "--all").returncode == 0
+    assert enabled(alpine) == sorted(set(services) - {"chatmail-newemail"})
+    # The admin runs another cron daemon; an upgrade brings chatmail-newemail.
+    assert alpine.run("rc-update", "del", "crond").returncode == 0
+    (init_d / "chatmail-newemail").write_text("#!/sbin/openrc-run\n")
+    assert alpine.run("/bin/sh", ENABLE_SERVICES).returncode == 0
+    assert enabled(alpine) == sorted(set(services) - {"crond"})
+    # Installed anew (after `apk del`): every service again.
+    assert alpine.run("/bin/sh", ENABLE_SERVICES, "--all").returncode == 0
+    assert enabled(alpine) == sorted(services)
