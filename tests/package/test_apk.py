@@ -31,7 +31,9 @@ DEBIAN = REPO / "debian"
 DIST = REPO / "dist"
 RELAY_SERVICES = ["doveauth", "lastlogin", "chatmail-metadata", "filtermail",
                   "filtermail-incoming"]
-INSTALL_SCRIPTS = sorted(ALPINE.glob("chatmail-relay.*-*")) + [ALPINE / "chatmail-relay.trigger"]
+# The install scripts, the trigger and the runlevel helper they run.
+INSTALL_SCRIPTS = [*sorted(ALPINE.glob("chatmail-relay.*-*")), ALPINE / "chatmail-relay.trigger",
+                   ALPINE / "enable-services"]
 INIT_SCRIPTS = sorted(ALPINE.glob("*.initd"))
 PERIODIC_SCRIPTS = sorted(ALPINE.glob("*.periodic"))
 
