@@ -604,7 +604,9 @@ def test_a_dead_postfix_is_found_and_started_again(postfix, then):
     assert first
     assert dead_postfix_finding(platform, Probes()) is None
     os.kill(first, signal.SIGKILL)
-    while Path(f"/proc/{first}").exists():
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{first}").exists():  # until reaped
+        assert time.monotonic() < deadline, "the killed master was not reaped"
         time.sleep(0.05)
     # What OpenRC cannot see: it still counts Postfix as started.
     assert rc_service("postfix", "status").returncode == 0
