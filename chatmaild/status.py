@@ -250,8 +250,8 @@ def dead_postfix_finding(platform, probes):
     if running:
         return None
     return Finding("Services", platform.postfix_instance_service, FAIL,
-                   f"{platform.service_manager} counts it as running, but its master "
-                   f"process (pid {pid}) is gone", "run 'chatmail configure' to start it")
+                   f"counted as running, but its master process (pid {pid}) is gone",
+                   "run 'chatmail configure' to start it")
 
 
 def service_finding(state, required, platform):

@@ -354,7 +354,7 @@ def test_postfix_counted_started_after_its_master_died_fails(config, tmp_path):
     found = alpine_services(config, tmp_path, dead.pid)
     assert found["postfix"].level == status.FAIL
     assert found["postfix"].detail == \
-        f"openrc counts it as running, but its master process (pid {dead.pid}) is gone"
+        f"counted as running, but its master process (pid {dead.pid}) is gone"
     assert found["postfix"].hint == "run 'chatmail configure' to start it"
     assert found["dovecot"].level == status.OK
 
