@@ -110,15 +110,19 @@ def test_apk_resolves_our_own_dependencies_and_names_alpines(alpine, parsed):
     result = alpine.apk("add", "--simulate", "chatmail-relay")
     assert result.returncode != 0
     declared = set()
-    for name in ["chatmail-relay", "py3-chatmaild"]:
+    for name in ["chatmail-relay", "py3-chatmaild", "chatmail-relay-openrc"]:
         declared |= {re.split(r"[=~<>]", d)[0] for d in parsed[name].pkginfo["depend"]}
     ours_or_alpines_base = {"py3-chatmaild", "chatmail-relay-openrc", "/bin/sh"}
     assert missing_packages(result.stderr) == declared - ours_or_alpines_base
 
 
-def test_apk_add_installs_the_openrc_package_and_keeps_the_admins_changes(alpine, parsed):
-    # chatmail-relay-openrc depends on nothing, so it installs here for real: apk writes
-    # the files of our data stream and records their checksums, which `apk audit` checks.
+def test_apk_add_installs_the_openrc_package_and_keeps_the_admins_changes(
+        alpine, parsed, tmp_path):
+    # apk writes the files of our data stream and records their checksums, which
+    # `apk audit` checks. It needs the init scripts of Alpine's daemons, stood in for.
+    missing = missing_packages(alpine.apk("add", "--simulate", "chatmail-relay-openrc").stderr)
+    assert missing == set(STAND_IN_OPENRC)
+    use_stand_ins(alpine, missing, tmp_path / "stand-ins")
     result = alpine.apk("add", "chatmail-relay-openrc")
     assert result.returncode == 0, result.stdout + result.stderr
     listed = alpine.apk("info", "-L", "chatmail-relay-openrc").stdout.splitlines()
@@ -142,8 +146,11 @@ def test_apk_add_installs_the_openrc_package_and_keeps_the_admins_changes(alpine
 # --- a whole installation, Alpine's packages stood in for ---------------------------------
 
 STAND_IN_VERSIONS = {"python3": f"{PYTHON_VERSION}.0-r0"}
-# Alpine packages whose init scripts the relay enables (chatmail-relay.post-install).
-STAND_IN_INIT_SCRIPTS = ["dovecot", "opendkim", "postfix", "nginx"]
+# Alpine's -openrc packages with the init scripts the relay enables (enable-services),
+# pulled in, as on Alpine, by install_if: OpenRC and the package they belong to.
+STAND_IN_OPENRC = {"dovecot-openrc": ["dovecot"], "opendkim-openrc": ["opendkim"],
+                   "postfix-openrc": ["postfix"], "nginx-openrc": ["nginx"],
+                   "busybox-openrc": ["crond"]}
 # Stand-ins with a program that runs: busybox (from the minirootfs) under the daemon's
 # name, so that a process can run it while apk replaces it.
 STAND_IN_PROGRAMS = {"dovecot": "usr/sbin/dovecot", "nginx": "usr/sbin/nginx"}
@@ -167,8 +174,8 @@ def stand_in_files(name, directory, program):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(RC_COMMAND)
             path.chmod(0o755)
-    if name in STAND_IN_INIT_SCRIPTS:
-        path = directory / "etc" / "init.d" / name
+    for script in STAND_IN_OPENRC.get(name, []):
+        path = directory / "etc" / "init.d" / script
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("#!/sbin/openrc-run\n")
         path.chmod(0o755)
@@ -180,10 +187,11 @@ def stand_in_files(name, directory, program):
 
 
 def publish_stand_ins(alpine, names, directory, versions=None):
-    """Empty signed packages named NAMES (OpenRC's with logging rc-update and rc-service,
-    the daemons' with an init script, some with a program), in versions 1.0-r0 unless
-    VERSIONS says otherwise, as the repository STAND_INS of ALPINE, whose apk trusts
-    their key. Publishing again replaces the repository, signed with the same key."""
+    """Empty signed packages named NAMES and the -openrc packages of those of them that
+    have one (OpenRC's with logging rc-update and rc-service, the -openrc ones with an
+    init script, some with a program), in versions 1.0-r0 unless VERSIONS says
+    otherwise, as the repository STAND_INS of ALPINE, whose apk trusts their key.
+    Publishing again replaces the repository, signed with the same key."""
     mkapk = load_mkapk()
     key = mkapk.ensure_key(None, directory / "key")
     shutil.rmtree(directory / "files", ignore_errors=True)
@@ -193,19 +201,30 @@ def publish_stand_ins(alpine, names, directory, versions=None):
     busybox = alpine.host_path("/bin/busybox").read_bytes()
     versions = {**STAND_IN_VERSIONS, **(versions or {})}
     builts = []
-    for name in sorted(names):
+    openrc = {name for name in STAND_IN_OPENRC
+              if name.removesuffix("-openrc") in {*names, "busybox"}}
+    for name in sorted({*names, *openrc}):
         files = directory / "files" / name
         files.mkdir(parents=True)
         version = versions.get(name, "1.0-r0")
         # A trailing version makes each release's program a different file.
         stand_in_files(name, files, busybox + version.encode())
+        base = name.removesuffix("-openrc")
+        install_if = ["openrc", base if base == "busybox" else f"{base}={version}"]
         package = mkapk.Package(name=name, directory=files, pkgver=version,
                                 pkgdesc=f"stand-in for Alpine's {name}",
                                 url="https://alpinelinux.org", arch="noarch", license="MIT",
-                                origin=name)
+                                origin=base, install_if=install_if if name in openrc else [])
         builts.append(mkapk.write_apk(package, out, key, 0, "test", "", ""))
     mkapk.write_index(builts, out, ARCH, key, 0, "stand-ins")
     shutil.copy(key[1], alpine.host_path("/etc/apk/keys"))
+
+
+def use_stand_ins(alpine, names, directory):
+    """The stand-ins for NAMES published and in ALPINE's list of repositories."""
+    publish_stand_ins(alpine, names, directory)
+    with alpine.host_path("/etc/apk/repositories").open("a") as repositories:
+        repositories.write(STAND_INS + "\n")
 
 
 @pytest.fixture
@@ -215,9 +234,7 @@ def alpine_with_stand_ins(alpine, tmp_path):
     names."""
     missing = missing_packages(alpine.apk("add", "--simulate", "chatmail-relay").stderr)
     alpine.stand_ins = missing | {"openrc"}
-    publish_stand_ins(alpine, alpine.stand_ins, tmp_path / "stand-ins")
-    with alpine.host_path("/etc/apk/repositories").open("a") as repositories:
-        repositories.write(STAND_INS + "\n")
+    use_stand_ins(alpine, alpine.stand_ins, tmp_path / "stand-ins")
     assert alpine.apk("add", "openrc").returncode == 0
     alpine.add_dependency_users()
     return alpine
@@ -236,11 +253,15 @@ def test_install_enables_the_relays_services_and_removal_stops_them(alpine_with_
     result = alpine.apk("add", "chatmail-relay")
     assert result.returncode == 0, result.stdout + result.stderr
     order = re.findall(r"Installing (\S+) ", result.stdout)
-    assert order.index("chatmail-relay-openrc") < order.index("chatmail-relay")
+    # Every init script it enables is in place when its post-install runs (Alpine's
+    # -openrc packages come after it when only install_if pulls them in).
+    for openrc in ["chatmail-relay-openrc", "dovecot-openrc", "nginx-openrc",
+                   "opendkim-openrc", "postfix-openrc"]:
+        assert order.index(openrc) < order.index("chatmail-relay"), openrc
     assert "chatmail setup YOUR.DOMAIN" in result.stdout
     services = ["doveauth", "lastlogin", "chatmail-metadata", "filtermail",
                 "filtermail-incoming", "chatmail-newemail", "opendkim.chatmail",
-                *STAND_IN_INIT_SCRIPTS]
+                *(script for scripts in STAND_IN_OPENRC.values() for script in scripts)]
     enabled = {call.split()[2] for call in rc_calls(alpine) if call.startswith("rc-update add")}
     assert enabled >= set(services) - {"opendkim"}
     assert "opendkim" not in enabled  # the package's own instance stays off
