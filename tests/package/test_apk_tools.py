@@ -210,6 +210,7 @@ def publish_stand_ins(alpine, names, directory, versions=None):
         # A trailing version makes each release's program a different file.
         stand_in_files(name, files, busybox + version.encode())
         base = name.removesuffix("-openrc")
+        # busybox is the minirootfs's own, in whatever version it has.
         install_if = ["openrc", base if base == "busybox" else f"{base}={version}"]
         package = mkapk.Package(name=name, directory=files, pkgver=version,
                                 pkgdesc=f"stand-in for Alpine's {name}",
