@@ -41,9 +41,16 @@ require_service_manager() {
 	case "$PLATFORM_SERVICE_MANAGER" in
 	systemd) command -v systemctl >/dev/null ||
 		fail "systemctl not found: the relay's services need systemd running" ;;
-	openrc) command -v rc-service >/dev/null ||
-		fail "rc-service not found: the relay's services need OpenRC (apk add openrc," \
-			"then boot with it)" ;;
+	openrc)
+		command -v rc-service >/dev/null ||
+			fail "rc-service not found: the relay's services need OpenRC (apk add openrc," \
+				"then boot with it)"
+		# OpenRC writes it when it enters a runlevel; without it (a container OpenRC did
+		# not boot) rc-service fails with a misleading "already starting".
+		[ -e /run/openrc/softlevel ] ||
+			fail "OpenRC did not boot this system (no /run/openrc/softlevel): the relay's" \
+				"services need OpenRC as the init system"
+		;;
 	esac
 }
 

@@ -52,6 +52,10 @@ def alpine(alpine_root):
     stand_in.write_text(RC_SERVICE)
     stand_in.chmod(0o755)
     alpine_root.host_path("/tmp/rc-service.started").touch()
+    # What OpenRC writes when it boots the system into a runlevel.
+    softlevel = alpine_root.host_path("/run/openrc/softlevel")
+    softlevel.parent.mkdir(parents=True, exist_ok=True)
+    softlevel.write_text("default\n")
     return alpine_root
 
 
@@ -150,6 +154,15 @@ def test_services_step_without_openrc_says_what_is_missing(alpine):
     assert result.returncode == 1
     assert result.stderr == ("chatmail: error: rc-service not found: the relay's services "
                              "need OpenRC (apk add openrc, then boot with it)\n")
+    # OpenRC installed, but it did not boot the system (a container).
+    alpine.host_path("/usr/local/bin/rc-service").write_text(RC_SERVICE)
+    alpine.host_path("/usr/local/bin/rc-service").chmod(0o755)
+    alpine.host_path("/run/openrc/softlevel").unlink()
+    result = run_step(alpine, "60-services", check=False)
+    assert result.returncode == 1
+    assert result.stderr == ("chatmail: error: OpenRC did not boot this system (no "
+                             "/run/openrc/softlevel): the relay's services need OpenRC as "
+                             "the init system\n")
     # The same check for systemd (Debian in a container without it).
     result = alpine.run("/bin/sh", "-c", f". {DATA_DIR}/postinst.d/functions.sh && "
                         "require_service_manager", env={"PLATFORM_SERVICE_MANAGER": "systemd"})
