@@ -1,6 +1,7 @@
 """Fixtures shared by all test folders."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -74,6 +75,15 @@ def make_certificate(cert, key):
          "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
          "-keyout", str(key), "-out", str(cert)],
         check=True, capture_output=True)
+
+
+def parse_syslog(datagram):
+    """(priority, tag, text) of a message as logger sends it to a local syslog socket:
+    "<PRIORITY>Mmm dd hh:mm:ss TAG[PID]: TEXT", the pid only from some loggers."""
+    match = re.match(r"<(\d+)>\w{3} [ \d]\d \d\d:\d\d:\d\d (\S+?)(?:\[\d+\])?: (.*)",
+                     datagram, re.S)
+    assert match, f"not a syslog message: {datagram!r}"
+    return int(match[1]), match[2], match[3].strip()
 
 
 def block(text, opening):

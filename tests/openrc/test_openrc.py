@@ -28,7 +28,7 @@ import pytest
 from chatmaild.config import default_config_text, read_config
 from chatmaild.render import load_platform, render_component
 from chatmaild.status import Probes, dead_postfix_finding
-from tests.conftest import REPO, block, make_certificate
+from tests.conftest import REPO, block, make_certificate, parse_syslog
 
 ALPINE = REPO / "alpine"
 INI = Path("/etc/chatmail/chatmail.ini")
@@ -114,10 +114,9 @@ class Syslog:
         """(priority, message) of the message tagged TAG that contains TEXT."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for message in self.messages:
-                match = re.match(rf"<(\d+)>.* {re.escape(tag)}(\[\d+\])?: (.*)", message)
-                if match and text in match.group(3):
-                    return int(match.group(1)), match.group(3).strip()
+            for priority, found_tag, found in map(parse_syslog, list(self.messages)):
+                if found_tag == tag and text in found:
+                    return priority, found
             time.sleep(0.1)
         raise AssertionError(f"no {tag} message with {text!r} in {self.messages}")
 

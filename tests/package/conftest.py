@@ -2,6 +2,7 @@
 for test_apk (read back by our own reader) and test_apk_tools (read by apk-tools)."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -13,6 +14,12 @@ from tests.package.apk_format import read_apk
 
 ARCH = "x86_64"
 PYTHON_VERSION = "3.12"
+
+
+def enabled_services():
+    """The services alpine/enable-services puts into the default runlevel."""
+    text = (REPO / "alpine" / "enable-services").read_text()
+    return re.search(r'^SERVICES="([^"]*)"', text, re.M).group(1).split()
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import pytest
 
 from chatmaild.render import load_platform
 from tests.conftest import REPO
-from tests.package.conftest import ARCH, PYTHON_VERSION
+from tests.package.conftest import ARCH, PYTHON_VERSION, enabled_services
 from tests.package.test_deb import SERVICE_PROGRAMS
 from tests.package.apk_format import (
     CHECKSUM_PAX_KEY,
@@ -336,12 +336,6 @@ def test_services_in_libexec_and_only_chatmail_on_path(parsed):
 
 
 # --- install scripts ----------------------------------------------------------------
-
-def enabled_services():
-    """The services alpine/enable-services puts into the default runlevel."""
-    text = (ALPINE / "enable-services").read_text()
-    return re.search(r'^SERVICES="([^"]*)"', text, re.M).group(1).split()
-
 
 def debian_relay_services():
     text = (DEBIAN / "chatmail-relay.postinst").read_text()

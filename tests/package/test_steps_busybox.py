@@ -6,7 +6,6 @@ records the calls and, as OpenRC does, refuses `status` and `reload` for a servi
 was not started, and forgets a service on `zap`."""
 
 import contextlib
-import re
 import shutil
 import socket
 import stat
@@ -16,7 +15,8 @@ import pytest
 from chatmaild.config import default_config_text, read_config
 from chatmaild.configure import platform_settings, relay_settings
 from chatmaild.render import load_platform
-from tests.conftest import REPO
+from tests.conftest import REPO, parse_syslog
+from tests.package.conftest import enabled_services
 
 DOMAIN = "chat.example.org"
 DATA_DIR = "/usr/share/chatmail-relay"
@@ -220,9 +220,8 @@ def test_daily_job_runs_as_vmail_with_busybox_su(alpine, job, args):
         ["vmail", "0077", "10", args]
     # busybox crond would drop the job's output: it goes to syslog, as daemon.info (30).
     # (busybox su logs the change of user itself, to auth.)
-    assert [re.sub(r"^<30>.{15} ", "", message).strip() for message in messages
-            if not message.startswith("<37>")] == \
-        [f"{job}: a line on stdout", f"{job}: a line on stderr"]
+    assert [line for line in map(parse_syslog, messages) if line[1] != "su"] == \
+        [(30, job, "a line on stdout"), (30, job, "a line on stderr")]
     if job == "chatmail-fsreport":
         assert owner_and_mode(alpine, "/var/lib/chatmail-relay/metrics") == ("vmail", 0o755)
 
@@ -243,8 +242,8 @@ def test_daily_certbot_renewal_reports_to_syslog(alpine):
         result = alpine.run("/bin/sh", "/etc/periodic/daily/chatmail-certbot-renew")
     assert result.returncode == 0, result.stdout + result.stderr
     assert alpine.host_path("/tmp/certbot.args").read_text() == "renew --quiet\n"
-    assert [re.sub(r"^<30>.{15} ", "", message).strip() for message in messages] == \
-        ["certbot: Failed to renew certificate chat.example.org"]
+    assert list(map(parse_syslog, messages)) == \
+        [(30, "certbot", "Failed to renew certificate chat.example.org")]
 
 
 # -- the runlevel: alpine/enable-services, run by post-install and post-upgrade ---------
@@ -267,8 +266,7 @@ def test_upgrade_enables_a_new_service_but_not_one_the_admin_took_out(alpine):
     stand_in.write_text(RC_UPDATE)
     stand_in.chmod(0o755)
     shutil.copy(REPO / "alpine" / "enable-services", alpine.host_path(ENABLE_SERVICES))
-    text = (REPO / "alpine" / "enable-services").read_text()
-    services = re.search(r'^SERVICES="([^"]*)"', text, re.M).group(1).split()
+    services = enabled_services()
     init_d = alpine.host_path("/etc/init.d")
     init_d.mkdir(parents=True, exist_ok=True)
     # The version installed first has no chatmail-newemail yet.
