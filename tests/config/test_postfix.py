@@ -466,10 +466,14 @@ def test_mailname(rendered, relay_config):
     assert (item.kind, item.mode) == ("file", 0o644)
 
 
-def test_postfix_instances_restart_after_a_crash(domain_rendered):
-    dropin = domain_rendered["/etc/systemd/system/postfix@.service.d/chatmail.conf"].content
-    lines = [line for line in dropin.splitlines() if line and not line.startswith("#")]
-    assert lines == ["[Service]", "Restart=always", "RestartSec=30"]
+def test_the_default_postfix_instance_restarts_after_a_crash(domain_rendered):
+    """Only the default instance: the pid file is its own (not postfix@.service's, the
+    template of every postmulti instance)."""
+    item = domain_rendered["/etc/systemd/system/postfix@-.service.d/chatmail.conf"]
+    lines = [line for line in item.content.splitlines() if line and not line.startswith("#")]
+    assert lines == ["[Service]", "PIDFile=/var/spool/postfix/pid/master.pid",
+                     "Restart=always", "RestartSec=30"]
+    assert item.restart == ["postfix"]
 
 
 def test_on_debian_13_the_drop_in_belongs_to_postfix_service(relay_config, render):
