@@ -81,6 +81,13 @@ def test_debian_13_with_its_dovecot_24_and_our_lua_passdb(relay):
     assert "without the chatmail patch" in status, status  # Debian's own build
 
 
+def test_systemd_tracks_postfix_master(relay):
+    """Our drop-in on Debian 13's postfix.service names the master's pid file, so a dead
+    master is noticed (and restarted) at once."""
+    master = relay.run("sed 's/ //g' /var/spool/postfix/pid/master.pid").stdout.strip()
+    assert relay.run("systemctl show -p MainPID --value postfix").stdout.strip() == master
+
+
 # Two accounts, each created by its first login; one sends the other an end-to-end
 # encrypted message (the form filtermail checks) through submission, Postfix, the filters
 # and LMTP into Dovecot 2.4, where an IMAP IDLE client is told about it.
