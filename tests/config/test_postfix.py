@@ -489,6 +489,9 @@ def test_no_systemd_drop_in_on_alpine(relay_config, render):
     main = rendered["/etc/postfix/main.cf"].content
     assert "alias_maps = lmdb:/etc/postfix/aliases" in main
     assert "smtp_tls_session_cache_database = lmdb:" in main
+    # Alpine's /etc/ssl/certs has no hash links (tests/package/test_apk.py checks why)
+    assert "smtp_tls_CAfile = /etc/ssl/certs/ca-certificates.crt\n" in main
+    assert "smtp_tls_CApath" not in main
 
 
 @pytest.mark.parametrize("platform_name,chroot", [("debian12", "y"), ("debian13", "y"),

@@ -41,6 +41,7 @@ PERIODIC_SCRIPTS = sorted(ALPINE.glob("*.periodic"))
 # (busybox or apk provide it). Every Debian dependency must be listed here.
 DEBIAN_TO_ALPINE = {
     "adduser": None,                   # busybox adduser/addgroup
+    "ca-certificates": ["ca-certificates-bundle"],  # the bundle file (platform ca_file)
     "dovecot-core": ["dovecot"],
     "dovecot-imapd": ["dovecot"],      # IMAP is in Alpine's main dovecot package
     "dovecot-lmtpd": ["dovecot-lmtpd"],
@@ -71,6 +72,7 @@ ALPINE_ONLY = {
                        "lua5.3-socket": "auth.lua reaches doveauth's socket (Debian 13: "
                                         "lua-socket)",
                        "/bin/sh": "abuild adds it for install scripts",
+                       "certbot": "Debian recommends it; apk installs no recommendations",
                        "chatmail-relay-openrc": "Debian's init scripts are in the package; "
                                                 "post-install needs them unpacked first"},
     "py3-chatmaild": {"python3": "Debian: ${python3:Depends}",
@@ -603,6 +605,28 @@ def test_lua_modules_fit_the_lua_dovecot_is_built_with():
     depends = apkbuild_var("depends").split()
     assert {"lua5.3-socket", "lua5.3-cjson"} <= set(depends)
     assert not [dep for dep in depends if re.match(r"lua5\.[0-24-9]-", dep)]
+
+
+def verify_certificate(certificate, *trust):
+    return subprocess.run(["openssl", "verify", "-no-CAfile", "-no-CApath", "-no-CAstore",
+                           *trust, str(certificate)], capture_output=True, text=True)
+
+
+def test_postfix_on_alpine_trusts_the_bundle_that_alpine_ships(alpine_root):
+    """Postfix verifies other relays' certificates with the platform's ca_file, here from
+    Alpine's own minirootfs (ca-certificates-bundle). Its /etc/ssl/certs holds no hash
+    links, which only the full ca-certificates package makes, so a CApath there would
+    trust nothing and every delivery to another relay would fail."""
+    platform = load_platform("alpine")
+    assert platform.ca_path == ""
+    root_ca = "/usr/share/ca-certificates/mozilla/ISRG_Root_X1.crt"  # Let's Encrypt's
+    trusted = verify_certificate(root_ca, "-CAfile", alpine_root.host_path(platform.ca_file))
+    assert trusted.returncode == 0, trusted.stdout + trusted.stderr
+    untrusted = verify_certificate(root_ca, "-CApath", alpine_root.host_path("/etc/ssl/certs"))
+    assert untrusted.returncode != 0
+    owner = alpine_root.run("/sbin/apk", "info", "--who-owns", platform.ca_file).stdout
+    assert "ca-certificates-bundle" in owner
+    assert "ca-certificates-bundle" in apkbuild_var("depends").split()
 
 
 def test_dovecot_apkbuild_builds_the_version_our_alpine_templates_are_for():
