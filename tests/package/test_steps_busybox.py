@@ -258,17 +258,25 @@ ENABLE_SERVICES = "/usr/share/chatmail-relay/enable-services"
 
 
 def enabled(alpine):
-    return sorted(path.name for path in alpine.host_path("/etc/runlevels/default").iterdir())
+    runlevel = alpine.host_path("/etc/runlevels/default")
+    return sorted(path.name for path in runlevel.iterdir()) if runlevel.exists() else []
 
 
-def test_upgrade_enables_a_new_service_but_not_one_the_admin_took_out(alpine):
+@pytest.fixture
+def with_runlevels(alpine):
+    """ALPINE with enable-services installed and an rc-update that makes the links."""
     stand_in = alpine.host_path("/usr/local/bin/rc-update")
     stand_in.write_text(RC_UPDATE)
     stand_in.chmod(0o755)
     shutil.copy(REPO / "alpine" / "enable-services", alpine.host_path(ENABLE_SERVICES))
+    alpine.host_path("/etc/init.d").mkdir(parents=True, exist_ok=True)
+    return alpine
+
+
+def test_upgrade_enables_a_new_service_but_not_one_the_admin_took_out(with_runlevels):
+    alpine = with_runlevels
     services = enabled_services()
     init_d = alpine.host_path("/etc/init.d")
-    init_d.mkdir(parents=True, exist_ok=True)
     # The version installed first has no chatmail-newemail yet.
     for service in services:
         if service != "chatmail-newemail":
@@ -283,3 +291,25 @@ def test_upgrade_enables_a_new_service_but_not_one_the_admin_took_out(alpine):
     # Installed anew (after `apk del`): every service again.
     assert alpine.run("/bin/sh", ENABLE_SERVICES, "--all").returncode == 0
     assert enabled(alpine) == sorted(services)
+
+
+def test_configure_enables_coturn_installed_later_unless_the_admin_took_it_out(
+        with_runlevels):
+    """Alpine's coturn package enables nothing: the first `chatmail configure` that finds
+    it starts it and puts it into the runlevel, so that TURN survives a reboot."""
+    alpine = with_runlevels
+    assert alpine.run("/bin/sh", ENABLE_SERVICES, "--all").returncode == 0
+    run_step(alpine, "10-directories")
+    run_step(alpine, "60-services")
+    assert "turnserver" not in enabled(alpine)
+    service = load_platform("alpine").coturn_service
+    alpine.host_path(f"/etc/init.d/{service}").write_text("#!/sbin/openrc-run\n")
+    program = alpine.host_path("/usr/bin/turnserver")
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    _, calls = run_step(alpine, "60-services")
+    assert f"{service} start" in calls
+    assert service in enabled(alpine)
+    assert alpine.run("rc-update", "del", service).returncode == 0
+    run_step(alpine, "60-services")
+    assert service not in enabled(alpine)
