@@ -643,6 +643,9 @@ def main(argv=None):
     parser.add_argument("--description", default="chatmail-relay")
     parser.add_argument("--keep-workdir", action="store_true")
     args = parser.parse_args(argv)
+    # abuild builds under umask 022; the modes of what package() creates go into the
+    # packages, and apk narrows a directory shared with other packages (/usr) to them.
+    os.umask(0o022)
 
     apkbuild = Path(args.apkbuild).resolve()
     outdir = Path(args.out).resolve() / args.arch

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
 
 import pytest
@@ -23,6 +24,7 @@ from tests.package.apk_format import (
     ends_with_end_of_archive,
     openssl_verify,
     parse_apkindex,
+    read_apk,
     read_index,
 )
 
@@ -146,6 +148,21 @@ def test_owned_by_root(parsed):
 def test_datahash_is_sha256_of_data_stream(parsed):
     for name, apk in parsed.items():
         assert apk.pkginfo["datahash"] == [hashlib.sha256(apk.data_stream[0]).hexdigest()], name
+
+
+def test_modes_do_not_depend_on_the_builders_umask(parsed, tmp_path):
+    """apk narrows a directory that several packages ship (/usr) to the modes in each of
+    them: built under umask 027, /usr would become 0750 on the relay, closed to every
+    daemon that is not root."""
+    subprocess.run([sys.executable, str(ALPINE / "mkapk.py"), "--out", str(tmp_path),
+                    "--arch", ARCH, "--python-version", PYTHON_VERSION],
+                   check=True, capture_output=True, cwd=REPO,
+                   preexec_fn=lambda: os.umask(0o027))
+    for path in (tmp_path / ARCH).glob("*.apk"):
+        name = path.name.rsplit("-", 2)[0]
+        modes = {i.name: i.mode for i, _ in read_apk(path).data}
+        assert modes == {i.name: i.mode for i, _ in parsed[name].data}, name
+        assert modes["usr" if "usr" in modes else "etc"] == 0o755
 
 
 def test_pkginfo_fields(parsed):
