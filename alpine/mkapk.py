@@ -25,6 +25,10 @@ The repository goes to OUT/<arch>/ (noarch packages too, as abuild does):
 *.apk, APKINDEX.tar.gz (DESCRIPTION + APKINDEX, signed the same way), and the public
 key OUT/<key name>, which admins copy to /etc/apk/keys/.
 
+Packages of other names already in OUT/<arch>/ (our patched Dovecot, built by abuild on
+Alpine from alpine/dovecot/APKBUILD) stay: they are signed again with the repository's
+key and indexed with ours. Older versions of our own packages are removed.
+
 Without --key a throw-away RSA key is made once and kept outside the checkout in
 /var/cache/chatmail-relay-build/apk-key/ ($CHATMAIL_BUILD_CACHE), so repeated builds
 verify with the same public key.
@@ -44,6 +48,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -545,6 +550,62 @@ def write_index(builts, outdir, arch, key, mtime, description):
     return path
 
 
+# --- packages built elsewhere -----------------------------------------------------------
+
+def gzip_members(data):
+    """The compressed bytes of each gzip member of DATA, which follow one another."""
+    members = []
+    while data:
+        decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        decompressor.decompress(data)
+        if not decompressor.eof:
+            raise ValueError("truncated gzip stream")
+        used = len(data) - len(decompressor.unused_data)
+        members.append(data[:used])
+        data = decompressor.unused_data
+    return members
+
+
+def read_pkginfo(control_stream):
+    """{key: [values]} of the .PKGINFO in an apk's control stream."""
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(control_stream)), mode="r:") as tar:
+        text = tar.extractfile(".PKGINFO").read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and " = " in line:
+            key, _, value = line.partition(" = ")
+            values.setdefault(key, []).append(value)
+    return values
+
+
+def adopt_apk(path, key, mtime):
+    """A package that abuild built (signed with its builder's key), signed again with the
+    repository's key, as an index entry."""
+    try:
+        _, control_stream, data_stream = gzip_members(path.read_bytes())
+        info = read_pkginfo(control_stream)
+    except (ValueError, KeyError, tarfile.TarError, zlib.error, OSError) as error:
+        raise SystemExit(f"mkapk: {path} is not an apk v2 package ({error}): remove it")
+    first = {name: values[0] for name, values in info.items()}
+    package = Package(name=first["pkgname"], directory=path, pkgver=first["pkgver"],
+                      pkgdesc=first.get("pkgdesc", ""), url=first.get("url", ""),
+                      arch=first.get("arch", ""), license=first.get("license", ""),
+                      origin=first.get("origin", first["pkgname"]),
+                      depends=info.get("depend", []), provides=info.get("provides", []),
+                      install_if=info.get("install_if", []))
+    path.write_bytes(signature_stream(control_stream, *key, mtime) + control_stream
+                     + data_stream)
+    say(f"signed {path} again with the repository's key")
+    return BuiltApk(package, path, control_stream, int(first.get("size", 0)),
+                    int(first.get("builddate", mtime)), first.get("maintainer", ""),
+                    first.get("commit", ""))
+
+
+def package_name_of(apk_path):
+    """NAME of NAME-VERSION-rREL.apk."""
+    return apk_path.name.removesuffix(".apk").rsplit("-", 2)[0]
+
+
 # --- putting it together ---------------------------------------------------------------
 
 def alpine_arch():
@@ -656,12 +717,17 @@ def main(argv=None):
     try:
         packages = make_packages(apkbuild, workdir, args.arch, args.python_version, mtime)
         outdir.mkdir(parents=True, exist_ok=True)
-        for old in outdir.glob("*.apk"):
-            old.unlink()
+        ours = {p.name for p in packages}
+        others = []
+        for old in sorted(outdir.glob("*.apk")):
+            if package_name_of(old) in ours:
+                old.unlink()
+            else:
+                others.append(adopt_apk(old, key, mtime))
         maintainer, commit = maintainer_of(apkbuild), git_commit()
         builts = [write_apk(p, outdir, key, mtime, args.packager, maintainer, commit)
                   for p in packages]
-        write_index(builts, outdir, args.arch, key, mtime, args.description)
+        write_index(builts + others, outdir, args.arch, key, mtime, args.description)
         shutil.copy2(key[1], outdir.parent / key[1].name)
         say(f"public key {outdir.parent / key[1].name}")
     finally:

@@ -55,6 +55,7 @@ class Probes:
     proc_net_tcp: tuple = ("/proc/net/tcp", "/proc/net/tcp6")
     proc_dir: str = "/proc"
     dovecot_pid_file: str = "/run/dovecot/master.pid"
+    dovecot_patch_marker: str = ""  # default: the platform's
     postfix_pid_file: str = ""  # default: in the platform's Postfix queue directory
     now: object = time.time
     manager: object = None  # a servicemanager; default: the platform's
@@ -374,6 +375,23 @@ def dovecot_package_version(platform, run):
     return None
 
 
+PATCHED_DOVECOT_HINTS = {
+    "dpkg": "From the chatmail repository apt installs the patched build; a Debian "
+            "security update newer than it is installed first, and replaced by the "
+            "rebuild of it when that is published",
+    "apk": "apk takes the patched build from the chatmail repository where that is listed "
+           "before Alpine's in /etc/apk/repositories; an Alpine update newer than it is "
+           "installed first, and stays (README: Alpine, patched Dovecot)",
+}
+
+
+def is_patched_dovecot(platform, probes, package):
+    marker = probes.dovecot_patch_marker or platform.dovecot_patch_marker
+    if marker:
+        return Path(marker).exists()
+    return bool(package) and "chatmail" in package
+
+
 def check_dovecot_build(platform, probes):
     result = probes.run(["dovecot", "--version"])
     if result.returncode != 0:
@@ -382,16 +400,15 @@ def check_dovecot_build(platform, probes):
     version = result.stdout.strip()
     package = dovecot_package_version(platform, probes.run)
     findings = []
-    if package and "chatmail" in package:
+    if is_patched_dovecot(platform, probes, package):
         findings.append(Finding("Mail", "Dovecot", INFO,
                                 f"{version}, package {package} (chatmail build)"))
     else:
         findings.append(Finding(
             "Mail", "Dovecot", WARN,
             f"{version}, package {package or 'unknown'}: without the chatmail patch",
-            "IMAP IDLE notifications come 0.5 s late. From the chatmail repository apt "
-            "installs the patched build; a Debian security update newer than it is "
-            "installed first, and replaced by the rebuild of it when that is published"))
+            "IMAP IDLE notifications come 0.5 s late. " + PATCHED_DOVECOT_HINTS[
+                platform.package_manager]))
     stale = check_dovecot_binary(probes)
     if stale:
         findings.append(stale)

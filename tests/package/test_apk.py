@@ -646,6 +646,14 @@ def test_postfix_on_alpine_trusts_the_bundle_that_alpine_ships(alpine_root):
     assert "ca-certificates-bundle" in apkbuild_var("depends").split()
 
 
+def test_dovecot_apkbuild_installs_the_file_status_knows_it_by():
+    """apk versions cannot mark our build (it has Alpine's version): a file does."""
+    marker = load_platform("alpine").dovecot_patch_marker
+    package = re.search(r"^package\(\) \{\n(.*?)^\}", (ALPINE / "dovecot" / "APKBUILD")
+                        .read_text(), re.S | re.M).group(1)
+    assert f'"$srcdir"/instant-idle.patch {marker.lstrip("/")}' in package
+
+
 def test_dovecot_apkbuild_builds_the_version_our_alpine_templates_are_for():
     text = (ALPINE / "dovecot" / "APKBUILD").read_text()
     version = re.search(r"^pkgver=(\d+\.\d+)\.", text, re.M).group(1)

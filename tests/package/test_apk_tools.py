@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import zlib
 
 import pytest
@@ -333,3 +334,40 @@ def test_upgrading_a_daemon_restarts_it_if_it_runs_the_replaced_program(
         assert result.returncode == 0, result.stdout + result.stderr
         assert re.search(TRIGGER_RUN, result.stdout)
         assert restarts(alpine) == ["rc-service --quiet dovecot restart"]
+
+
+# --- a package built elsewhere in our repository ----------------------------------------
+
+def test_make_apk_signs_and_indexes_a_package_abuild_built(alpine_root, public_key,
+                                                            tmp_path):
+    """Our patched Dovecot is built by abuild on Alpine, signed with its builder's key,
+    and copied into the repository: mkapk keeps it, signs it with the repository's key and
+    indexes it, and apk, trusting only that key, installs it."""
+    mkapk = load_mkapk()
+    out = tmp_path / "repo"
+    files = tmp_path / "files"
+    marker = files / "usr/share/dovecot/chatmail-instant-idle.patch"
+    marker.parent.mkdir(parents=True)
+    marker.write_text("patch\n")
+    builder_key = mkapk.ensure_key(None, tmp_path / "builder-key")
+    (out / ARCH).mkdir(parents=True)
+    package = mkapk.Package(name="dovecot", directory=files, pkgver="2.4.5-r0",
+                            pkgdesc="stand-in for our patched Dovecot", url="https://x",
+                            arch="x86_64", license="MIT", origin="dovecot")
+    mkapk.write_apk(package, out / ARCH, builder_key, 0, "abuild", "", "")
+    for _ in range(2):  # a second `make apk` keeps it too
+        result = subprocess.run([sys.executable, str(REPO / "alpine" / "mkapk.py"),
+                                 "--out", str(out), "--arch", ARCH,
+                                 "--python-version", PYTHON_VERSION],
+                                capture_output=True, text=True, cwd=REPO)
+        assert result.returncode == 0, result.stdout + result.stderr
+    index = read_index(out / ARCH / "APKINDEX.tar.gz")[3]["APKINDEX"].decode()
+    assert "dovecot" in {stanza["P"] for stanza in parse_apkindex(index)}
+    shutil.copytree(out / ARCH, alpine_root.host_path(f"{REPOSITORY}/{ARCH}"))
+    shutil.copy(public_key, alpine_root.host_path("/etc/apk/keys"))
+    alpine_root.host_path("/etc/apk/repositories").write_text(REPOSITORY + "\n")
+    verify = alpine_root.apk("verify", f"{REPOSITORY}/{ARCH}/dovecot-2.4.5-r0.apk")
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    added = alpine_root.apk("add", "dovecot")
+    assert added.returncode == 0, added.stdout + added.stderr
+    assert alpine_root.host_path(str(marker.relative_to(files))).read_text() == "patch\n"

@@ -425,6 +425,32 @@ def test_dovecot_patched_build():
                               "1:2.3.19.1+dfsg1-2.1+deb12u7+chatmail1 (chatmail build)")
 
 
+@pytest.mark.parametrize("ours", [True, False])
+def test_dovecot_build_on_alpine_is_told_by_our_packages_file(tmp_path, ours):
+    """Our Alpine build has Alpine's version: the file only it installs tells."""
+    marker = tmp_path / "chatmail-instant-idle.patch"
+    if ours:
+        marker.write_text("patch\n")
+
+    def run(argv):
+        if argv[0] == "dovecot":
+            return Completed(0, "2.4.5 (5a2bc7b0f6)\n")
+        assert argv == ["apk", "list", "--installed", "dovecot"]
+        return Completed(0, "dovecot-2.4.5-r0 x86_64 {dovecot} (LGPL-2.1-or-later) "
+                            "[installed]\n")
+
+    platform = load_platform("alpine")
+    assert platform.dovecot_patch_marker.endswith("/chatmail-instant-idle.patch")
+    [finding] = status.check_dovecot_build(platform, status.Probes(
+        run=run, dovecot_pid_file="/nonexistent", dovecot_patch_marker=str(marker)))
+    assert finding.detail.startswith("2.4.5 (5a2bc7b0f6), package 2.4.5-r0")
+    if ours:
+        assert finding.level == status.INFO and finding.detail.endswith("(chatmail build)")
+    else:
+        assert finding.level == status.WARN and "without the chatmail patch" in finding.detail
+        assert "/etc/apk/repositories" in finding.hint
+
+
 def test_a_running_replaced_binary_is_found(tmp_path):
     """As after an upgrade that did not restart Dovecot: the running binary is deleted."""
     binary = tmp_path / "dovecot"
