@@ -17,7 +17,7 @@ while read -r service program; do
 	rc-service --quiet "$service" restart </dev/null ||
 		echo "chatmail-relay: restarting $service failed: see 'rc-service $service status'" >&2
 done <<-LIST
-	dovecot /usr/sbin/dovecot
+	chatmail-dovecot /usr/sbin/dovecot
 	postfix /usr/libexec/postfix/master
 	nginx /usr/sbin/nginx
 	opendkim.chatmail /usr/sbin/opendkim

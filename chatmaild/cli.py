@@ -98,7 +98,8 @@ def build_parser():
     configure.add_argument("--no-reload", action="store_true",
                            help="write the configuration but do not start or reload services")
     configure.add_argument("--reload", metavar="SERVICE", action="append", default=[],
-                           help="also reload SERVICE (e.g. after a new certificate)")
+                           help="also reload SERVICE (e.g. after a new certificate); "
+                                "dovecot, opendkim, coturn: whichever service runs it here")
     setting = add_command("set", "change settings in chatmail.ini", SET_HELP, cmd_set)
     setting.add_argument("settings", metavar="KEY=VALUE", nargs="+",
                          help="a setting to change, e.g. max_mailbox_size=1G")

@@ -77,7 +77,8 @@ def run_steps(config, platform, no_reload=False, reload=(), folder=None, out=Non
     `reload`: services to reload even if none of their files changed."""
     with tempfile.TemporaryDirectory(prefix="chatmail-configure.") as tmp:
         reload_list = Path(tmp) / "reload"
-        reload_list.write_text("".join(f"{service}\n" for service in reload))
+        reload_list.write_text("".join(f"{platform_service(platform, name)}\n"
+                                       for name in reload))
         env = step_environment(config, platform, reload_list, no_reload)
         for step in list_steps(folder):
             print(f"chatmail configure: {step.name}", file=out or sys.stdout, flush=True)
@@ -85,6 +86,12 @@ def run_steps(config, platform, no_reload=False, reload=(), folder=None, out=Non
             if code:
                 raise StepFailed(f"step {step.name} failed (exit status {code}); "
                                  "nothing after it was done")
+
+
+def platform_service(platform, name):
+    """The service that runs daemon NAME here: `--reload dovecot` (certbot's deploy hook)
+    reloads chatmail-dovecot on Alpine. Other names are services already."""
+    return getattr(platform, f"{name}_service", name)
 
 
 def group_by_component(files, kinds=None):

@@ -40,8 +40,8 @@ AUTH_LUA = "/etc/dovecot/chatmail/auth.lua"
 LUA = "/etc/dovecot/chatmail/push_notification.lua"
 DROPIN = "/etc/systemd/system/dovecot.service.d/chatmail.conf"
 OPENRC_MAIN = "/etc/dovecot/dovecot.conf"
-# /etc/init.d/dovecot of our Alpine Dovecot build
-OUR_INITD = REPO / "alpine" / "dovecot" / "dovecot.initd"
+# /etc/init.d/chatmail-dovecot, the service that runs Dovecot on Alpine
+OUR_INITD = REPO / "alpine" / "chatmail-dovecot.initd"
 
 
 # -- helpers ----------------------------------------------------------------------------
@@ -115,8 +115,8 @@ def test_files_and_paths(relay_config, platform, render):
                                         ("alpine", AUTH_LUA)])
 def test_each_platform_gets_the_files_of_its_dovecot(relay_config, name, auth, render):
     """2.3 and 2.4 syntax never mix. Debian: a systemd drop-in starts Dovecot with our
-    file; OpenRC: our file is Dovecot's default one, which /etc/init.d/dovecot starts
-    Dovecot with (Alpine's script or our build's)."""
+    file; OpenRC: our file is Dovecot's default one, which chatmail-dovecot starts
+    Dovecot with."""
     platform = load_platform(name)
     files = render("dovecot", relay_config, platform)
     if platform.service_manager == "systemd":
@@ -125,7 +125,7 @@ def test_each_platform_gets_the_files_of_its_dovecot(relay_config, name, auth, r
     else:
         main = OPENRC_MAIN
         assert set(files) == {main, auth, LUA}
-        assert "-c " not in OUR_INITD.read_text()  # the default file, as Alpine's
+        assert "-c " not in OUR_INITD.read_text()  # the default file
     first_setting = next(line for line in files[main].content.splitlines()
                          if line and not line.startswith("#"))
     if is_24(platform):

@@ -348,6 +348,7 @@ def test_daily_report_is_written_by_vmail(relay):
 
 # --- Dovecot: our Alpine build's init script, the relay's configuration as on Alpine ----
 
+DOVECOT = load_platform("alpine").dovecot_service
 DOVECOT_CONF = Path("/etc/dovecot/dovecot.conf")
 IMAPS = ("127.0.0.1", 993)
 PASSWORD = "Ohwu4aeshahx7shei"
@@ -386,10 +387,7 @@ def imaps_login(address, timeout=15):
 def dovecot(relay):
     """The relay's Dovecot files written by `chatmail configure` on Alpine, with the
     services Dovecot asks (doveauth, lastlogin, chatmail-metadata) running."""
-    init = Path("/etc/init.d/dovecot")
-    shutil.copy(ALPINE / "dovecot" / "dovecot.initd", init)
-    init.chmod(0o755)
-    Path("/etc/conf.d/dovecot").write_text(f'rc_ulimit="-n {relay.open_files}"\n')
+    install_service(DOVECOT, relay.open_files)
     # Dovecot needs localmount, which Alpine's boot runlevel starts (it mounts the local
     # file systems); Debian's openrc has no such service: a stand-in with nothing to do.
     localmount = Path("/etc/init.d/localmount")
@@ -407,44 +405,44 @@ def dovecot(relay):
     for service in SOCKETS:
         assert rc_service(service, "start").returncode == 0
     yield relay
-    rc_service("dovecot", "stop")
+    rc_service(DOVECOT, "stop")
     for service in SOCKETS:
         rc_service(service, "stop")
 
 
 def test_dovecot_runs_the_default_file_and_creates_accounts(dovecot):
-    result = rc_service("dovecot", "start")
+    result = rc_service(DOVECOT, "start")
     assert result.returncode == 0, result.stdout + result.stderr
     # Nothing but the default file tells Dovecot about the relay.
-    assert "-c" not in Path(f"/proc/{daemon_pid('dovecot')}/cmdline").read_bytes().split(b"\0")
+    assert "-c" not in Path(f"/proc/{daemon_pid(DOVECOT)}/cmdline").read_bytes().split(b"\0")
     address = f"openrc001@{DOMAIN}"
     assert imaps_login(address) == "OK"
     assert (Path(dovecot.mailboxes_dir) / address / "password").exists()
-    result = rc_service("dovecot", "reload")
+    result = rc_service(DOVECOT, "reload")
     assert result.returncode == 0, result.stdout + result.stderr
     assert imaps_login(address) == "OK"
 
 
 def test_dovecot_is_started_again_after_a_crash(dovecot):
-    assert rc_service("dovecot", "start").returncode == 0
-    kill_and_wait_for_respawn("dovecot")
+    assert rc_service(DOVECOT, "start").returncode == 0
+    kill_and_wait_for_respawn(DOVECOT)
     assert imaps_login(f"openrc002@{DOMAIN}") == "OK"
-    result = rc_service("dovecot", "stop")
+    result = rc_service(DOVECOT, "stop")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert supervisor_pid("dovecot") is None
+    assert supervisor_pid(DOVECOT) is None
 
 
 def test_dovecot_refuses_to_start_with_a_broken_configuration(dovecot):
     good = DOVECOT_CONF.read_text()
     DOVECOT_CONF.write_text(good + "no_such_setting = 1\n")
     try:
-        result = rc_service("dovecot", "start")
+        result = rc_service(DOVECOT, "start")
     finally:
         DOVECOT_CONF.write_text(good)
     assert result.returncode != 0
     assert "no_such_setting" in result.stdout + result.stderr
-    assert supervisor_pid("dovecot") is None
-    rc_service("dovecot", "zap")
+    assert supervisor_pid(DOVECOT) is None
+    rc_service(DOVECOT, "zap")
 
 
 # --- /new: our fcgiwrap service, nginx connecting as on Alpine -----------------------

@@ -542,11 +542,12 @@ def test_openrc_script_matches_systemd_unit(service, parsed):
     assert variables["umask"].lstrip("0") == unit["UMask"][0].lstrip("0")
     assert variables["rc_ulimit"] == f"-n {unit['LimitNOFILE'][0]}"
     assert variables["no_new_privs"] == "yes"
-    # Before=dovecot.service / postfix.service -> before dovecot / postfix.
+    # Before=dovecot.service / postfix.service -> before chatmail-dovecot / postfix.
     for before in unit.get("Before", []):
         for target in before.split():
             name = target.removesuffix(".service")
             if name != "postfix@-":
+                name = {"dovecot": load_platform("alpine").dovecot_service}.get(name, name)
                 assert f"before {name}" in depends
     if "After" in unit:
         assert "after net" in depends

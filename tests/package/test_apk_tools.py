@@ -123,7 +123,7 @@ def test_apk_add_installs_the_openrc_package_and_keeps_the_admins_changes(
     # apk writes the files of our data stream and records their checksums, which
     # `apk audit` checks. It needs the init scripts of Alpine's daemons, stood in for.
     missing = missing_packages(alpine.apk("add", "--simulate", "chatmail-relay-openrc").stderr)
-    assert missing == set(STAND_IN_OPENRC)
+    assert missing == set(STAND_IN_OPENRC) - {"dovecot-openrc"}
     use_stand_ins(alpine, missing, tmp_path / "stand-ins")
     result = alpine.apk("add", "chatmail-relay-openrc")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -148,8 +148,10 @@ def test_apk_add_installs_the_openrc_package_and_keeps_the_admins_changes(
 # --- a whole installation, Alpine's packages stood in for ---------------------------------
 
 STAND_IN_VERSIONS = {"python3": f"{PYTHON_VERSION}.0-r0"}
-# Alpine's -openrc packages with the init scripts the relay enables (enable-services),
-# pulled in, as on Alpine, by install_if: OpenRC and the package they belong to.
+# Alpine's -openrc packages with the init scripts of the daemons the relay uses, pulled
+# in, as on Alpine, by install_if: OpenRC and the package they belong to. All but
+# dovecot's have a script the relay enables (enable-services): it runs Dovecot as
+# chatmail-dovecot.
 STAND_IN_OPENRC = {"dovecot-openrc": ["dovecot"], "opendkim-openrc": ["opendkim"],
                    "postfix-openrc": ["postfix"], "nginx-openrc": ["nginx"],
                    "busybox-openrc": ["crond"]}
@@ -258,28 +260,31 @@ def test_install_enables_the_relays_services_and_removal_stops_them(alpine_with_
     order = re.findall(r"Installing (\S+) ", result.stdout)
     # Every init script it enables is in place when its post-install runs (Alpine's
     # -openrc packages come after it when only install_if pulls them in).
-    for openrc in ["chatmail-relay-openrc", "dovecot-openrc", "nginx-openrc",
-                   "opendkim-openrc", "postfix-openrc"]:
+    for openrc in ["chatmail-relay-openrc", "nginx-openrc", "opendkim-openrc",
+                   "postfix-openrc"]:
         assert order.index(openrc) < order.index("chatmail-relay"), openrc
     assert "chatmail setup YOUR.DOMAIN" in result.stdout
     services = ["doveauth", "lastlogin", "chatmail-metadata", "filtermail",
-                "filtermail-incoming", "chatmail-newemail", "opendkim.chatmail",
+                "filtermail-incoming", "chatmail-newemail", "chatmail-dovecot",
+                "opendkim.chatmail",
                 *(script for scripts in STAND_IN_OPENRC.values() for script in scripts)]
     enabled = {call.split()[2] for call in rc_calls(alpine) if call.startswith("rc-update add")}
-    assert enabled >= set(services) - {"opendkim"}
-    assert "opendkim" not in enabled  # the package's own instance stays off
+    assert enabled >= set(services) - {"opendkim", "dovecot"}
+    # the packages' own services stay off: the relay runs them with its configuration
+    assert "opendkim" not in enabled and "dovecot" not in enabled
     result = alpine.apk("del", "chatmail-relay")
     assert result.returncode == 0, result.stdout + result.stderr
     calls = rc_calls(alpine)
     for service in ["doveauth", "filtermail-incoming", "chatmail-newemail",
-                    "opendkim.chatmail"]:
+                    "chatmail-dovecot", "opendkim.chatmail"]:
         assert f"rc-service --quiet {service} stop" in calls
         assert f"rc-update del {service}" in calls
     for script in ["doveauth", "opendkim.chatmail"]:
         assert not alpine.host_path(f"/etc/init.d/{script}").is_symlink()
         assert not alpine.host_path(f"/etc/init.d/{script}").exists()
     # Alpine's own services stay, as on Debian: the admin may use them for more.
-    assert not [call for call in calls if re.match(r"rc-\S+ .*\b(postfix|dovecot|nginx)\b", call)
+    assert not [call for call in calls
+                if re.match(r"rc-\S+ (--quiet )?(del )?(postfix|dovecot|nginx)( |$)", call)
                 and ("stop" in call or " del " in call)]
 
 
@@ -323,8 +328,8 @@ def test_upgrading_a_daemon_restarts_it_if_it_runs_the_replaced_program(
                           {"dovecot": "1.0-r1"})
         result = alpine.apk("upgrade", "dovecot")
         assert result.returncode == 0, result.stdout + result.stderr
-        assert "restarting dovecot (apk replaced /usr/sbin/dovecot)" in result.stdout
-        assert restarts(alpine) == ["rc-service --quiet dovecot restart"]
+        assert "restarting chatmail-dovecot (apk replaced /usr/sbin/dovecot)" in result.stdout
+        assert restarts(alpine) == ["rc-service --quiet chatmail-dovecot restart"]
     # A program changing in /usr/sbin fires the trigger again; Dovecot now runs its
     # current program and nginx does not run: nothing to restart.
     with running(alpine, "/usr/sbin/dovecot"):
@@ -333,7 +338,7 @@ def test_upgrading_a_daemon_restarts_it_if_it_runs_the_replaced_program(
         result = alpine.apk("upgrade", "nginx")
         assert result.returncode == 0, result.stdout + result.stderr
         assert re.search(TRIGGER_RUN, result.stdout)
-        assert restarts(alpine) == ["rc-service --quiet dovecot restart"]
+        assert restarts(alpine) == ["rc-service --quiet chatmail-dovecot restart"]
 
 
 # --- a package built elsewhere in our repository ----------------------------------------

@@ -113,7 +113,8 @@ def test_services_step_starts_everything_then_only_what_changed(alpine):
     assert [call for call in calls if not call.startswith("--quiet ")] == \
         [f"{service} {action}" for service in RELAY_SERVICES
          for action in ("reload", "restart")] + \
-        [f"{daemon} start" for daemon in ["dovecot", platform.opendkim_service, "postfix",
+        [f"{daemon} start" for daemon in [platform.dovecot_service, platform.opendkim_service,
+                                          "postfix",
                                           "nginx", platform.fcgiwrap_service, "crond"]]
     # Nothing changed: all running, nothing to do.
     _, calls = run_step(alpine, "60-services")
@@ -313,3 +314,18 @@ def test_configure_enables_coturn_installed_later_unless_the_admin_took_it_out(
     assert alpine.run("rc-update", "del", service).returncode == 0
     run_step(alpine, "60-services")
     assert service not in enabled(alpine)
+
+
+def test_configure_stops_the_dovecot_packages_own_service(with_runlevels):
+    """chatmail-dovecot runs Dovecot on Alpine; the package's service would take its
+    ports, whether started or only enabled."""
+    alpine = with_runlevels
+    alpine.host_path("/etc/init.d/dovecot").write_text("#!/sbin/openrc-run\n")
+    assert alpine.run("rc-update", "add", "dovecot", "default").returncode == 0
+    alpine.host_path("/tmp/rc-service.started").write_text("dovecot\n")
+    run_step(alpine, "10-directories")
+    out, calls = run_step(alpine, "60-services")
+    assert "dovecot stop" in calls
+    assert "stopping dovecot: the relay runs Dovecot as chatmail-dovecot" in out
+    assert "dovecot" not in enabled(alpine)
+    assert "chatmail-dovecot start" in calls

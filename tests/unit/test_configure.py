@@ -34,6 +34,20 @@ def test_steps_run_in_order_with_settings_in_the_environment(tmp_path, config):
         "first vmail acme", str(config.inipath), "listed", "second chat.example.org"]
 
 
+@pytest.mark.parametrize("platform_name, dovecot", [("debian12", "dovecot"),
+                                                    ("alpine", "chatmail-dovecot")])
+def test_reload_names_the_service_that_runs_the_daemon_here(tmp_path, config,
+                                                           platform_name, dovecot):
+    """certbot's deploy hook asks for `--reload dovecot` on every system."""
+    steps = tmp_path / "steps"
+    steps.mkdir()
+    listed = tmp_path / "listed"
+    write_step(steps, "10-list", f'cp "$CHATMAIL_RELOAD_LIST" {listed}\n')
+    run_steps(config, load_platform(platform_name), reload=["postfix", "dovecot", "nginx"],
+              folder=steps, out=open(os.devnull, "w"))
+    assert listed.read_text().split() == ["postfix", dovecot, "nginx"]
+
+
 def test_a_failing_step_stops_the_run(tmp_path, config):
     steps = tmp_path / "steps"
     steps.mkdir()

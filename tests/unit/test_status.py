@@ -356,7 +356,7 @@ def test_postfix_counted_started_after_its_master_died_fails(config, tmp_path):
     assert found["postfix"].detail == \
         f"counted as running, but its master process (pid {dead.pid}) is gone"
     assert found["postfix"].hint == "run 'chatmail configure' to start it"
-    assert found["dovecot"].level == status.OK
+    assert found["chatmail-dovecot"].level == status.OK
 
 
 def test_postfix_with_its_master_running_is_ok(config, tmp_path):
