@@ -31,13 +31,19 @@ class AlpineRoot:
     def apk(self, *args):
         return self.run("/sbin/apk", "--no-network", "--no-progress", *args)
 
-    def add_dependency_users(self):
+    def add_dependency_users(self, postfix_vmail=True):
         """The users and groups the pre-install scripts of our dependencies create (apk
-        installs dependencies first): opendkim's and postfix's, with busybox."""
-        for argv in [["addgroup", "-S", "opendkim"],
-                     ["adduser", "-S", "-D", "-H", "-G", "opendkim", "opendkim"],
-                     ["addgroup", "-S", "postfix"],
-                     ["adduser", "-S", "-D", "-H", "-G", "postfix", "postfix"]]:
+        installs dependencies first): opendkim's and postfix's, with busybox. Alpine's
+        postfix also makes a vmail user for virtual mailboxes, in group postdrop (its
+        postfix.pre-install, as aports keeps it), before ours could."""
+        commands = [["addgroup", "-S", "opendkim"],
+                    ["adduser", "-S", "-D", "-H", "-G", "opendkim", "opendkim"],
+                    ["addgroup", "-S", "postfix"], ["addgroup", "-S", "postdrop"],
+                    ["adduser", "-S", "-D", "-H", "-G", "postfix", "postfix"]]
+        if postfix_vmail:
+            commands.append(["adduser", "-S", "-D", "-H", "-h", "/var/mail/domains",
+                             "-s", "/sbin/nologin", "-G", "postdrop", "vmail"])
+        for argv in commands:
             result = self.run(*argv)
             assert result.returncode == 0, result.stderr
 

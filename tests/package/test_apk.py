@@ -438,7 +438,7 @@ def test_configuration_steps_are_the_shared_postinst_d():
 
 
 def test_pre_install_creates_vmail_with_busybox_once(alpine_root):
-    alpine_root.add_dependency_users()
+    alpine_root.add_dependency_users(postfix_vmail=False)
     script = alpine_root.host_path("/tmp/pre-install")
     shutil.copy(ALPINE / "chatmail-relay.pre-install", script)
     first = alpine_root.run("/bin/sh", "/tmp/pre-install")
@@ -457,6 +457,19 @@ def test_pre_install_creates_vmail_with_busybox_once(alpine_root):
     assert again.returncode == 0, again.stderr
     assert alpine_root.host_path("/etc/passwd").read_text() == passwd
     assert alpine_root.host_path("/etc/group").read_text() == group
+
+
+def test_pre_install_keeps_the_vmail_that_alpines_postfix_made(alpine_root):
+    """Its primary group is postdrop and its home /var/mail/domains: the relay names the
+    vmail group wherever it sets one and never uses the home, so our pre-install only
+    adds the group (test_steps_busybox runs the steps and daily jobs with this user)."""
+    alpine_root.add_dependency_users()
+    before = alpine_root.host_path("/etc/passwd").read_text()
+    shutil.copy(ALPINE / "chatmail-relay.pre-install", alpine_root.host_path("/tmp/pre-install"))
+    result = alpine_root.run("/bin/sh", "/tmp/pre-install")
+    assert result.returncode == 0, result.stderr
+    assert alpine_root.host_path("/etc/passwd").read_text() == before
+    assert re.search(r"^vmail:x:\d+:", alpine_root.host_path("/etc/group").read_text(), re.M)
 
 
 # --- shell checks -------------------------------------------------------------------
