@@ -9,7 +9,8 @@ SYSTEM_PATH = /usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin
 # Debian packages needed to build and test on a fresh Debian 12 machine.
 DEPS = python3 python3-aiosmtpd python3-dkim python3-dnspython python3-filelock \
        python3-jinja2 python3-psutil python3-pytest python3-setuptools \
-       python3-venv python3-pip python3-build gpg sqop shellcheck fcgiwrap coturn openssl ca-certificates dovecot-core \
+       python3-venv python3-pip python3-build gpg sqop shellcheck fcgiwrap coturn openssl \
+       ca-certificates dovecot-core \
        debhelper dh-python pybuild-plugin-pyproject python3-all help2man lintian \
        fakeroot dpkg-dev po-debconf \
        postfix dovecot-core dovecot-imapd dovecot-lmtpd nginx libnginx-mod-stream \

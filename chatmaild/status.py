@@ -206,8 +206,8 @@ def expected_services(config, platform):
     """(name, required) of every service the relay uses on this platform. An optional one
     counts only where it is installed and enabled."""
     names = [(name, True) for name in RELAY_SERVICES]
-    names += [(platform.dovecot_service, True), (platform.postfix_instance_service, True), ("nginx", True),
-              (platform.fcgiwrap_service, True)]
+    names += [(platform.dovecot_service, True), (platform.postfix_instance_service, True),
+              ("nginx", True), (platform.fcgiwrap_service, True)]
     if not config.ipv4_relay:
         names.append((platform.opendkim_service, True))
     names += [(timer, True) for timer in platform.relay_timers.split()]
