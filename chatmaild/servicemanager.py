@@ -111,8 +111,9 @@ class OpenRC:
         if not (self.init_dir / name).exists():
             return UnitState(name, False, False, False, "not-found")
         result = self.run(["rc-service", name, "status"])
-        # " * status: started" / "stopped" / "crashed"
-        text = result.stdout.strip().rpartition("status:")[2].strip() or "unknown"
+        # " * status: started" / "stopped"; "crashed" (exit status 32) comes on stderr
+        output = result.stdout + (result.stderr or "")
+        text = output.strip().rpartition("status:")[2].strip() or "unknown"
         return UnitState(name, True, self._enabled(name), result.returncode == 0, text)
 
 

@@ -28,6 +28,9 @@ service() {
 		case "$1" in
 		is-active) rc-service --quiet "$2" status ;;
 		reload-or-restart) rc-service "$2" reload || rc-service "$2" restart ;;
+		# OpenRC still counts a service whose process died as started, and `start`
+		# would only warn that it is: restart it first if it crashed.
+		start) rc-service --ifcrashed "$2" restart && rc-service "$2" start ;;
 		*) rc-service "$2" "$1" ;;
 		esac
 		;;

@@ -27,6 +27,7 @@ import pytest
 
 from chatmaild.config import default_config_text, read_config
 from chatmaild.render import load_platform, render_component
+from chatmaild.servicemanager import OpenRC
 from chatmaild.status import Probes, dead_postfix_finding
 from tests.conftest import REPO, block, make_certificate, parse_syslog
 
@@ -622,3 +623,40 @@ def test_a_dead_postfix_is_found_and_started_again(postfix, then):
     result = run_service_functions("forget_dead_postfix")
     assert (result.returncode, result.stdout) == (0, "")
     assert postfix_master_pid() == second
+
+
+# --- a crashed service: OpenRC counts it as started -------------------------------------
+
+CRASHY_INITD = """#!/sbin/openrc-run
+command=/bin/sleep
+command_args=1000
+command_background=yes
+pidfile=/run/crashy.pid
+"""
+
+
+def test_configure_starts_a_crashed_service_and_status_says_crashed(relay):
+    """A daemon that start-stop-daemon started (nginx, OpenDKIM, crond on Alpine) and
+    that died: OpenRC reports it crashed, and `rc-service X start` would only warn that
+    it has already been started."""
+    init = Path("/etc/init.d/crashy")
+    init.write_text(CRASHY_INITD)
+    init.chmod(0o755)
+    try:
+        assert rc_service("crashy", "start").returncode == 0
+        first = int(Path("/run/crashy.pid").read_text())
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{first}").exists():  # until reaped
+            assert time.monotonic() < deadline, "the killed process was not reaped"
+            time.sleep(0.05)
+        state = OpenRC().states(["crashy"])["crashy"]
+        assert (state.active, state.text) == (False, "crashed")
+        result = run_service_functions("service is-active crashy || service start crashy")
+        assert result.returncode == 0, result.stdout + result.stderr
+        second = int(Path("/run/crashy.pid").read_text())
+        assert second != first and Path(f"/proc/{second}/comm").read_text() == "sleep\n"
+        assert OpenRC().states(["crashy"])["crashy"].text == "started"
+    finally:
+        rc_service("crashy", "stop")
+        init.unlink()

@@ -319,12 +319,16 @@ def test_openrc_from_init_scripts_and_runlevels(tmp_path):
 
     def rc_service(argv):
         name = argv[1]
-        return (Completed(0, " * status: started\n") if name == "doveauth"
-                else Completed(3, " * status: stopped\n"))
+        if name == "doveauth":
+            return Completed(0, " * status: started\n")
+        if name == "coturn":  # OpenRC 0.56 writes this one to stderr
+            return Completed(32, "", " * status: crashed\n")
+        return Completed(3, " * status: stopped\n")
 
     states = OpenRC(rc_service, init, levels).states(["doveauth", "dovecot", "coturn", "none"])
     assert states["doveauth"] == UnitState("doveauth", True, True, True, "started")
     assert states["dovecot"] == UnitState("dovecot", True, True, False, "stopped")
+    assert states["coturn"].text == "crashed" and not states["coturn"].active
     assert states["coturn"].enabled is False and states["coturn"].exists
     assert states["none"].exists is False
 
