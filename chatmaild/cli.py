@@ -210,7 +210,7 @@ def check_existing_config(path, domain):
     error(
         f"{path} already exists for mail domain {existing!r}, not {domain!r}; "
         "not overwriting it. To change the relay's domain, edit mail_domain in that file "
-        "(or run 'dpkg-reconfigure chatmail-relay'), then run 'chatmail configure'. "
+        "(on Debian also 'dpkg-reconfigure chatmail-relay'), then run 'chatmail configure'. "
         "Addresses of the old domain stop working."
     )
     return EXIT_FAILURE

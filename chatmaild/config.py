@@ -309,7 +309,7 @@ def read_config(inipath=DEFAULT_INI_PATH):
     except FileNotFoundError:
         raise ConfigError(
             f"{inipath} does not exist; create it with 'chatmail setup DOMAIN' "
-            "or 'dpkg-reconfigure chatmail-relay'"
+            "(on Debian also 'dpkg-reconfigure chatmail-relay')"
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{inipath}: cannot read: {exc}") from None

@@ -105,7 +105,7 @@ def dkim_public_key(key_path):
         result = subprocess.run(["openssl", "rsa", "-in", str(key_path), "-pubout"],
                                 capture_output=True, text=True)
     except FileNotFoundError:
-        raise DnsError("openssl is not installed (apt install openssl)") from None
+        raise DnsError("openssl is not installed (install the openssl package)") from None
     if result.returncode != 0:
         reason = (result.stderr.strip().splitlines() or ["openssl failed"])[0]
         if not Path(key_path).exists():

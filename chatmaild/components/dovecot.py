@@ -43,7 +43,7 @@ def validate(files, platform):
         return []  # nothing of ours for this Dovecot version
     doveconf = shutil.which("doveconf")
     if doveconf is None:
-        return ["doveconf not found: is dovecot-core installed?"]
+        return ["doveconf not found: is Dovecot installed?"]
     with tempfile.TemporaryDirectory(prefix="chatmail-doveconf.") as scratch:
         copies = write_scratch_copies(config_files, Path(scratch))
         result = run_doveconf(copies[main.path], doveconf)

@@ -168,7 +168,7 @@ def test_validate_without_doveconf(relay_config, platform, render, monkeypatch):
     files = render("dovecot", relay_config, platform)
     monkeypatch.setenv("PATH", "/nonexistent")
     assert dovecot.validate(list(files.values()), platform) == [
-        "doveconf not found: is dovecot-core installed?"]
+        "doveconf not found: is Dovecot installed?"]
 
 
 def test_scratch_copies_point_at_each_other(relay_config, platform, render, tmp_path):
