@@ -409,13 +409,13 @@ def check_dovecot_build(platform, probes):
             f"{version}, package {package or 'unknown'}: without the chatmail patch",
             "IMAP IDLE notifications come 0.5 s late. " + PATCHED_DOVECOT_HINTS[
                 platform.package_manager]))
-    stale = check_dovecot_binary(probes)
+    stale = check_dovecot_binary(probes, platform.dovecot_service)
     if stale:
         findings.append(stale)
     return findings
 
 
-def check_dovecot_binary(probes):
+def check_dovecot_binary(probes, service="dovecot"):
     """A Dovecot still running the binary an upgrade replaced keeps the old code (and any
     fixed security hole) until restarted."""
     try:
@@ -426,7 +426,7 @@ def check_dovecot_binary(probes):
     if str(exe).endswith(" (deleted)"):
         return Finding("Mail", "Dovecot binary", FAIL,
                        f"the running Dovecot (pid {pid}) uses a replaced binary",
-                       "restart dovecot")
+                       f"restart the {service} service")
     return None
 
 
