@@ -171,7 +171,8 @@ def renewal_hint(config, platform):
         return (f"certbot does not renew it: see {certbot_log(platform)} and "
                 "'chatmail dns --check'")
     if config.tls_cert_mode == "external":
-        return f"renew {config.tls_cert_path}, then reload dovecot, postfix and nginx"
+        return (f"renew {config.tls_cert_path}, then reload {platform.dovecot_service}, "
+                "postfix and nginx")
     return f"remove {config.tls_cert_path} and run 'chatmail configure' to make a new one"
 
 

@@ -57,6 +57,20 @@ require_service_manager() {
 	esac
 }
 
+# retire_packaged_dovecot: on Alpine the relay runs Dovecot as its own service
+# (chatmail-dovecot); the dovecot package's service, started or enabled before, would
+# take the same ports.
+retire_packaged_dovecot() {
+	[ "$PLATFORM_DOVECOT_SERVICE" != dovecot ] || return 0
+	if service is-active dovecot; then
+		say "stopping dovecot: the relay runs Dovecot as $PLATFORM_DOVECOT_SERVICE"
+		service stop dovecot
+	fi
+	if [ -e /etc/runlevels/default/dovecot ]; then
+		rc-update del dovecot default >/dev/null
+	fi
+}
+
 # forget_dead_postfix: Alpine's postfix init script keeps no pid file of its own, so
 # OpenRC goes on counting Postfix as started after its master process died (or was
 # stopped behind its back), and would neither start nor reload it. Postfix's own pid file
