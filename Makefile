@@ -91,8 +91,8 @@ dovecot-trixie:
 		dovecot/build-deb.sh dist/dovecot-trixie
 
 # Alpine packages and their signed apk repository in dist/alpine/<arch>/, from
-# alpine/APKBUILD. APK_KEY=<private .rsa key, .rsa.pub next to it>; default: a throw-away
-# key in the build cache.
+# alpine/chatmail-relay/APKBUILD. APK_KEY=<private .rsa key, .rsa.pub next to it>;
+# default: a throw-away key in the build cache.
 apk:
 	$(PYTHON) alpine/mkapk.py --out dist/alpine $(if $(APK_KEY),--key $(APK_KEY))
 

@@ -1,6 +1,6 @@
 #!/usr/bin/python3
 """Build chatmail-relay's Alpine packages (.apk, v2 format) and a signed repository on a
-host without abuild (Debian, CI), from alpine/APKBUILD.
+host without abuild (Debian, CI), from alpine/chatmail-relay/APKBUILD.
 
     /usr/bin/python3 alpine/mkapk.py --out dist/alpine [--key KEY.rsa] [--arch x86_64]
 
@@ -338,24 +338,35 @@ def python_site_dirs(directory):
 
 
 def python_auto_dependencies(package):
-    """What abuild's tracing adds for Python packages: depend python3~X.Y, and
-    provides pyX.Y:<module> for every importable top-level module."""
+    """What abuild's tracing finds for Python packages: (depends python3~X.Y, provides
+    pyX.Y:<module> for every importable top-level module)."""
+    depends, provides = [], []
     for site in python_site_dirs(package.directory):
         pyver = site.parent.name.removeprefix("python")
-        package.depends.append(f"python3~{pyver}")
-        for module in sorted(site.iterdir()):
+        depends.append(f"python3~{pyver}")
+        for module in site.iterdir():
             if module.is_dir() and (module / "__init__.py").exists():
-                package.provides.append(f"py{pyver}:{module.name}={package.pkgver}")
+                provides.append(f"py{pyver}:{module.name}={package.pkgver}")
             elif module.suffix == ".py":
-                package.provides.append(f"py{pyver}:{module.stem}={package.pkgver}")
+                provides.append(f"py{pyver}:{module.stem}={package.pkgver}")
+    return depends, provides
 
 
 def command_provides(package):
     """abuild's cmd:NAME provides for executables on PATH."""
-    for bindir in ["bin", "sbin", "usr/bin", "usr/sbin"]:
-        for path in sorted((package.directory / bindir).glob("*")):
-            if path.is_symlink() or (path.is_file() and os.access(path, os.X_OK)):
-                package.provides.append(f"cmd:{path.name}={package.pkgver}")
+    return [f"cmd:{path.name}={package.pkgver}"
+            for bindir in ["bin", "sbin", "usr/bin", "usr/sbin"]
+            for path in (package.directory / bindir).glob("*")
+            if path.is_symlink() or (path.is_file() and os.access(path, os.X_OK))]
+
+
+def add_traced_dependencies(package):
+    """Append what abuild's tracing finds after the APKBUILD's own depends and provides,
+    each list sorted without repeats (abuild's `sort -u`; musl sorts bytewise)."""
+    depends, provides = python_auto_dependencies(package)
+    provides += command_provides(package)
+    package.depends += sorted(set(depends))
+    package.provides += sorted(set(provides))
 
 
 def pkginfo_text(package, builddate, packager, maintainer, commit, size, datahash):
@@ -684,8 +695,7 @@ def make_packages(apkbuild, workdir, arch, python_version, mtime):
         if not pkg.directory.is_dir():
             say(f"{pkg.name}: its split function left it empty, not built")
             continue
-        python_auto_dependencies(pkg)
-        command_provides(pkg)
+        add_traced_dependencies(pkg)
         kept.append(pkg)
     return kept
 
@@ -693,7 +703,7 @@ def make_packages(apkbuild, workdir, arch, python_version, mtime):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--apkbuild", default=str(HERE / "APKBUILD"))
+    parser.add_argument("--apkbuild", default=str(HERE / "chatmail-relay" / "APKBUILD"))
     parser.add_argument("--out", default=str(REPO / "dist" / "alpine"),
                         help="repository directory (default: dist/alpine)")
     parser.add_argument("--key", help="RSA private key (PEM); KEY.pub must be next to it")

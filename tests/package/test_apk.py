@@ -1,4 +1,4 @@
-"""The Alpine packages: built from alpine/APKBUILD by alpine/mkapk.py, read back as apk-tools
+"""The Alpine packages: built from alpine/chatmail-relay/APKBUILD by alpine/mkapk.py, read back as apk-tools
 would (signatures, per-file checksums, datahash, index), and compared with the Debian
 packaging they must match (files, dependencies, install steps, services, daily jobs).
 
@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -29,13 +30,15 @@ from tests.package.apk_format import (
 )
 
 ALPINE = REPO / "alpine"
+# abuild's startdir for chatmail-relay: the APKBUILD, install scripts and trigger.
+RELAY_APKBUILD_DIR = ALPINE / "chatmail-relay"
 DEBIAN = REPO / "debian"
 DIST = REPO / "dist"
 RELAY_SERVICES = ["doveauth", "lastlogin", "chatmail-metadata", "filtermail",
                   "filtermail-incoming"]
 # The install scripts, the trigger and the runlevel helper they run.
-INSTALL_SCRIPTS = [*sorted(ALPINE.glob("chatmail-relay.*-*")), ALPINE / "chatmail-relay.trigger",
-                   ALPINE / "enable-services"]
+INSTALL_SCRIPTS = [*sorted(RELAY_APKBUILD_DIR.glob("chatmail-relay.*-*")),
+                   RELAY_APKBUILD_DIR / "chatmail-relay.trigger", ALPINE / "enable-services"]
 INIT_SCRIPTS = sorted(ALPINE.glob("*.initd"))
 PERIODIC_SCRIPTS = sorted(ALPINE.glob("*.periodic"))
 
@@ -82,7 +85,7 @@ ALPINE_ONLY = {
 }
 
 
-def apkbuild_var(name, directory=ALPINE):
+def apkbuild_var(name, directory=RELAY_APKBUILD_DIR):
     """A variable of the APKBUILD in `directory`, as abuild sees it after sourcing it."""
     result = subprocess.run(["sh", "-c", f'startdir={directory}; srcdir=/nonexistent; '
                              f'. ./APKBUILD; printf %s "${name}"'],
@@ -187,7 +190,7 @@ def test_install_scripts_are_in_control_with_bin_sh_dependency(parsed):
     assert set(relay.scripts) == {".pre-install", ".post-install", ".post-upgrade",
                                   ".pre-deinstall", ".trigger"}
     for script, content in relay.scripts.items():
-        assert content == (ALPINE / f"chatmail-relay{script}").read_bytes()
+        assert content == (RELAY_APKBUILD_DIR / f"chatmail-relay{script}").read_bytes()
     assert "/bin/sh" in relay.pkginfo["depend"]
     # abuild's form: the APKBUILD's "NAME.trigger=/a:/b" becomes "triggers = /a /b"
     assert relay.pkginfo["triggers"] == ["/usr/sbin /usr/libexec/postfix"]
@@ -230,9 +233,10 @@ def test_newemail_service_serves_the_socket_nginx_uses(parsed):
 def test_python_package_provides_and_depends(parsed):
     info = parsed["py3-chatmaild"].pkginfo
     version = info["pkgver"][0]
-    assert f"py{PYTHON_VERSION}:chatmaild={version}" in info["provides"]
-    assert f"cmd:chatmail={version}" in info["provides"]
-    assert f"python3~{PYTHON_VERSION}" in info["depend"]
+    # As abuild 3.16 wrote them when it built this APKBUILD: traced entries sorted.
+    assert info["provides"] == [f"cmd:chatmail={version}",
+                                f"py{PYTHON_VERSION}:chatmaild={version}"]
+    assert info["depend"][-1] == f"python3~{PYTHON_VERSION}"
 
 
 # --- the repository index -----------------------------------------------------------
@@ -363,7 +367,7 @@ def debian_relay_services():
 
 @pytest.mark.parametrize("script", ["post-upgrade", "pre-deinstall"])
 def test_install_scripts_know_debians_relay_services(script):
-    text = (ALPINE / f"chatmail-relay.{script}").read_text()
+    text = (RELAY_APKBUILD_DIR / f"chatmail-relay.{script}").read_text()
     listed = re.search(r'^RELAY_SERVICES="([^"]*)"', text, re.M).group(1).split()
     assert listed == debian_relay_services() == RELAY_SERVICES
     assert set(RELAY_SERVICES) <= set(enabled_services())
@@ -385,7 +389,7 @@ def run_install_script(shell, script, ini_exists, args=(), chatmail_exit=0):
         stub.write_text(f'#!/bin/sh\necho "{command} $*" >>{shell.inside(log)}\n'
                         f"exit {status}\n")
         stub.chmod(0o755)
-    text = (ALPINE / f"chatmail-relay.{script}").read_text()
+    text = (RELAY_APKBUILD_DIR / f"chatmail-relay.{script}").read_text()
     text = re.sub(r"^INI=.*$", f"INI={shell.inside(ini)}", text, flags=re.M)
     text = re.sub(r"^DATA_DIR=.*$", f"DATA_DIR={shell.inside(stubs)}", text, flags=re.M)
     copy = shell.dir / script
@@ -432,7 +436,7 @@ def test_configuration_steps_are_the_shared_postinst_d():
     debian = (DEBIAN / "chatmail-relay.postinst").read_text()
     assert 'chatmail --config "$INI" configure' in debian
     for script in ["post-install", "post-upgrade"]:
-        text = (ALPINE / f"chatmail-relay.{script}").read_text()
+        text = (RELAY_APKBUILD_DIR / f"chatmail-relay.{script}").read_text()
         assert 'chatmail --config "$INI" configure' in text
         assert "postinst.d" not in text.replace("postinst.d steps", "")
 
@@ -440,7 +444,7 @@ def test_configuration_steps_are_the_shared_postinst_d():
 def test_pre_install_creates_vmail_with_busybox_once(alpine_root):
     alpine_root.add_dependency_users(postfix_vmail=False)
     script = alpine_root.host_path("/tmp/pre-install")
-    shutil.copy(ALPINE / "chatmail-relay.pre-install", script)
+    shutil.copy(RELAY_APKBUILD_DIR / "chatmail-relay.pre-install", script)
     first = alpine_root.run("/bin/sh", "/tmp/pre-install")
     assert first.returncode == 0, first.stderr
     passwd = alpine_root.host_path("/etc/passwd").read_text()
@@ -465,7 +469,7 @@ def test_pre_install_keeps_the_vmail_that_alpines_postfix_made(alpine_root):
     adds the group (test_steps_busybox runs the steps and daily jobs with this user)."""
     alpine_root.add_dependency_users()
     before = alpine_root.host_path("/etc/passwd").read_text()
-    shutil.copy(ALPINE / "chatmail-relay.pre-install", alpine_root.host_path("/tmp/pre-install"))
+    shutil.copy(RELAY_APKBUILD_DIR / "chatmail-relay.pre-install", alpine_root.host_path("/tmp/pre-install"))
     result = alpine_root.run("/bin/sh", "/tmp/pre-install")
     assert result.returncode == 0, result.stderr
     assert alpine_root.host_path("/etc/passwd").read_text() == before
@@ -497,10 +501,43 @@ def test_shellcheck_openrc_scripts(script):
     assert subprocess.run(["sh", "-n", str(script)]).returncode == 0
 
 
-@pytest.mark.parametrize("apkbuild", [ALPINE / "APKBUILD", ALPINE / "dovecot" / "APKBUILD"],
+@pytest.mark.parametrize("apkbuild", [RELAY_APKBUILD_DIR / "APKBUILD", ALPINE / "dovecot" / "APKBUILD"],
                          ids=["chatmail-relay", "dovecot"])
 def test_apkbuilds_parse(apkbuild):
     assert subprocess.run(["sh", "-n", str(apkbuild)]).returncode == 0
+
+
+@pytest.mark.parametrize("directory", [RELAY_APKBUILD_DIR, ALPINE / "dovecot"],
+                         ids=["chatmail-relay", "dovecot"])
+def test_nothing_beside_an_apkbuild_that_abuild_would_warn_about(directory):
+    """abuild's validation warns about each file beside the APKBUILD that is not a local
+    source, install script or trigger script."""
+    install = apkbuild_var("install", directory).split()
+    triggers = [entry.split("=")[0] for entry in apkbuild_var("triggers", directory).split()]
+    local_sources = [s for s in apkbuild_var("source", directory).split() if "://" not in s]
+    expected = {"APKBUILD", *install, *triggers, *local_sources}
+    assert {path.name for path in directory.iterdir()} - {"src", "pkg", "tmp"} <= expected
+
+
+def test_unpack_leaves_out_abuilds_own_directories(tmp_path):
+    """On Alpine abuild unpacks into src/ beside the APKBUILD, inside the checkout that
+    unpack copies: neither that copy nor an earlier build's pkg/ may be copied into it."""
+    checkout = tmp_path / "checkout"
+    startdir = checkout / "alpine" / "chatmail-relay"
+    startdir.mkdir(parents=True)
+    shutil.copy(RELAY_APKBUILD_DIR / "APKBUILD", startdir)
+    for path in ["conf/x/a.j2", "alpine/doveauth.initd", "alpine/chatmail-relay/pkg/old",
+                 "alpine/dovecot/src/dovecot-2.4.5/big", "alpine/dovecot/tmp/t",
+                 "alpine/chatmail-relay/src/leftover", ".git/HEAD", "x/__pycache__/y.pyc"]:
+        (checkout / path).parent.mkdir(parents=True, exist_ok=True)
+        (checkout / path).write_text("x")
+    builddir = subprocess.run(
+        ["sh", "-e", "-c", 'srcdir="$startdir"/src; . ./APKBUILD; mkdir -p "$srcdir"; '
+         'cd "$srcdir"; unpack; printf %s "$builddir"'],
+        cwd=startdir, env={"PATH": os.environ["PATH"], "startdir": str(startdir)},
+        capture_output=True, text=True, check=True).stdout
+    copied = {str(p.relative_to(builddir)) for p in Path(builddir).rglob("*") if p.is_file()}
+    assert copied == {"conf/x/a.j2", "alpine/doveauth.initd", "alpine/chatmail-relay/APKBUILD"}
 
 
 # --- OpenRC scripts read under a harness (tests/openrc runs them with OpenRC) ----------

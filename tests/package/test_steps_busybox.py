@@ -42,7 +42,7 @@ def alpine(alpine_root):
     """The minirootfs with the users Alpine's packages make (postfix, opendkim; vmail by
     our pre-install), our steps installed and a chatmail.ini."""
     alpine_root.add_dependency_users()
-    shutil.copy(REPO / "alpine" / "chatmail-relay.pre-install",
+    shutil.copy(REPO / "alpine" / "chatmail-relay" / "chatmail-relay.pre-install",
                 alpine_root.host_path("/tmp/pre-install"))
     assert alpine_root.run("/bin/sh", "/tmp/pre-install").returncode == 0
     shutil.copytree(REPO / "postinst.d", alpine_root.host_path(DATA_DIR + "/postinst.d"))
