@@ -217,9 +217,15 @@ def parse_nul_pairs(output):
     return dict(zip(parts[0:-1:2], parts[1::2]))
 
 
+def sourcing(apkbuild):
+    """sh that defines abuild's helpers, sources APKBUILD and sets abuild's defaults."""
+    return (f"{ABUILD_HELPERS}\n. {shell_quote(str(apkbuild))}\n"
+            'builddir=${builddir:-"$srcdir/$pkgname-$pkgver"}\n')
+
+
 def read_apkbuild_vars(apkbuild, env):
     """The APKBUILD's global variables, as sh sees them after sourcing it."""
-    script = f"{ABUILD_HELPERS}\n. {shell_quote(str(apkbuild))}\n{print_vars_snippet(APKBUILD_VARS)}"
+    script = sourcing(apkbuild) + print_vars_snippet(APKBUILD_VARS)
     result = subprocess.run(["sh", "-e", "-c", script], env=env, capture_output=True,
                             text=True, check=True)
     values = parse_nul_pairs(result.stdout)
@@ -243,7 +249,7 @@ def make_shims(directory):
 
 def run_in_apkbuild(apkbuild, env, body, cwd):
     """Run sh BODY with the APKBUILD sourced and abuild's helpers defined, like abuild."""
-    script = f"{ABUILD_HELPERS}\n. {shell_quote(str(apkbuild))}\n{body}"
+    script = sourcing(apkbuild) + body
     result = subprocess.run(["sh", "-e", "-c", script], env=env, cwd=cwd,
                             capture_output=True, text=True)
     if result.returncode != 0:

@@ -1,6 +1,7 @@
 """The Alpine packages and their repository, built once per test run by alpine/mkapk.py
 for test_apk (read back by our own reader) and test_apk_tools (read by apk-tools)."""
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -14,6 +15,13 @@ from tests.package.apk_format import read_apk
 
 ARCH = "x86_64"
 PYTHON_VERSION = "3.12"
+
+
+def load_mkapk():
+    spec = importlib.util.spec_from_file_location("mkapk", REPO / "alpine" / "mkapk.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def enabled_services():

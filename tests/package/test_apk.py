@@ -1,5 +1,5 @@
-"""The Alpine packages: built from alpine/chatmail-relay/APKBUILD by alpine/mkapk.py, read back as apk-tools
-would (signatures, per-file checksums, datahash, index), and compared with the Debian
+"""The Alpine packages: built from alpine/chatmail-relay/APKBUILD by alpine/mkapk.py, read
+back as apk-tools would (signatures, per-file checksums, datahash, index), and compared with the Debian
 packaging they must match (files, dependencies, install steps, services, daily jobs).
 
 The install scripts run twice: under Debian's sh and under Alpine's own busybox sh, in
@@ -18,7 +18,7 @@ import pytest
 
 from chatmaild.render import load_platform
 from tests.conftest import REPO
-from tests.package.conftest import ARCH, PYTHON_VERSION, enabled_services
+from tests.package.conftest import ARCH, PYTHON_VERSION, enabled_services, load_mkapk
 from tests.package.test_deb import SERVICE_PROGRAMS
 from tests.package.apk_format import (
     CHECKSUM_PAX_KEY,
@@ -519,6 +519,21 @@ def test_nothing_beside_an_apkbuild_that_abuild_would_warn_about(directory):
     assert {path.name for path in directory.iterdir()} - {"src", "pkg", "tmp"} <= expected
 
 
+@pytest.mark.parametrize("directory", [RELAY_APKBUILD_DIR, ALPINE / "dovecot"],
+                         ids=["chatmail-relay", "dovecot"])
+def test_apkbuilds_pass_the_rules_of_alpines_apkbuild_lint(directory):
+    """The rules of atools' apkbuild-lint (run on every aports change) that a run of it
+    on our APKBUILDs once found broken."""
+    text = (directory / "APKBUILD").read_text()
+    assert "`" not in text, "apkbuild-lint: use $() instead of backticks (comments too)"
+    assert not re.search(r'^\w+=""$', text, re.M), "apkbuild-lint: variable set to empty"
+    pkgname = apkbuild_var("pkgname", directory)
+    assert not re.search(r'^builddir="\$srcdir/(\$pkgname|' + pkgname + r')-\$pkgver"$',
+                         text, re.M), "apkbuild-lint: builddir is abuild's default"
+    assert not re.search(r'^(prepare|build|check|package)\(\) \{\n\tcd "\$builddir"$',
+                         text, re.M), "apkbuild-lint: abuild starts each phase there"
+
+
 def test_unpack_leaves_out_abuilds_own_directories(tmp_path):
     """On Alpine abuild unpacks into src/ beside the APKBUILD, inside the checkout that
     unpack copies: neither that copy nor an earlier build's pkg/ may be copied into it."""
@@ -531,11 +546,11 @@ def test_unpack_leaves_out_abuilds_own_directories(tmp_path):
                  "alpine/chatmail-relay/src/leftover", ".git/HEAD", "x/__pycache__/y.pyc"]:
         (checkout / path).parent.mkdir(parents=True, exist_ok=True)
         (checkout / path).write_text("x")
-    builddir = subprocess.run(
-        ["sh", "-e", "-c", 'srcdir="$startdir"/src; . ./APKBUILD; mkdir -p "$srcdir"; '
-         'cd "$srcdir"; unpack; printf %s "$builddir"'],
-        cwd=startdir, env={"PATH": os.environ["PATH"], "startdir": str(startdir)},
-        capture_output=True, text=True, check=True).stdout
+    env = {"PATH": os.environ["PATH"], "startdir": str(startdir),
+           "srcdir": str(startdir / "src")}
+    builddir = load_mkapk().run_in_apkbuild(
+        startdir / "APKBUILD", env, 'mkdir -p "$srcdir"; cd "$srcdir"; unpack; '
+        'printf %s "$builddir"', cwd=startdir)
     copied = {str(p.relative_to(builddir)) for p in Path(builddir).rglob("*") if p.is_file()}
     assert copied == {"conf/x/a.j2", "alpine/doveauth.initd", "alpine/chatmail-relay/APKBUILD"}
 

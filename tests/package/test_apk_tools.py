@@ -3,7 +3,6 @@ minirootfs) reads them: signatures, data hashes, the index it would write itself
 dependencies it resolves, and an installation with `apk add`."""
 
 import contextlib
-import importlib.util
 import os
 import re
 import shutil
@@ -15,7 +14,7 @@ import pytest
 
 from tests.package.apk_format import gzip_streams, parse_apkindex, read_index
 from tests.conftest import REPO
-from tests.package.conftest import ARCH, PYTHON_VERSION
+from tests.package.conftest import ARCH, PYTHON_VERSION, load_mkapk
 
 REPOSITORY = "/srv/chatmail-repo"
 
@@ -162,13 +161,6 @@ STAND_IN_PROGRAMS = {"dovecot": "usr/sbin/dovecot", "nginx": "usr/sbin/nginx"}
 RC_LOG = "/var/log/rc-calls"
 RC_COMMAND = f'#!/bin/sh\necho "$(basename "$0") $*" >> {RC_LOG}\n'
 STAND_INS = "/srv/stand-ins"
-
-
-def load_mkapk():
-    spec = importlib.util.spec_from_file_location("mkapk", REPO / "alpine" / "mkapk.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def stand_in_files(name, directory, program):
