@@ -10,7 +10,9 @@ from types import SimpleNamespace
 import pytest
 
 from chatmaild.components import postfix
+from chatmaild.configure import platform_settings
 from chatmaild.render import load_platform
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.skipif(not shutil.which("postconf", path="/usr/sbin:/usr/bin"),
                                 reason="needs Debian's postfix package")
@@ -464,6 +466,38 @@ def test_mailname(rendered, relay_config):
     item = rendered["/etc/mailname"]
     assert item.content == relay_config.mail_domain + "\n"
     assert (item.kind, item.mode) == ("file", 0o644)
+
+
+@pytest.mark.parametrize("platform_name,database", [("debian12", "aliases.db"),
+                                                    ("alpine", "aliases.lmdb")])
+def test_aliases_step_builds_the_alias_database_postfix_reads(make_config, render, live_dir,
+                                                               platform_name, database):
+    """postinst.d/55-aliases with the real newaliases, for the main.cf our templates make:
+    Berkeley DB on Debian, LMDB on Alpine (whose Postfix has no Berkeley DB; Debian's
+    postfix-lmdb module stands in for its built-in LMDB)."""
+    aliases = live_dir / "aliases"
+    platform = SimpleNamespace(**{**vars(load_platform(platform_name)),
+                                  "postfix_config_dir": str(live_dir),
+                                  "postfix_aliases": str(aliases)})
+    seed_debian(live_dir)
+    apply(postconf_items(render("postfix", make_config(), platform)), platform)
+    env = {**platform_settings(platform), "CHATMAIL_DATA_DIR": str(REPO),
+           "MAIL_CONFIG": str(live_dir), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    step = ["sh", str(REPO / "postinst.d" / "55-aliases")]
+    subprocess.run(step, env=env, check=True, capture_output=True)
+    assert sorted(p.name for p in live_dir.glob("aliases*")) == ["aliases", database]
+    alias_maps = main_settings(live_dir)["alias_maps"]
+    assert alias_maps == f"{platform.postfix_map_type}:{aliases}"
+
+    def lookup(name):
+        settle(live_dir)
+        return subprocess.run(["/usr/sbin/postalias", "-c", str(live_dir), "-q", name,
+                               alias_maps], capture_output=True, text=True)
+    assert (lookup("postmaster").stdout, lookup("postmaster").stderr) == ("root\n", "")
+    # Once there, the database is the admin's: a later run does not rebuild it.
+    aliases.write_text(aliases.read_text() + "abuse: root\n")
+    subprocess.run(step, env=env, check=True, capture_output=True)
+    assert lookup("abuse").returncode != 0
 
 
 def test_the_default_postfix_instance_restarts_after_a_crash(domain_rendered):
