@@ -129,6 +129,16 @@ def test_validates_without_a_word_from_postconf(rendered, platform):
     assert postfix.validate(list(rendered.values()), platform) == []
 
 
+def test_alpines_configuration_validates_too(relay_config, render, live_dir):
+    """Alpine's settings (LMDB maps, no chroot, the CA bundle file) applied to Debian's
+    main.cf and master.cf, as Alpine's postfix package ships Postfix's own."""
+    alpine = SimpleNamespace(**{**vars(load_platform("alpine")),
+                                "postfix_config_dir": str(live_dir)})
+    seed_debian(live_dir)
+    rendered = render("postfix", relay_config, alpine)
+    assert postfix.validate(list(rendered.values()), alpine) == []
+
+
 def test_validate_leaves_the_live_configuration_alone(domain_rendered, platform, live_dir):
     seed_debian(live_dir)
     before = {p.name: p.read_bytes() for p in live_dir.iterdir()}
