@@ -374,16 +374,21 @@ def dovecot_errors():
     return run("doveadm", "log", "errors").stdout
 
 
+def self_signed_ok():
+    """A TLS client context for the test relay's self-signed certificate."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    return context
+
+
 def imaps_login(address, timeout=15):
     """Log in over IMAPS (creating the account on its first login): the answer to LOGIN.
     Dovecot restarts its processes on a reload or respawn, so a connection broken
     meanwhile is tried again; if none works, Dovecot's recent errors."""
-    context = ssl.create_default_context()
-    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with imaplib.IMAP4_SSL(*IMAPS, ssl_context=context, timeout=10) as client:
+            with imaplib.IMAP4_SSL(*IMAPS, ssl_context=self_signed_ok(), timeout=10) as client:
                 return client.login(address, PASSWORD)[0]
         except (OSError, imaplib.IMAP4.abort) as error:
             if time.monotonic() > deadline:
@@ -696,13 +701,11 @@ def opendkim(postfix):
 def submit(sender, recipient, message, timeout=30):
     """Send over submission (587, STARTTLS, login creating the account), retrying while
     Postfix is not yet listening."""
-    context = ssl.create_default_context()
-    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
     deadline = time.monotonic() + timeout
     while True:
         try:
             with smtplib.SMTP("127.0.0.1", 587, timeout=10) as smtp:
-                smtp.starttls(context=context)
+                smtp.starttls(context=self_signed_ok())
                 smtp.login(sender, PASSWORD)
                 return smtp.sendmail(sender, [recipient], message)
         except (ConnectionRefusedError, smtplib.SMTPServerDisconnected):
@@ -713,9 +716,7 @@ def submit(sender, recipient, message, timeout=30):
 
 def wait_for_first_message(address, timeout=30):
     """The first message in ADDRESS's INBOX, once there."""
-    context = ssl.create_default_context()
-    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-    with imaplib.IMAP4_SSL(*IMAPS, ssl_context=context, timeout=10) as client:
+    with imaplib.IMAP4_SSL(*IMAPS, ssl_context=self_signed_ok(), timeout=10) as client:
         client.login(address, PASSWORD)
         deadline = time.monotonic() + timeout
         while int(client.select("INBOX")[1][0]) == 0:

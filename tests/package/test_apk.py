@@ -1,6 +1,7 @@
 """The Alpine packages: built from alpine/chatmail-relay/APKBUILD by alpine/mkapk.py, read
-back as apk-tools would (signatures, per-file checksums, datahash, index), and compared with the Debian
-packaging they must match (files, dependencies, install steps, services, daily jobs).
+back as apk-tools would (signatures, per-file checksums, datahash, index), and compared
+with the Debian packaging they must match (files, dependencies, install steps, services,
+daily jobs).
 
 The install scripts run twice: under Debian's sh and under Alpine's own busybox sh, in
 Alpine's minirootfs (alpine_root.py); test_apk_tools.py has apk-tools read the packages."""
@@ -32,6 +33,7 @@ from tests.package.apk_format import (
 ALPINE = REPO / "alpine"
 # abuild's startdir for chatmail-relay: the APKBUILD, install scripts and trigger.
 RELAY_APKBUILD_DIR = ALPINE / "chatmail-relay"
+APKBUILD_DIRS = {"chatmail-relay": RELAY_APKBUILD_DIR, "dovecot": ALPINE / "dovecot"}
 DEBIAN = REPO / "debian"
 DIST = REPO / "dist"
 RELAY_SERVICES = ["doveauth", "lastlogin", "chatmail-metadata", "filtermail",
@@ -469,7 +471,8 @@ def test_pre_install_keeps_the_vmail_that_alpines_postfix_made(alpine_root):
     adds the group (test_steps_busybox runs the steps and daily jobs with this user)."""
     alpine_root.add_dependency_users()
     before = alpine_root.host_path("/etc/passwd").read_text()
-    shutil.copy(RELAY_APKBUILD_DIR / "chatmail-relay.pre-install", alpine_root.host_path("/tmp/pre-install"))
+    shutil.copy(RELAY_APKBUILD_DIR / "chatmail-relay.pre-install",
+                alpine_root.host_path("/tmp/pre-install"))
     result = alpine_root.run("/bin/sh", "/tmp/pre-install")
     assert result.returncode == 0, result.stderr
     assert alpine_root.host_path("/etc/passwd").read_text() == before
@@ -501,14 +504,12 @@ def test_shellcheck_openrc_scripts(script):
     assert subprocess.run(["sh", "-n", str(script)]).returncode == 0
 
 
-@pytest.mark.parametrize("apkbuild", [RELAY_APKBUILD_DIR / "APKBUILD", ALPINE / "dovecot" / "APKBUILD"],
-                         ids=["chatmail-relay", "dovecot"])
-def test_apkbuilds_parse(apkbuild):
-    assert subprocess.run(["sh", "-n", str(apkbuild)]).returncode == 0
+@pytest.mark.parametrize("directory", APKBUILD_DIRS.values(), ids=APKBUILD_DIRS.keys())
+def test_apkbuilds_parse(directory):
+    assert subprocess.run(["sh", "-n", str(directory / "APKBUILD")]).returncode == 0
 
 
-@pytest.mark.parametrize("directory", [RELAY_APKBUILD_DIR, ALPINE / "dovecot"],
-                         ids=["chatmail-relay", "dovecot"])
+@pytest.mark.parametrize("directory", APKBUILD_DIRS.values(), ids=APKBUILD_DIRS.keys())
 def test_nothing_beside_an_apkbuild_that_abuild_would_warn_about(directory):
     """abuild's validation warns about each file beside the APKBUILD that is not a local
     source, install script or trigger script."""
@@ -519,8 +520,7 @@ def test_nothing_beside_an_apkbuild_that_abuild_would_warn_about(directory):
     assert {path.name for path in directory.iterdir()} - {"src", "pkg", "tmp"} <= expected
 
 
-@pytest.mark.parametrize("directory", [RELAY_APKBUILD_DIR, ALPINE / "dovecot"],
-                         ids=["chatmail-relay", "dovecot"])
+@pytest.mark.parametrize("directory", APKBUILD_DIRS.values(), ids=APKBUILD_DIRS.keys())
 def test_apkbuilds_pass_the_rules_of_alpines_apkbuild_lint(directory):
     """The rules of atools' apkbuild-lint (run on every aports change) that a run of it
     on our APKBUILDs once found broken."""
