@@ -1,8 +1,9 @@
 #!/bin/sh
 # Run a command of this checkout inside Debian 13 (whose Dovecot is 2.4), in a chroot
 # with that release's Dovecot, Postfix (with its LMDB module, as Alpine's Postfix has LMDB
-# built in), OpenDKIM, OpenSSL, the Python libraries our packages depend on, the tools that
-# build them, and OpenRC (to run our Alpine init scripts, tests/openrc). Not a booted system (tests/system does that):
+# built in), OpenDKIM, NSD (DNS for arriving mail's DKIM keys), OpenSSL, the Python
+# libraries our packages depend on, the tools that build them, and OpenRC (to run our
+# Alpine init scripts, tests/openrc). Not a booted system (tests/system does that):
 # for tests that start the daemons themselves, like tests/config and tests/openrc, and
 # for building our packages for that release (make debs-trixie).
 # The chroot is built once and cached outside the checkout, keyed by this script; each
@@ -28,7 +29,7 @@ python3 python3-pytest python3-jinja2 python3-aiosmtpd python3-dkim python3-dnsp
 python3-filelock python3-psutil python3-qrcode dovecot-auth-lua lua-socket lua-cjson \
 debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools help2man \
 po-debconf dpkg-dev fakeroot build-essential openrc iproute2 nginx fcgiwrap postfix-lmdb \
-opendkim opendkim-tools"
+opendkim opendkim-tools nsd"
 
 # quietly LOG COMMAND...: run COMMAND with its output in LOG; on failure show LOG's end.
 quietly() {

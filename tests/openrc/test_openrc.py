@@ -4,7 +4,7 @@ services from the python3-chatmaild package built for Debian 13 (dist/trixie), a
 Dovecot 2.4 (Debian 13's) with our Dovecot build's init script and the relay's
 configuration laid out as on Alpine, our fcgiwrap service for /new behind nginx, and
 Postfix and the relay's OpenDKIM instance configured for Alpine, through which a user's
-mail reaches another's mailbox, signed.
+mail reaches another's mailbox, signed, and another relay's mail arrives if signed.
 
 Runs inside tests/chroot.sh, in a network namespace of its own: `make test-openrc`."""
 
@@ -37,6 +37,7 @@ from chatmaild.render import load_platform, render_component
 from chatmaild.servicemanager import OpenRC
 from chatmaild.status import Probes, dead_postfix_finding
 from tests.conftest import REPO, block, make_certificate, parse_syslog
+from tests.unit.nsd import Nsd
 
 ALPINE = REPO / "alpine"
 INI = Path("/etc/chatmail/chatmail.ini")
@@ -698,20 +699,51 @@ def opendkim(postfix):
     rc_service(OPENDKIM, "stop")
 
 
-def submit(sender, recipient, message, timeout=30):
-    """Send over submission (587, STARTTLS, login creating the account), retrying while
-    Postfix is not yet listening."""
+def encrypted_message(sender, recipient):
+    """A message filtermail takes for encrypted: an OpenPGP packet sequence in PGP/MIME."""
+    packets = bytes([0xC1, 12]) + bytes(12) + bytes([0xD2, 40, 1]) + bytes(39)
+    return (f"From: <{sender}>\r\nTo: <{recipient}>\r\nSubject: [...]\r\n"
+            "MIME-Version: 1.0\r\nDate: Mon, 02 Jun 2025 10:00:00 +0000\r\n"
+            f"Message-ID: <{time.monotonic_ns()}@test>\r\n"
+            'Content-Type: multipart/encrypted; protocol="application/pgp-encrypted"; '
+            'boundary="b"\r\n\r\n--b\r\nContent-Type: application/pgp-encrypted\r\n\r\n'
+            "Version: 1\r\n\r\n--b\r\nContent-Type: application/octet-stream\r\n\r\n"
+            "-----BEGIN PGP MESSAGE-----\r\n\r\n" + base64.b64encode(packets).decode()
+            + "\r\n-----END PGP MESSAGE-----\r\n\r\n--b--\r\n")
+
+
+def wait_for_port(port, timeout=15):
+    """Until something listens on PORT: filtermail counts as started once it runs, before
+    it listens, and until then Postfix answers mail with 451."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with smtplib.SMTP("127.0.0.1", 587, timeout=10) as smtp:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"nothing listens on port {port}"
+            time.sleep(0.1)
+
+
+def send(port, sender, recipient, message, login=False, timeout=30):
+    """Send with STARTTLS to PORT (after logging in as SENDER, which creates the account,
+    with `login`), retrying while Postfix is not yet listening: None, or the refusal of
+    the message as (code, text)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
                 smtp.starttls(context=self_signed_ok())
-                smtp.login(sender, PASSWORD)
-                return smtp.sendmail(sender, [recipient], message)
+                if login:
+                    smtp.login(sender, PASSWORD)
+                smtp.sendmail(sender, [recipient], message)
+                return None
         except (ConnectionRefusedError, smtplib.SMTPServerDisconnected):
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+        except smtplib.SMTPDataError as refusal:
+            return refusal.smtp_code, refusal.smtp_error.decode()
 
 
 def wait_for_first_message(address, timeout=30):
@@ -733,19 +765,13 @@ def test_mail_between_two_users_is_signed_and_delivered(dovecot, opendkim):
         assert result.returncode == 0, result.stdout + result.stderr
     alice, bob = f"openrc101@{DOMAIN}", f"openrc102@{DOMAIN}"
     assert imaps_login(bob) == "OK"
-    packets = bytes([0xC1, 12]) + bytes(12) + bytes([0xD2, 40, 1]) + bytes(39)
-    message = (f"From: <{alice}>\r\nTo: <{bob}>\r\nSubject: [...]\r\nMIME-Version: 1.0\r\n"
-               'Content-Type: multipart/encrypted; protocol="application/pgp-encrypted"; '
-               'boundary="b"\r\n\r\n--b\r\nContent-Type: application/pgp-encrypted\r\n\r\n'
-               "Version: 1\r\n\r\n--b\r\nContent-Type: application/octet-stream\r\n\r\n"
-               "-----BEGIN PGP MESSAGE-----\r\n\r\n" + base64.b64encode(packets).decode()
-               + "\r\n-----END PGP MESSAGE-----\r\n\r\n--b--\r\n")
+    wait_for_port(dovecot.filtermail_smtp_port)
     # The relay strips DKIM-Signature before mail reaches a mailbox (lmtp_header_checks,
     # tests/config): kept here, to see the signature OpenDKIM added.
     assert run("postconf", "-e", "lmtp_header_checks=").returncode == 0
     assert run("postfix", "reload").returncode == 0
     try:
-        assert submit(alice, bob, message) == {}
+        assert send(587, alice, bob, encrypted_message(alice, bob), login=True) is None
         delivered = wait_for_first_message(bob)
     finally:
         for service in [DOVECOT, "filtermail"]:
@@ -760,6 +786,52 @@ def dkim_record_of(domain):
     record = b"v=DKIM1; k=rsa; p=" + base64.b64encode(der)
     return lambda name, timeout=5: record \
         if name == f"opendkim._domainkey.{domain}.".encode() else None
+
+
+OTHER_RELAY = "other.example"
+
+
+@pytest.fixture
+def other_relays_key(tmp_path):
+    """A DKIM key of another relay's domain, its TXT record served by NSD on port 53 of
+    this network namespace, which /etc/resolv.conf names (filtermail-incoming asks it)."""
+    key = tmp_path / "dkim.pem"
+    subprocess.run(["openssl", "genrsa", "-out", str(key), "1024"], check=True,
+                   capture_output=True)
+    der = subprocess.run(["openssl", "pkey", "-in", str(key), "-pubout", "-outform", "DER"],
+                         capture_output=True, check=True).stdout
+    record = f'sel._domainkey IN TXT "v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"\n'
+    server = Nsd(tmp_path / "nsd", OTHER_RELAY, record, 53)
+    Path("/etc/resolv.conf").write_text("nameserver 127.0.0.1\n")
+    try:
+        server.wait_ready()
+        yield key.read_bytes()
+    finally:
+        server.stop()
+
+
+def test_mail_from_another_relay_arrives_only_with_its_dkim_signature(dovecot, postfix,
+                                                                       other_relays_key):
+    """Port 25 (unchrooted on Alpine), filtermail-incoming checking the sender domain's
+    DKIM signature with a real DNS lookup, reinjection and LMTP delivery."""
+    for service in [DOVECOT, "filtermail-incoming"]:
+        result = rc_service(service, "start")
+        assert result.returncode == 0, result.stdout + result.stderr
+    sender, recipient = f"someone@{OTHER_RELAY}", f"openrc103@{DOMAIN}"
+    try:
+        assert imaps_login(recipient) == "OK"
+        wait_for_port(dovecot.filtermail_smtp_port_incoming)
+        unsigned = encrypted_message(sender, recipient).encode()
+        assert send(25, sender, recipient, unsigned) == (554, "5.7.1 No DKIM signature found")
+        signed = dkim.sign(unsigned, b"sel", OTHER_RELAY.encode(), other_relays_key,
+                           include_headers=[b"from", b"to", b"subject", b"date",
+                                            b"message-id", b"content-type"]) + unsigned
+        assert send(25, sender, recipient, signed) is None
+        delivered = wait_for_first_message(recipient)
+    finally:
+        for service in [DOVECOT, "filtermail-incoming"]:
+            rc_service(service, "stop")
+    assert f"From: <{sender}>" in delivered
 
 
 # --- a crashed service: OpenRC counts it as started -------------------------------------
