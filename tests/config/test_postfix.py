@@ -91,11 +91,16 @@ def live_dir(tmp_path):
     return path
 
 
+def live_platform(name, live_dir, **facts):
+    """Platform NAME, but with its live Postfix configuration in live_dir (and FACTS)."""
+    return SimpleNamespace(**{**vars(load_platform(name)), "postfix_config_dir": str(live_dir),
+                              **facts})
+
+
 @pytest.fixture
-def platform(debian12, live_dir, tmp_path):
+def platform(live_dir, tmp_path):
     """debian12, but with its live Postfix configuration in live_dir."""
-    return SimpleNamespace(**{**vars(debian12), "postfix_config_dir": str(live_dir),
-                              "state_dir": str(tmp_path / "state")})
+    return live_platform("debian12", live_dir, state_dir=str(tmp_path / "state"))
 
 
 @pytest.fixture
@@ -132,8 +137,7 @@ def test_validates_without_a_word_from_postconf(rendered, platform):
 def test_alpines_configuration_validates_too(relay_config, render, live_dir):
     """Alpine's settings (LMDB maps, no chroot, the CA bundle file) applied to Debian's
     main.cf and master.cf, as Alpine's postfix package ships Postfix's own."""
-    alpine = SimpleNamespace(**{**vars(load_platform("alpine")),
-                                "postfix_config_dir": str(live_dir)})
+    alpine = live_platform("alpine", live_dir)
     seed_debian(live_dir)
     rendered = render("postfix", relay_config, alpine)
     assert postfix.validate(list(rendered.values()), alpine) == []
@@ -486,9 +490,7 @@ def test_aliases_step_builds_the_alias_database_postfix_reads(make_config, rende
     Berkeley DB on Debian, LMDB on Alpine (whose Postfix has no Berkeley DB; Debian's
     postfix-lmdb module stands in for its built-in LMDB)."""
     aliases = live_dir / "aliases"
-    platform = SimpleNamespace(**{**vars(load_platform(platform_name)),
-                                  "postfix_config_dir": str(live_dir),
-                                  "postfix_aliases": str(aliases)})
+    platform = live_platform(platform_name, live_dir, postfix_aliases=str(aliases))
     seed_debian(live_dir)
     apply(postconf_items(render("postfix", make_config(), platform)), platform)
     env = {**platform_settings(platform), "CHATMAIL_DATA_DIR": str(REPO),
@@ -503,7 +505,8 @@ def test_aliases_step_builds_the_alias_database_postfix_reads(make_config, rende
         settle(live_dir)
         return subprocess.run(["/usr/sbin/postalias", "-c", str(live_dir), "-q", name,
                                alias_maps], capture_output=True, text=True)
-    assert (lookup("postmaster").stdout, lookup("postmaster").stderr) == ("root\n", "")
+    found = lookup("postmaster")
+    assert (found.stdout, found.stderr) == ("root\n", "")
     # Once there, the database is the admin's: a later run does not rebuild it.
     aliases.write_text(aliases.read_text() + "abuse: root\n")
     subprocess.run(step, env=env, check=True, capture_output=True)
