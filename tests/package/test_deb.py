@@ -56,7 +56,8 @@ def test_python3_chatmaild_layout():
 def test_python3_chatmaild_depends_on_debian_libraries():
     fields = subprocess.run(["dpkg-deb", "--field", str(deb_named("python3-chatmaild")),
                              "Depends"], capture_output=True, text=True, check=True).stdout
-    for lib in ["python3-aiosmtpd", "python3-dkim", "python3-filelock", "python3-psutil"]:
+    for lib in ["libcrypt1", "python3-aiosmtpd", "python3-dkim", "python3-filelock",
+                "python3-psutil"]:
         assert lib in fields
 
 
