@@ -261,7 +261,7 @@ def cmd_apply_files(args):
 
 
 def cmd_set(args):
-    from .config import Config, set_ini_values
+    from .config import Config, check_value, set_ini_values
 
     values = {}
     for item in args.settings:
@@ -271,6 +271,9 @@ def cmd_set(args):
             return EXIT_USAGE
         values[key.strip()] = value.strip()
     try:
+        # Each value on its own first: a line break in one would add lines to the file.
+        for key, value in values.items():
+            check_value(key, value, args.config)
         text = args.config.read_text(encoding="utf-8")
         new_text = set_ini_values(text, values)
         Config(args.config, parse_ini_params(new_text, args.config))

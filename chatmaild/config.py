@@ -7,92 +7,224 @@ written by upstream's cmdeploy loads unchanged and templates can use the same na
 import configparser
 import ipaddress
 import re
+import unicodedata
 from importlib import resources
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 DEFAULT_INI_PATH = "/etc/chatmail/chatmail.ini"
 ACME_TLS_DIR = "/etc/chatmail/tls"
 SECTION = "params"
-
-# key -> (default, parser). Parsers raise ValueError with the expected form.
-_HIDDEN_PORTS = (
-    "filtermail_smtp_port",
-    "filtermail_smtp_port_incoming",
-    "filtermail_http_port_incoming",
-    "filtermail_lmtp_port_transport",
-    "postfix_reinject_port",
-    "postfix_reinject_port_incoming",
-)
+# Longer values are typing accidents; none of the forms below needs as many characters.
+MAX_VALUE_LENGTH = 1000
 
 LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+# Characters of paths: none of them is special in the Dovecot, Postfix and nginx files they
+# are written into, nor to a shell (and an absolute path never starts with '-', so no
+# command takes one for an option).
+PATH_RE = re.compile(r"[\w./+-]+")
+URL_RE = re.compile(r"https?://(\[[0-9a-f:.]+\]|[^/?#:]+)(:[0-9]{1,5})?([/?#][\w./?#%+=&~:-]*)?",
+                    re.IGNORECASE)
+EMAIL_LOCALPART_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,63}")
+# Jinja's delimiters: harmless in a value today, but no contact detail needs them, and
+# refusing them keeps the texts inert wherever a page is built from them.
+TEMPLATE_SYNTAX_RE = re.compile(r"\{[{%#]|[}%#]\}")
 
 
 class ConfigError(ValueError):
     """A chatmail.ini problem, worded for the admin who has to fix it."""
 
 
+# -- the forms of values: each turns the text of a value into the value, or raises
+# ValueError saying which form was expected.
+
+
 def parse_bool(value):
-    """Upstream semantics: only the string 'true' (any case) is true."""
-    return value.strip().lower() == "true"
+    """Upstream semantics: only 'true' (any case) is true. The other words people write
+    for a yes/no setting load as false, as they do on upstream relays, so that a
+    chatmail.ini from cmdeploy means the same here; anything else is a mistake."""
+    word = value.lower()
+    if word not in ("true", "false", "yes", "no", "on", "off", "1", "0", ""):
+        raise ValueError("expected true or false")
+    return word == "true"
 
 
-def parse_int(value):
-    try:
-        return int(value.strip())
-    except ValueError:
-        raise ValueError("a whole number, e.g. 60") from None
+def whole_number(low, high, form=None):
+    """A parser for whole numbers from `low` to `high`."""
+    form = form or (f"a whole number greater than 0 and at most {high}, e.g. 60" if low == 1
+                    else f"a whole number from {low} to {high}")
+
+    def parse(value):
+        if not re.fullmatch(r"[0-9]{1,10}", value) or not low <= int(value) <= high:
+            raise ValueError(f"expected {form}")
+        return int(value)
+
+    return parse
 
 
-def parse_positive_int(value):
-    number = parse_int(value)
-    if number <= 0:
-        raise ValueError("a whole number greater than 0")
-    return number
+parse_port = whole_number(1, 65535, "a TCP port number between 1 and 65535")
+parse_count = whole_number(1, 1_000_000)
+parse_days = whole_number(0, 36500, "a number of days, e.g. 20")
 
 
-def parse_port(value):
-    number = parse_int(value)
-    if not 0 < number < 65536:
-        raise ValueError("a TCP port number between 1 and 65535")
-    return number
+def days_as_text(value):
+    """Upstream keeps these day counts as strings."""
+    return str(parse_days(value))
 
 
-def parse_float(value):
-    try:
-        return float(value.strip())
-    except ValueError:
-        raise ValueError("a number, e.g. 5 or 2.5") from None
+def parse_load(value):
+    """Read by doveauth only; a negative limit (upstream takes any float) stops every
+    registration."""
+    if not re.fullmatch(r"-?[0-9]{1,6}(\.[0-9]{1,6})?", value):
+        raise ValueError("expected a number, e.g. 5 or 2.5")
+    return float(value)
 
 
 def parse_size_mb(value):
     """'500M', '2G', '2GB', '300' (megabytes) -> megabytes as int."""
-    text = value.strip().upper()
-    if text.endswith("B"):
-        text = text[:-1]
-    factor = 1
-    if text.endswith("G"):
-        factor, text = 1024, text[:-1]
-    elif text.endswith("M"):
-        text = text[:-1]
-    if not text.isdigit():
-        raise ValueError("a size in megabytes or gigabytes, e.g. 500M or 2G")
-    return int(text) * factor
+    match = re.fullmatch(r"([0-9]{1,9})([MG]?)B?", value.strip().upper())
+    if not match:
+        raise ValueError("expected a size in megabytes or gigabytes, e.g. 500M or 2G")
+    return int(match.group(1)) * (1024 if match.group(2) == "G" else 1)
 
 
-def parse_days(value):
-    """Upstream keeps the day counts for expiry as strings; we check they are numbers."""
-    text = value.strip()
-    if not text.isdigit():
-        raise ValueError("a number of days, e.g. 20")
-    return text
+def size_as_text(value):
+    """Upstream keeps max_mailbox_size as written (max_mailbox_size_mb converts it)."""
+    parse_size_mb(value)
+    return value
+
+
+def one_of(*words):
+    def parse(value):
+        if value not in words:
+            raise ValueError(f"expected {', '.join(words[:-1])} or {words[-1]}")
+        return value
+
+    return parse
+
+
+def or_empty(parse):
+    """`parse`, except that an empty value stays empty (the setting is off)."""
+    return lambda value: parse(value) if value else ""
+
+
+def parse_mail_domain(value):
+    problem = check_mail_domain(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+def parse_email(value):
+    """An address that Dovecot (mail_server_admin = mailto:...), certbot (--email=...) and
+    the web pages take as it is: no quoting, nothing a shell or template treats specially."""
+    localpart, _, domain = value.rpartition("@")
+    if (not EMAIL_LOCALPART_RE.fullmatch(localpart) or ".." in localpart
+            or host_name_problem(domain.lower())):
+        raise ValueError("expected an e-mail address such as admin@example.org (letters, "
+                         "digits and . _ + - before the @)")
+    return value
+
+
+def absolute_path(value):
+    """The path with '.' components and repeated or trailing '/' removed."""
+    parts = [part for part in value.split("/") if part not in ("", ".")]
+    if not value.startswith("/") or ".." in parts or not parts or not PATH_RE.fullmatch(value):
+        raise ValueError("expected an absolute path such as /srv/chatmail, without '..' "
+                         "(letters, digits and . _ + - between the '/')")
+    return "/" + "/".join(parts)
+
+
+def path_object(value):
+    return Path(absolute_path(value))
+
+
+def cert_and_key_paths(value):
+    paths = value.split()
+    if len(paths) == 2:
+        try:
+            return tuple(map(absolute_path, paths))
+        except ValueError:
+            pass
+    raise ValueError("expected two paths separated by a space, each absolute: "
+                     "/path/fullchain.pem /path/privkey.pem")
+
+
+def web_folder(value):
+    """An absolute path is the admin's own pages, served by nginx. Upstream's cmdeploy also
+    takes a folder relative to its checkout, or a missing one to build no pages: here any
+    relative value only turns the relay's own pages off, and is never used as a path."""
+    if value.startswith("/"):
+        return absolute_path(value)
+    if not PATH_RE.fullmatch(value) or value.startswith("-"):
+        raise ValueError("expected the absolute path of your own web pages, e.g. "
+                         "/var/www/chatmail")
+    return value
+
+
+def host_name_problem(name, test_marker=False):
+    """None if `name` is a fully qualified lower-case host name, else what is wrong. With
+    `test_marker`, its first label may start with '_'."""
+    if len(name) > 253:
+        return "a domain name has at most 253 characters"
+    labels = name.split(".")
+    if test_marker and labels[0].startswith("_"):
+        labels[0] = labels[0][1:]
+    if len(labels) < 2:
+        return "use a fully qualified domain name such as chat.example.org"
+    for label in labels:
+        if not LABEL_RE.fullmatch(label):
+            return (f"{label!r} is not a valid domain label "
+                    "(letters a-z, digits and inner hyphens, at most 63 characters)")
+    if labels[-1].isdigit():
+        return "the last label of a domain name cannot be all digits"
+    return None
+
+
+def is_url_host(host):
+    """A host in a URL: a name, an IPv4 address or a bracketed IPv6 address."""
+    if host.startswith("[") and host.endswith("]"):
+        return is_ip_address(host[1:-1], version=6)
+    return host == "localhost" or is_ip_address(host) or not host_name_problem(host.lower())
+
+
+def parse_web_url(value):
+    match = URL_RE.fullmatch(value)
+    port = match and match.group(2)
+    if not match or not is_url_host(match.group(1)) or port and not 0 < int(port[1:]) < 65536:
+        raise ValueError("expected an https:// or http:// URL such as https://example.org/path")
+    return value
+
+
+def listen_address(value):
+    """Where the metrics are served (ports 3903 and 3904): an address of this host."""
+    if value == "localhost" or is_ip_address(value):
+        return value
+    if value:
+        raise ValueError("expected an IP address of this host such as 127.0.0.1, or "
+                         "localhost")
+    return None
+
+
+def contact_text(value):
+    """A contact detail for the privacy page, one or more lines (as upstream's postal
+    addresses are written): printable, each line stripped. The pages escape it for HTML."""
+    if TEMPLATE_SYNTAX_RE.search(value):
+        raise ValueError("expected plain text: no template syntax such as {{, {% or {#")
+    return "\n".join(line.strip() for line in value.splitlines() if line.strip())
+
+
+def is_ip_address(text, version=None):
+    """Without an IPv6 scope (fe80::1%eth0): Python takes any text after the '%'."""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return "%" not in text and version in (None, address.version)
 
 
 def is_valid_ipv4(text):
-    try:
-        ipaddress.IPv4Address(text)
-    except ValueError:
-        return False
-    return True
+    return is_ip_address(text, version=4)
 
 
 def check_mail_domain(domain):
@@ -105,42 +237,129 @@ def check_mail_domain(domain):
         return "the mail domain is empty"
     if is_valid_ipv4(domain):
         return None
-    if len(domain) > 253:
-        return "a domain name has at most 253 characters"
     if domain != domain.lower():
         return "write the domain in lower case"
-    labels = domain.split(".")
-    if len(labels) < 2:
-        return "use a fully qualified domain name such as chat.example.org"
-    first = labels[0][1:] if labels[0].startswith("_") else labels[0]
-    for label in [first] + labels[1:]:
-        if not LABEL_RE.fullmatch(label):
-            return (
-                f"{label!r} is not a valid domain label "
-                "(letters a-z, digits and inner hyphens, at most 63 characters)"
-            )
-    if labels[-1].isdigit():
-        return "the last label of a domain name cannot be all digits"
+    return host_name_problem(domain, test_marker=True)
+
+
+class Setting(NamedTuple):
+    """A key of chatmail.ini: its default (None: absent means none) and form."""
+
+    default: str | None
+    parse: Callable
+    attribute: str | None = None  # the Config attribute, when its name differs
+    multiline: bool = False  # may go on in indented lines (upstream's postal addresses)
+
+
+# Every key the relay reads, with upstream's default. A default may name {mail_domain}.
+SETTINGS = {
+    "mail_domain": Setting(None, parse_mail_domain),
+    "max_user_send_per_minute": Setting("60", parse_count),
+    "max_user_send_burst_size": Setting("10", parse_count),
+    "max_mailbox_size": Setting("500M", size_as_text),
+    "max_message_size": Setting("31457280", whole_number(1, 2**31 - 1)),
+    "delete_mails_after": Setting("20", days_as_text),
+    "delete_large_after": Setting("7", days_as_text),
+    "delete_inactive_users_after": Setting("90", parse_days),
+    # a local part has at most 64 characters
+    "username_min_length": Setting("9", whole_number(1, 64)),
+    "username_max_length": Setting("9", whole_number(1, 64)),
+    "password_min_length": Setting("9", whole_number(1, 1000)),
+    "max_load_1m": Setting("5", parse_load),
+    "min_available_memory": Setting("200M", parse_size_mb, "min_available_memory_mb"),
+    "min_free_disk_space": Setting("1G", parse_size_mb, "min_free_disk_space_mb"),
+    "max_imap_connections": Setting("10000", parse_count),
+    "max_smtp_connections": Setting("1000", parse_count),
+    "filtermail_smtp_port": Setting("10080", parse_port),
+    "filtermail_smtp_port_incoming": Setting("10081", parse_port),
+    "filtermail_http_port_incoming": Setting("10082", parse_port),
+    "filtermail_lmtp_port_transport": Setting("10083", parse_port),
+    "postfix_reinject_port": Setting("10025", parse_port),
+    "postfix_reinject_port_incoming": Setting("10026", parse_port),
+    # Ours: how the certificate is obtained; empty: derived as upstream does (_set_tls).
+    "tls_cert_mode": Setting("", or_empty(one_of("acme", "self", "external"))),
+    "tls_external_cert_and_key": Setting("", or_empty(cert_and_key_paths)),
+    "acme_email": Setting("", or_empty(parse_email)),
+    "www_folder": Setting("", or_empty(web_folder)),
+    "mtail_address": Setting(None, listen_address),
+    "disable_ipv6": Setting("false", parse_bool),
+    "imap_rawlog": Setting("false", parse_bool),
+    "imap_compress": Setting("false", parse_bool),
+    # Upstream runs its own iroh-relay when the key is absent and announces
+    # https://<domain>. Neither Debian nor Alpine packages iroh-relay, so we never run
+    # one: absent means announce none (clients then use their built-in default).
+    "iroh_relay": Setting("", or_empty(parse_web_url)),
+    # Ours: where push notifications go; tests point it at a local server.
+    "notification_url": Setting("https://notifications.delta.chat/notify", parse_web_url),
+    "turn_socket_path": Setting("/run/chatmail-turn/turn.socket", absolute_path),
+    # Ours: coturn's use-auth-secret shared secret, generated per relay at install.
+    "turn_secret_path": Setting("/etc/chatmail/turn-secret", absolute_path),
+    "mailboxes_dir": Setting("/home/vmail/mail/{mail_domain}", path_object),
+    "passdb_path": Setting("/home/vmail/passdb.sqlite", path_object),
+    "privacy_postal": Setting(None, contact_text, multiline=True),
+    "privacy_mail": Setting(None, or_empty(parse_email)),
+    "privacy_pdo": Setting(None, contact_text, multiline=True),
+    "privacy_supervisor": Setting(None, contact_text, multiline=True),
+}
+
+
+def shown(value):
+    """`value` as an error message quotes it: overlong ones shortened."""
+    return repr(value if len(value) <= 80 else value[:60] + "...")
+
+
+def character_problem(value, multiline):
+    """What makes `value` unfit for any configuration file or command line, or None."""
+    if len(value) > MAX_VALUE_LENGTH:
+        return f"it has {len(value)} characters, more than {MAX_VALUE_LENGTH}"
+    for char in value:
+        if char == "\n" and multiline:
+            continue
+        if unicodedata.category(char)[0] == "C" or char in "\u2028\u2029":
+            name = {"\n": "a line break", "\r": "a carriage return", "\t": "a tab"}.get(
+                char, f"the control character U+{ord(char):04X}")
+            return f"it contains {name}; write the value on one line, in plain text"
     return None
 
 
+def check_value(key, value, where):
+    """The value of `key` from its text, or ConfigError saying what is expected."""
+    setting = SETTINGS.get(key)
+    if setting is None:
+        raise ConfigError(f"{where}: {key!r} is not a setting of the relay; the settings are "
+                          f"{', '.join(sorted(SETTINGS))}")
+    problem = character_problem(value, setting.multiline)
+    if problem is None:
+        try:
+            return setting.parse(value.strip())
+        except ValueError as exc:
+            problem = str(exc)
+    raise ConfigError(f"{where}: {key} = {shown(value)}: {problem}")
+
+
 class Config:
-    """Parsed chatmail.ini with upstream's defaults and derived values."""
+    """Parsed chatmail.ini with upstream's defaults and derived values. Every value is
+    checked against its form in SETTINGS; templates see nothing else."""
 
     def __init__(self, inipath, params):
         self._inipath = Path(inipath)
         params = dict(params)
-        self._params = params
-        domain = self._pop("mail_domain", None, str)
-        if domain is None:
+        if "mail_domain" not in params:
             raise ConfigError(
                 f"{inipath}: mail_domain is missing; add a line "
                 "'mail_domain = chat.example.org' to the [params] section"
             )
-        domain = domain.strip()
-        problem = check_mail_domain(domain)
-        if problem:
-            raise ConfigError(f"{inipath}: mail_domain = {domain!r}: {problem}")
+        domain = check_value("mail_domain", params["mail_domain"], inipath)
+        for key, setting in SETTINGS.items():
+            if key in params:
+                value = check_value(key, params.pop(key), inipath)
+            elif setting.default is not None:
+                value = check_value(key, setting.default.format(mail_domain=domain), inipath)
+            else:
+                value = None
+            setattr(self, setting.attribute or key, value)
+        self._unused_keys = sorted(params)
+
         self.mail_domain_bare = domain
         if is_valid_ipv4(domain):
             self.ipv4_relay = domain
@@ -148,88 +367,21 @@ class Config:
             self.postfix_myhostname = ipaddress.IPv4Address(domain).reverse_pointer
         else:
             self.ipv4_relay = None
-            self.mail_domain = domain
             self.postfix_myhostname = domain
-
-        pop = self._pop
-        self.max_user_send_per_minute = pop("max_user_send_per_minute", "60", parse_positive_int)
-        self.max_user_send_burst_size = pop("max_user_send_burst_size", "10", parse_positive_int)
-        self.max_mailbox_size = pop("max_mailbox_size", "500M", str).strip()
-        self._check("max_mailbox_size", self.max_mailbox_size, parse_size_mb)
-        self.max_message_size = pop("max_message_size", "31457280", parse_positive_int)
-        self.delete_mails_after = pop("delete_mails_after", "20", parse_days)
-        self.delete_large_after = pop("delete_large_after", "7", parse_days)
-        self.delete_inactive_users_after = pop("delete_inactive_users_after", "90", parse_int)
-        self.username_min_length = pop("username_min_length", "9", parse_positive_int)
-        self.username_max_length = pop("username_max_length", "9", parse_positive_int)
         if self.username_min_length > self.username_max_length:
             raise ConfigError(
                 f"{inipath}: username_min_length ({self.username_min_length}) is larger "
                 f"than username_max_length ({self.username_max_length})"
             )
-        self.password_min_length = pop("password_min_length", "9", parse_positive_int)
-        self.www_folder = pop("www_folder", "", str).strip()
-        for key in _HIDDEN_PORTS:
-            default = str(DEFAULT_PORTS[key])
-            setattr(self, key, pop(key, default, parse_port))
-        self.mtail_address = pop("mtail_address", None, str)
-        if self.mtail_address is not None:
-            self.mtail_address = self.mtail_address.strip() or None
-        self.disable_ipv6 = pop("disable_ipv6", "false", parse_bool)
-        self.acme_email = pop("acme_email", "", str).strip()
-        self.imap_rawlog = pop("imap_rawlog", "false", parse_bool)
-        self.imap_compress = pop("imap_compress", "false", parse_bool)
-        self.turn_socket_path = pop("turn_socket_path", "/run/chatmail-turn/turn.socket", str)
-        # Ours: coturn's use-auth-secret shared secret, generated per relay at install.
-        self.turn_secret_path = pop("turn_secret_path", "/etc/chatmail/turn-secret", str)
-        # Ours: where push notifications go; tests point it at a local server.
-        self.notification_url = pop(
-            "notification_url", "https://notifications.delta.chat/notify", str
-        ).strip()
-        # Upstream runs its own iroh-relay when the key is absent and announces
-        # https://<domain>. Neither Debian nor Alpine packages iroh-relay, so we never run
-        # one: absent means announce none (clients then use their built-in default).
-        self.iroh_relay = pop("iroh_relay", "", str).strip()
         self.enable_iroh_relay = False
-        self.privacy_postal = pop("privacy_postal", None, str)
-        self.privacy_mail = pop("privacy_mail", None, str)
-        self.privacy_pdo = pop("privacy_pdo", None, str)
-        self.privacy_supervisor = pop("privacy_supervisor", None, str)
+        self._set_tls()
 
-        self.max_load_1m = pop("max_load_1m", "5", parse_float)
-        self.min_available_memory_mb = pop("min_available_memory", "200M", parse_size_mb)
-        self.min_free_disk_space_mb = pop("min_free_disk_space", "1G", parse_size_mb)
-        self.max_imap_connections = pop("max_imap_connections", "10000", parse_positive_int)
-        self.max_smtp_connections = pop("max_smtp_connections", "1000", parse_positive_int)
-
-        self._set_tls(pop("tls_cert_mode", "", str).strip(),
-                      pop("tls_external_cert_and_key", "", str).strip())
-
-        mailboxes_dir = pop("mailboxes_dir", f"/home/vmail/mail/{domain}", str)
-        self.mailboxes_dir = Path(mailboxes_dir.strip())
-        self.passdb_path = Path(pop("passdb_path", "/home/vmail/passdb.sqlite", str).strip())
-        self._unused_keys = sorted(params)
-
-    def _pop(self, key, default, parser):
-        raw = self._params.pop(key, default)
-        if raw is None:
-            return None
-        return self._check(key, raw, parser)
-
-    def _check(self, key, raw, parser):
-        try:
-            return parser(raw)
-        except ValueError as exc:
-            raise ConfigError(f"{self._inipath}: {key} = {raw!r}: expected {exc}") from None
-
-    def _set_tls(self, mode, external):
+    def _set_tls(self):
         """Upstream derives the mode: external paths given, else self-signed for '_'
         domains and IPv4 relays, else ACME. Ours may also be set explicitly
         (tls_cert_mode), e.g. a self-signed certificate for a private relay."""
+        mode, external = self.tls_cert_mode, self.tls_external_cert_and_key
         implied = "self" if self.mail_domain_bare.startswith("_") or self.ipv4_relay else "acme"
-        if mode not in ("", "acme", "self", "external"):
-            raise ConfigError(f"{self._inipath}: tls_cert_mode = {mode!r}: expected acme, "
-                              "self or external")
         if mode == "external" and not external:
             raise ConfigError(f"{self._inipath}: tls_cert_mode = external needs "
                               "tls_external_cert_and_key = /path/fullchain.pem /path/privkey.pem")
@@ -238,13 +390,7 @@ class Config:
                               f"authority cannot certify {self.mail_domain_bare}; use self")
         mode = mode or ("external" if external else implied)
         if mode == "external":
-            parts = external.split()
-            if len(parts) != 2:
-                raise ConfigError(
-                    f"{self._inipath}: tls_external_cert_and_key = {external!r}: expected "
-                    "two paths separated by a space: /path/fullchain.pem /path/privkey.pem"
-                )
-            self.tls_cert_path, self.tls_key_path = parts
+            self.tls_cert_path, self.tls_key_path = external
         elif mode == "self":
             self.tls_cert_path = "/etc/ssl/certs/mailserver.pem"
             self.tls_key_path = "/etc/ssl/private/mailserver.key"
@@ -276,15 +422,6 @@ class Config:
         check_address(addr, self.mail_domain)
         return self.mailboxes_dir / addr
 
-
-DEFAULT_PORTS = {
-    "filtermail_smtp_port": 10080,
-    "filtermail_smtp_port_incoming": 10081,
-    "filtermail_http_port_incoming": 10082,
-    "filtermail_lmtp_port_transport": 10083,
-    "postfix_reinject_port": 10025,
-    "postfix_reinject_port_incoming": 10026,
-}
 
 # Characters Dovecot lets through auth_username_chars, minus '@' handled separately.
 ADDRESS_LOCALPART_RE = re.compile(r"^[A-Za-z0-9._+-]+$")
@@ -334,7 +471,41 @@ def parse_ini_params(text, inipath="chatmail.ini"):
         raise ConfigError(f"{inipath}: malformed ini file: {message}") from None
     if not parser.has_section(SECTION):
         raise ConfigError(f"{inipath}: no [{SECTION}] section; the file must start with [{SECTION}]")
-    return dict(parser.items(SECTION))
+    params = dict(parser.items(SECTION))
+    for key, value in params.items():
+        if "\n" in value and key in SETTINGS and not SETTINGS[key].multiline:
+            refuse_continuation(text, inipath, key)
+    return params
+
+
+def refuse_continuation(text, inipath, key):
+    """An indented line continues the value above it: `ssl = no` under privacy_mail would
+    become part of that value, and of every file it is written into."""
+    number = continuation_line(text, key)
+    where = f"{inipath}, line {number}" if number else str(inipath)
+    raise ConfigError(
+        f"{where}: this indented line continues the value of {key} (an indented line "
+        f"belongs to the setting above it). Write {key} on one line, and start every "
+        "setting at the beginning of a line."
+    )
+
+
+def is_continuation(line):
+    """An indented line that configparser joins to the value of the key above it."""
+    stripped = line.strip()
+    return line[:1].isspace() and stripped != "" and stripped[0] not in "#;"
+
+
+def continuation_line(text, key):
+    """The number of the first line that continues the value of `key`, or None."""
+    current = None
+    for number, line in enumerate(text.split("\n"), 1):
+        if is_continuation(line):
+            if current == key:
+                return number
+        elif line.strip() and line.strip()[0] not in "#;":
+            current = re.split(r"[=:]", line, maxsplit=1)[0].strip()
+    return None
 
 
 def default_config_text(mail_domain, **overrides):
@@ -349,12 +520,29 @@ def set_ini_values(text, values):
     An active `key = ...` line is replaced; else a commented-out '#key =' line is
     uncommented; else the key is appended. Everything else is left as the admin wrote it.
     """
-    pending = {key: str(value) for key, value in values.items()}
+    pending = dict(values)
     lines = text.splitlines()
-    for pattern in (r"^\s*({})\s*[=:]", r"^\s*#\s*({})\s*="):
-        for index, line in enumerate(lines):
-            for key in list(pending):
-                if re.match(pattern.format(re.escape(key)), line):
-                    lines[index] = f"{key} = {pending.pop(key)}"
-    lines.extend(f"{key} = {value}" for key, value in pending.items())
+    for pattern in (ACTIVE_KEY, COMMENTED_KEY):
+        for key in list(pending):
+            index = next((index for index, line in enumerate(lines)
+                          if re.match(pattern.format(re.escape(key)), line)), None)
+            if index is None:
+                continue
+            end = index + 1
+            # the old value's continuation lines go with it
+            while pattern == ACTIVE_KEY and end < len(lines) and is_continuation(lines[end]):
+                end += 1
+            lines[index:end] = ini_lines(key, pending.pop(key))
+    for key, value in pending.items():
+        lines += ini_lines(key, value)
     return "\n".join(lines) + "\n"
+
+
+ACTIVE_KEY, COMMENTED_KEY = r"\s*({})\s*[=:]", r"\s*#\s*({})\s*="
+
+
+def ini_lines(key, value):
+    """`key = value` as ini lines; further lines of a value are indented, which makes them
+    continuation lines."""
+    first, *more = str(value).split("\n")
+    return [f"{key} = {first}"] + [f"    {line}" for line in more]

@@ -44,6 +44,63 @@ def test_upstream_ini_loads_unchanged(tmp_path):
     assert config.unknown_keys == ["passthrough_recipients"]
 
 
+# Every key written as cmdeploy's own template writes it: upstream's capitalised boolean,
+# trailing blanks, the keys it has since removed, postal addresses over several lines.
+CMDEPLOY_INI = """\
+[params]
+
+# mail domain (MUST be set to fully qualified chat mail domain)
+mail_domain = chat.example.org
+
+max_user_send_per_minute = 60
+max_user_send_burst_size = 10
+max_mailbox_size = 500M
+max_message_size = 31457280
+delete_mails_after = 20
+delete_large_after = 7
+delete_inactive_users_after = 90
+username_min_length = 9
+username_max_length = 9
+password_min_length = 9
+passthrough_senders =
+passthrough_recipients = echo@example.org @example.net
+#www_folder = www
+filtermail_smtp_port = 10080
+postfix_reinject_port = 10025
+filtermail_smtp_port_incoming = 10081
+postfix_reinject_port_incoming = 10026
+disable_ipv6 = False
+acme_email = \n\
+# iroh_relay =
+# mtail_address = 127.0.0.1
+imap_rawlog = false \n\
+imap_compress = false
+
+privacy_postal =
+    Example GmbH
+    Street 1, 12345 Town
+
+privacy_mail = privacy@example.org
+
+privacy_pdo =
+    Data Officer, Example GmbH
+
+privacy_supervisor = The Data Protection Authority of Example
+"""
+
+
+def test_cmdeploy_ini_loads_unchanged(tmp_path):
+    path = tmp_path / "chatmail.ini"
+    path.write_text(CMDEPLOY_INI)
+    config = read_config(path)
+    assert config.unknown_keys == ["passthrough_recipients", "passthrough_senders"]
+    assert not config.disable_ipv6 and not config.imap_rawlog
+    assert config.acme_email == "" and config.mtail_address is None
+    assert config.privacy_postal == "Example GmbH\nStreet 1, 12345 Town"
+    assert config.privacy_pdo == "Data Officer, Example GmbH"
+    assert config.tls_cert_mode == "acme"
+
+
 def test_defaults_match_upstream(tmp_path):
     path = tmp_path / "chatmail.ini"
     path.write_text("[params]\nmail_domain = chat.example.org\n")
