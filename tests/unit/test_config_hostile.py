@@ -1,6 +1,7 @@
 """Hostile chatmail.ini values: every key takes only its form (chatmaild.config.SETTINGS),
 from the file and from `chatmail set`, and what reaches a command stays one argument."""
 
+import os
 import subprocess
 
 import pytest
@@ -8,6 +9,8 @@ import pytest
 from chatmaild import cli
 from chatmaild.config import SETTINGS, Config, ConfigError, default_config_text, read_config
 from chatmaild.render import load_platform, render_all, render_component
+
+from ..conftest import REPO
 
 # A valid value of every key, none of them its default.
 VALID = {
@@ -243,3 +246,29 @@ def test_templates_see_no_unknown_value(make_ini):
     assert "<script>" not in repr(vars(config))
     for item in render_all(config, load_platform("debian12")):
         assert "<script>" not in str(item.content), item.path
+
+
+@pytest.mark.parametrize("email,expected", [
+    ("admin@example.org", ["--email=admin@example.org"]),
+    # as if the check were bypassed: still one argument, never options of certbot's
+    ("me@example.org --server http://x --deploy-hook /x",
+     ["--email=me@example.org --server http://x --deploy-hook /x"]),
+    ("", ["--register-unsafely-without-email"]),
+])
+def test_acme_step_gives_certbot_the_address_as_one_argument(tmp_path, email, expected):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    certbot = bin_dir / "certbot"
+    certbot.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" >{tmp_path}/args\n')
+    certbot.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", CHATMAIL_DATA_DIR=str(REPO),
+               CHATMAIL_TLS_CERT_MODE="acme", CHATMAIL_MAIL_DOMAIN="chat.example.org",
+               CHATMAIL_ACME_EMAIL=email, CHATMAIL_NO_RELOAD="",
+               PLATFORM_CERTBOT_LIVE_DIR=str(tmp_path / "live"),
+               PLATFORM_ACME_WEBROOT=str(tmp_path / "webroot"))
+    subprocess.run([str(REPO / "postinst.d" / "70-acme")], env=env, check=True,
+                   capture_output=True)
+    args = (tmp_path / "args").read_text().splitlines()
+    account = [arg for arg in args if arg.startswith(("--email", "--register"))]
+    assert account == expected
+    assert "--server" not in args and args.count("--deploy-hook") == 1
