@@ -15,13 +15,13 @@ DEPS = python3 python3-aiosmtpd python3-dkim python3-dnspython python3-filelock 
        fakeroot dpkg-dev po-debconf \
        postfix postfix-lmdb dovecot-core dovecot-imapd dovecot-lmtpd nginx libnginx-mod-stream \
        opendkim opendkim-tools nsd systemd python3-qrcode zbar-tools debootstrap systemd-container \
-       apt-utils pebble lua5.3 lua5.4 lua-socket lua-cjson
+       apt-utils pebble lua5.3 lua5.4 lua-socket lua-cjson unbound python3-hypothesis
 
 # Debian 13 runs Python 3.13 (no crypt module): the unit tests also run there when a 3.13
 # interpreter exists, in a virtualenv cached outside the checkout.
 PY313 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3) $(shell command -v python3.13))
 VENV313 ?= $(HOME)/.cache/chatmail-relay/py313-$(shell echo $(PY313_LIBS) | md5sum | cut -c1-8)
-PY313_LIBS = aiosmtpd dkimpy dnspython filelock psutil pytest jinja2 qrcode pypng
+PY313_LIBS = aiosmtpd dkimpy dnspython filelock psutil pytest jinja2 qrcode pypng hypothesis
 
 .PHONY: all build debs debs-trixie dovecot dovecot-trixie repo apk build-previous test test-unit test-config test-dovecot24 test-openrc test-py313 test-package test-system deps demo bench clean
 

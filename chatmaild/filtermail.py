@@ -12,7 +12,9 @@ incoming mail must carry a DKIM signature of its From domain.
 Accepted mail is handed back to Postfix unmodified. The reply texts and log lines that
 upstream has are an interface (metrics and upstream's online tests match them) and are
 kept byte for byte. Where upstream would bounce or lose a message because of a local
-failure (reinjection down, an internal error), we answer 4xx so that it is retried.
+failure (reinjection down, an internal error), we answer 4xx so that it is retried;
+content that can never pass (even content the parser cannot take apart) gets a 5xx, so
+that no sender retries it for days.
 """
 
 import argparse
@@ -37,6 +39,9 @@ from .ratelimit import SendRateLimiter
 log = logging.getLogger("filtermail")
 
 ENCRYPTION_NEEDED_523 = "523 Encryption Needed: Invalid Unencrypted Mail"
+# Incoming mail that Python's parser cannot take apart (e.g. thousands of nested parts)
+# and that no recipient's encryption rule already refuses: it can never pass.
+UNPARSEABLE_554 = "554 5.6.0 Malformed message, cannot be checked"
 REINJECT_FAILED_451 = "451 4.3.0 Could not hand the message back to Postfix, try again later"
 INTERNAL_ERROR_451 = "451 4.3.0 Internal error while filtering, try again later"
 LISTEN_HOST = "127.0.0.1"
@@ -47,8 +52,16 @@ WORKER_THREADS = 16
 KNOWN_MAIL_PARAMS = ("SIZE", "BODY", "SMTPUTF8")
 
 
+class UnparseableMessage(Exception):
+    """The message's structure defeats the parser: hostile, never a transient fault."""
+
+
 def parse_message(content):
-    return BytesParser(policy=policy.default).parsebytes(content)
+    try:
+        return BytesParser(policy=policy.default).parsebytes(content)
+    except RecursionError:
+        # The parser recurses once per nested multipart level.
+        raise UnparseableMessage("too deeply nested") from None
 
 
 def single_from_address(message):
@@ -157,33 +170,30 @@ class BeforeQueueFilter:
         raise NotImplementedError
 
     async def handle_DATA(self, server, session, envelope):
-        # Parsing and checking a message of up to max_message_size is CPU work; doing it
-        # in a thread keeps other SMTP sessions responsive.
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, self.process, envelope)
+        return await self.filter(envelope)
 
-    def process(self, envelope):
+    async def filter(self, envelope):
         """Check one message and reinject it if it passes; returns the SMTP reply."""
         try:
-            error, reinject_from = self.inspect(envelope)
+            error, reinject_from = await self.check(envelope)
             if error:
                 return error
             options = reinject_mail_options(envelope.mail_options, reinject_from,
                                             envelope.rcpt_tos)
-            return self.reinject(reinject_from, envelope.rcpt_tos,
-                                 envelope.original_content, options)
+            return await asyncio.to_thread(self.reinject, reinject_from, envelope.rcpt_tos,
+                                           envelope.original_content, options)
         except Exception:
             # A 4xx keeps the message queued at the sender instead of bouncing it.
             log.exception("%s: filtering failed", self.direction)
             return INTERNAL_ERROR_451
 
-    def check_DATA(self, envelope):
-        """None if the message may pass, else the SMTP error reply (as upstream's API)."""
-        return self.inspect(envelope)[0]
-
-    def inspect(self, envelope):
+    async def check(self, envelope):
         """(error reply or None, MAIL FROM to reinject with)."""
         raise NotImplementedError
+
+    def check_DATA(self, envelope):
+        """None if the message may pass, else the SMTP error reply (as upstream's API)."""
+        return asyncio.run(self.check(envelope))[0]
 
     def reinject(self, mail_from, rcpt_tos, content, mail_options=()):
         """Hand the unmodified message to Postfix's reinjection port.
@@ -253,9 +263,19 @@ class OutgoingFilter(BeforeQueueFilter):
             return f"450 4.7.1: Too much mail from {printable(address)}"
         return None
 
+    async def check(self, envelope):
+        # Parsing and checking a message of up to max_message_size is CPU work; doing it
+        # in a thread keeps other SMTP sessions responsive.
+        return await asyncio.to_thread(self.inspect, envelope)
+
     def inspect(self, envelope):
-        message = parse_message(envelope.content)
         mail_from = envelope_sender(envelope)
+        try:
+            message = parse_message(envelope.content)
+        except UnparseableMessage as exc:
+            log.info("Outgoing: cannot parse the message: %s", exc)
+            log.info("Rejected unencrypted mail.")
+            return ENCRYPTION_NEEDED_523, mail_from
         from_addr = single_from_address(message)
         if from_addr is None or from_addr.lower() != mail_from.lower():
             reply = f"500 Invalid FROM <{printable(from_addr or '')}> for <{printable(mail_from)}>"
@@ -277,35 +297,53 @@ class IncomingFilter(BeforeQueueFilter):
 
     direction = "Incoming"
 
-    def __init__(self, config, verify_dkim=True, dnsfunc=None):
+    def __init__(self, config, verify_dkim=True, key_lookup=None):
         super().__init__(config)
         self.verify_dkim = verify_dkim
-        self.dnsfunc = dnsfunc
+        self.key_lookup = key_lookup
         if verify_dkim:
-            from .dkimverify import TxtLookup, check_dkim
+            from .dkimverify import TxtLookup, check_dkim_async
 
-            self._check_dkim = check_dkim
-            if self.dnsfunc is None:
-                self.dnsfunc = TxtLookup()
+            self._check_dkim = check_dkim_async
+            if self.key_lookup is None:
+                self.key_lookup = TxtLookup()
 
     @property
     def reinject_port(self):
         return self.config.postfix_reinject_port_incoming
 
+    async def check(self, envelope):
+        # The content checks are CPU work for a thread; DKIM waits on DNS in the event
+        # loop, so a slow zone holds no thread that other senders' mail needs.
+        error, mail_from, from_domain = await asyncio.to_thread(self.inspect, envelope)
+        if error is None and self.verify_dkim:
+            error = await self._check_dkim(envelope.content, from_domain, self.key_lookup)
+        return error, mail_from
+
     def inspect(self, envelope):
-        message = parse_message(envelope.content)
+        """(error reply or None, MAIL FROM to reinject with, From domain for DKIM)."""
+        mail_from = envelope_sender(envelope)
+        try:
+            message = parse_message(envelope.content)
+        except UnparseableMessage as exc:
+            log.info("Incoming: cannot parse the message: %s", exc)
+            return self.refuse_unparseable(envelope.rcpt_tos), mail_from, None
         from_addr = single_from_address(message)
         error = self.check_content(message, envelope.rcpt_tos, from_addr)
-        if error is None and self.verify_dkim:
-            error = self._check_dkim(
-                envelope.content, address_domain(from_addr), self.dnsfunc
-            )
-        mail_from = envelope_sender(envelope)
         if from_addr is None or mail_from.lower() != from_addr.lower():
             # Forwarders (SRS) send with their own MAIL FROM. A bounce to them would go to
             # the wrong party, so Postfix must not bounce: reinject as a null sender.
             mail_from = ""
-        return error, mail_from
+        return error, mail_from, address_domain(from_addr)
+
+    def refuse_unparseable(self, rcpt_tos):
+        """What cannot be parsed is not encrypted: upstream's 523 where a recipient
+        refuses cleartext; otherwise still refused, since nothing about it can be
+        checked (not even its From for DKIM)."""
+        if all(self.recipient_accepts_cleartext(rcpt) for rcpt in rcpt_tos):
+            return UNPARSEABLE_554
+        log.info("Rejected unencrypted mail.")
+        return ENCRYPTION_NEEDED_523
 
     def check_content(self, message, rcpt_tos, from_addr):
         if check_encrypted(message, outgoing=False) or is_securejoin(message):

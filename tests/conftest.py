@@ -105,13 +105,13 @@ def free_port():
 class Daemon:
     """A chatmaild service started as its own process, as systemd would start it."""
 
-    def __init__(self, module, args, env=None):
+    def __init__(self, module, args, env=None, prefix=()):
         self.stderr_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"daemon-{os.getpid()}-{id(self)}.err"
         self._stderr = open(self.stderr_path, "w+b")
         full_env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
         full_env.update(env or {})
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", f"chatmaild.{module}", *map(str, args)],
+            [*prefix, sys.executable, "-m", f"chatmaild.{module}", *map(str, args)],
             stdout=subprocess.DEVNULL, stderr=self._stderr, env=full_env,
         )
 
@@ -138,11 +138,12 @@ class Daemon:
 
 @pytest.fixture
 def start_daemon():
-    """start_daemon(module, *args, ready=callable, env=None) -> Daemon (stopped at the end)."""
+    """start_daemon(module, *args, ready=callable, env=None, prefix=()) -> Daemon (stopped
+    at the end); `prefix` is a command that runs the daemon's command line."""
     started = []
 
-    def start(module, *args, ready, env=None, timeout=15.0):
-        daemon = Daemon(module, args, env)
+    def start(module, *args, ready, env=None, timeout=15.0, prefix=()):
+        daemon = Daemon(module, args, env, prefix)
         started.append(daemon)
         daemon.wait_for(ready, timeout)
         return daemon

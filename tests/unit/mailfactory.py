@@ -174,6 +174,16 @@ def mdn_mail(from_addr, to_addr):
     return crlf(f"{head}\n\n\n{body}")
 
 
+def nested_mail(from_addr, to_addr, depth):
+    """A message of `depth` multipart/mixed levels, each the only part of the one above,
+    around one text part: about 70 bytes a level."""
+    opening = "".join(f'Content-Type: multipart/mixed; boundary="n{level}"\n\n--n{level}\n'
+                      for level in range(depth))
+    closing = "".join(f"--n{level}--\n" for level in reversed(range(depth)))
+    head = headers_text(from_addr, to_addr, "[...]", [])
+    return crlf(f"{head}\n{opening}Content-Type: text/plain\n\nHello\n{closing}")
+
+
 class OpenPGP:
     """Real OpenPGP output from sqop (new-format packets) and gpg (old-format packets)."""
 

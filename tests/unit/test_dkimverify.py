@@ -1,20 +1,24 @@
 """Incoming DKIM verification: real dkimpy signatures made with keys generated here, keys
 served by an injected lookup function or by a small DNS server on 127.0.0.1."""
 
+import asyncio
 import base64
 import socket
 import threading
+import time
 
 import dkim
 import pytest
 
 from chatmaild.dkimverify import (
     DNS_TEMPORARY_FAILURE,
+    FAILURE_CACHE_TTL,
     NO_SIGNATURE,
     NO_VALID_SIGNATURE,
     DnsTemporaryError,
     TxtLookup,
     check_dkim,
+    check_dkim_async,
     is_ip_literal,
 )
 
@@ -275,12 +279,22 @@ def lookup_for(server, **kwargs):
     return TxtLookup(nameservers=["127.0.0.1"], port=server.port, **kwargs)
 
 
+def look_up(lookup, *names):
+    """The answers to `names`, looked up concurrently (exceptions returned)."""
+
+    async def run():
+        return await asyncio.gather(*(lookup(name) for name in names), return_exceptions=True)
+
+    answers = asyncio.run(run())
+    return answers[0] if len(names) == 1 else answers
+
+
 def test_txt_lookup_joins_strings_and_picks_the_key_record(tiny_dns):
     server = tiny_dns({
         "sel._domainkey.example.org.": [["v=spf1 -all"], ["v=DKIM1; k=rsa; ", "p=QUJD"]],
     })
     lookup = lookup_for(server)
-    assert lookup(b"sel._domainkey.example.org.") == b"v=DKIM1; k=rsa; p=QUJD"
+    assert look_up(lookup, b"sel._domainkey.example.org.") == b"v=DKIM1; k=rsa; p=QUJD"
 
 
 def test_txt_lookup_caches_answers_and_absence(tiny_dns):
@@ -288,12 +302,12 @@ def test_txt_lookup_caches_answers_and_absence(tiny_dns):
     now = [0.0]
     lookup = lookup_for(server, clock=lambda: now[0])
     for _ in range(3):
-        assert lookup(b"a._domainkey.example.org.") == b"p=QUJD"
-        assert lookup(b"missing._domainkey.example.org.") is None
+        assert look_up(lookup, b"a._domainkey.example.org.") == b"p=QUJD"
+        assert look_up(lookup, b"missing._domainkey.example.org.") is None
     assert len(server.queries) == 2
     now[0] += 61  # past the record's TTL; the negative answer is still cached
-    assert lookup(b"A._domainkey.EXAMPLE.org.") == b"p=QUJD"
-    assert lookup(b"missing._domainkey.example.org.") is None
+    assert look_up(lookup, b"A._domainkey.EXAMPLE.org.") == b"p=QUJD"
+    assert look_up(lookup, b"missing._domainkey.example.org.") is None
     assert len(server.queries) == 3
 
 
@@ -301,33 +315,63 @@ def test_txt_lookup_cache_is_bounded(tiny_dns):
     server = tiny_dns({})
     lookup = lookup_for(server, cache_size=3)
     for index in range(5):
-        lookup(f"n{index}.example.org.".encode())
+        look_up(lookup, f"n{index}.example.org.".encode())
     assert len(lookup._cache) == 3
-    lookup(b"n0.example.org.")
+    look_up(lookup, b"n0.example.org.")
     assert len(server.queries) == 6
 
 
-def test_txt_lookup_failures_are_temporary_and_not_cached(tiny_dns):
+def test_txt_lookup_failures_are_temporary_and_remembered_briefly(tiny_dns):
     server = tiny_dns({})
     server.servfail.add("broken.example.org.")
     server.silent.add("slow.example.org.")
-    lookup = lookup_for(server, timeout=0.3)
-    with pytest.raises(DnsTemporaryError):
-        lookup(b"broken.example.org.")
-    with pytest.raises(DnsTemporaryError):
-        lookup(b"slow.example.org.")
+    now = [0.0]
+    lookup = lookup_for(server, lifetime=0.3, clock=lambda: now[0])
+    assert isinstance(look_up(lookup, b"broken.example.org."), DnsTemporaryError)
+    assert isinstance(look_up(lookup, b"slow.example.org."), DnsTemporaryError)
     queries = len(server.queries)
-    with pytest.raises(DnsTemporaryError):
-        lookup(b"broken.example.org.")
+    # the sender's retry within FAILURE_CACHE_TTL is answered without waiting again
+    assert isinstance(look_up(lookup, b"broken.example.org."), DnsTemporaryError)
+    assert isinstance(look_up(lookup, b"slow.example.org."), DnsTemporaryError)
+    assert len(server.queries) == queries
+    now[0] += FAILURE_CACHE_TTL + 1
+    server.servfail.clear()
+    assert look_up(lookup, b"broken.example.org.") is None
     assert len(server.queries) > queries
 
 
 def test_txt_lookup_of_impossible_names(tiny_dns):
     server = tiny_dns({})
     lookup = lookup_for(server)
-    assert lookup(b"\xff\xfe._domainkey.example.org.") is None
-    assert lookup(("x" * 70 + "._domainkey.example.org.").encode()) is None
+    assert look_up(lookup, b"\xff\xfe._domainkey.example.org.") is None
+    assert look_up(lookup, ("x" * 70 + "._domainkey.example.org.").encode()) is None
     assert server.queries == []
+
+
+def test_concurrent_lookups_of_one_name_share_one_query(tiny_dns):
+    server = tiny_dns({"a._domainkey.example.org.": [["p=QUJD"]]})
+    lookup = lookup_for(server)
+    assert look_up(lookup, *["a._domainkey.example.org."] * 20) == [b"p=QUJD"] * 20
+    assert server.queries == ["a._domainkey.example.org."]
+
+
+def test_few_lookups_per_signing_domain_run_at_once(tiny_dns):
+    server = tiny_dns({})
+    for n in range(10):
+        server.silent.add(f"s{n}._domainkey.stalled.example.")
+    lookup = lookup_for(server, lifetime=0.5, per_domain=2)
+
+    async def run():
+        names = [f"s{n}._domainkey.stalled.example." for n in range(10)]
+        tasks = [asyncio.ensure_future(lookup(name)) for name in names]
+        await asyncio.sleep(0.3)
+        in_flight = len(server.queries)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return in_flight
+
+    # dnspython sends each query once within 0.3 s; the other eight names wait their turn
+    assert asyncio.run(run()) == 2
+    assert lookup._domain_slots == {}
 
 
 def test_check_dkim_through_dns(tiny_dns, rsa_key):
@@ -337,7 +381,19 @@ def test_check_dkim_through_dns(tiny_dns, rsa_key):
     server = tiny_dns({"sel._domainkey.example.org.": [chunks]})
     lookup = lookup_for(server)
     signed = sign(mail_from("alice@example.org"), "example.org", rsa_key)
-    assert check_dkim(signed, "example.org", lookup) is None
-    assert check_dkim(signed.replace(b"Hello", b"Jello"), "example.org", lookup) == (
+    assert asyncio.run(check_dkim_async(signed, "example.org", lookup)) is None
+    tampered = signed.replace(b"Hello", b"Jello")
+    assert asyncio.run(check_dkim_async(tampered, "example.org", lookup)) == (
         NO_VALID_SIGNATURE)
     assert server.queries == ["sel._domainkey.example.org."]
+
+
+def test_check_dkim_gives_up_after_its_budget(tiny_dns, rsa_key):
+    server = tiny_dns({})
+    server.silent.add("sel._domainkey.example.org.")
+    lookup = lookup_for(server)
+    signed = sign(mail_from("alice@example.org"), "example.org", rsa_key)
+    started = time.monotonic()
+    reply = asyncio.run(check_dkim_async(signed, "example.org", lookup, budget=0.5))
+    assert reply == DNS_TEMPORARY_FAILURE
+    assert time.monotonic() - started < 2

@@ -1,6 +1,7 @@
 """The filter rules of both directions, called in-process (check_DATA, check_MAIL,
-process); the daemon over real SMTP is tested in test_filtermail_blackbox.py."""
+filter); the daemon over real SMTP is tested in test_filtermail_blackbox.py."""
 
+import asyncio
 import logging
 import os
 
@@ -11,8 +12,10 @@ from aiosmtpd.smtp import Envelope
 from chatmaild.filtermail import (
     ENCRYPTION_NEEDED_523,
     REINJECT_FAILED_451,
+    UNPARSEABLE_554,
     IncomingFilter,
     OutgoingFilter,
+    UnparseableMessage,
     make_filter,
     main,
     parse_message,
@@ -28,6 +31,7 @@ from .mailfactory import (
     encrypted_mail,
     mailer_daemon_mail,
     mdn_mail,
+    nested_mail,
     openpgp,  # noqa: F401  (fixture)
     plain_mail,
     securejoin_mail,
@@ -63,6 +67,11 @@ def create_account(config, addr, enforce_e2ee=True):
     if not enforce_e2ee:
         mailbox.enforce_e2ee_path.unlink()
     return mailbox
+
+
+def filtered(mail_filter, env):
+    """The reply to DATA: the checks, and the reinjection of what passes."""
+    return asyncio.run(mail_filter.filter(env))
 
 
 def messages(caplog):
@@ -310,13 +319,47 @@ def test_incoming_mailer_daemon_fakes_are_refused(incoming, kwargs):
 def test_incoming_mail_from_differing_from_header_is_reinjected_as_null_sender(
         incoming, openpgp):
     mail = encrypted_mail("carol@example.net", BOB, openpgp.encrypt())
-    assert incoming.inspect(envelope("carol@example.net", [BOB], mail)) == (
-        None, "carol@example.net")
-    assert incoming.inspect(envelope("Carol@Example.net", [BOB], mail)) == (
-        None, "Carol@Example.net")
+
+    def reinjected_sender(mail_from):
+        return asyncio.run(incoming.check(envelope(mail_from, [BOB], mail)))
+
+    assert reinjected_sender("carol@example.net") == (None, "carol@example.net")
+    assert reinjected_sender("Carol@Example.net") == (None, "Carol@Example.net")
     srs = "SRS0=HHH=TT=example.net=carol@forwarder.example"
-    assert incoming.inspect(envelope(srs, [BOB], mail)) == (None, "")
-    assert incoming.inspect(envelope("<>", [BOB], mail)) == (None, "")
+    assert reinjected_sender(srs) == (None, "")
+    assert reinjected_sender("<>") == (None, "")
+
+
+# -- content the parser cannot take apart -------------------------------------------------
+
+
+def test_deeply_nested_mail_is_refused_for_good(make_config, smtp_sink):
+    config = make_config(DOMAIN, postfix_reinject_port=smtp_sink.port,
+                         postfix_reinject_port_incoming=smtp_sink.port)
+    outgoing, incoming = OutgoingFilter(config), IncomingFilter(config, verify_dkim=False)
+    create_account(config, BOB)
+    create_account(config, ALICE, enforce_e2ee=False)
+    carol = "carol@example.net"
+    mail = nested_mail(ALICE, BOB, depth=1000)
+    assert len(mail) < 100_000
+    with pytest.raises(UnparseableMessage):
+        parse_message(mail)
+    assert filtered(outgoing, envelope(ALICE, [BOB], mail)) == ENCRYPTION_NEEDED_523
+    # incoming: refused as cleartext where the recipient wants only encrypted mail, and
+    # refused all the same where cleartext would do: not even its From can be checked
+    assert filtered(incoming, envelope(carol, [BOB], mail)) == ENCRYPTION_NEEDED_523
+    assert filtered(incoming, envelope(carol, [ALICE, BOB], mail)) == ENCRYPTION_NEEDED_523
+    assert filtered(incoming, envelope(carol, [ALICE], mail)) == UNPARSEABLE_554
+    assert filtered(incoming, envelope(carol, [f"nobody@{DOMAIN}"], mail)) == UNPARSEABLE_554
+    assert UNPARSEABLE_554.startswith("554 5.")
+    assert smtp_sink.messages == []
+
+
+def test_nesting_the_parser_handles_is_judged_as_usual(outgoing, incoming, openpgp):
+    mail = nested_mail(ALICE, BOB, depth=200)
+    assert parse_message(mail).is_multipart()
+    assert outgoing.check_DATA(envelope(ALICE, [BOB], mail)) == ENCRYPTION_NEEDED_523
+    assert incoming.check_DATA(envelope("carol@example.net", [BOB], mail)) is None
 
 
 # -- incoming DKIM -------------------------------------------------------------------------
@@ -334,7 +377,7 @@ def dkim_sign(mail, domain, key):
 def test_incoming_dkim_is_checked_after_content(make_config, openpgp, dkim_key):
     keys = KeyDirectory()
     keys.publish("sel", "example.net", dkim_key[1])
-    incoming = IncomingFilter(make_config(DOMAIN), dnsfunc=keys)
+    incoming = IncomingFilter(make_config(DOMAIN), key_lookup=keys.lookup)
     create_account(incoming.config, BOB)
     mail = encrypted_mail("carol@example.net", BOB, openpgp.encrypt())
     env = envelope("carol@example.net", [BOB], mail)
@@ -357,7 +400,7 @@ def test_incoming_dkim_is_checked_after_content(make_config, openpgp, dkim_key):
 
 def test_incoming_dkim_skipped_for_ip_literal_from(make_config, openpgp):
     keys = KeyDirectory()
-    incoming = IncomingFilter(make_config(DOMAIN), dnsfunc=keys)
+    incoming = IncomingFilter(make_config(DOMAIN), key_lookup=keys.lookup)
     mail = encrypted_mail("carol@[192.0.2.7]", BOB, openpgp.encrypt())
     assert incoming.check_DATA(envelope("carol@[192.0.2.7]", [BOB], mail)) is None
     assert keys.lookups == []
@@ -382,7 +425,7 @@ def test_reinjection_sends_original_bytes(make_config, openpgp, smtp_sink):
     outgoing = OutgoingFilter(config)
     mail = encrypted_mail(ALICE, BOB, openpgp.encrypt(), subject="Grüße")
     mail = mail.replace(b"\r\n\r\n--", b"\r\n\r\n.leading dot\r\n--", 1)
-    assert outgoing.process(envelope(ALICE, [BOB, "x@example.net"], mail)) == "250 OK"
+    assert filtered(outgoing, envelope(ALICE, [BOB, "x@example.net"], mail)) == "250 OK"
     assert smtp_sink.messages == [(ALICE, [BOB, "x@example.net"], mail)]
 
 
@@ -391,8 +434,8 @@ def test_incoming_reinjection_uses_null_sender_for_forwarded_mail(make_config, o
     config = make_config(DOMAIN, postfix_reinject_port_incoming=smtp_sink.port)
     incoming = IncomingFilter(config, verify_dkim=False)
     mail = encrypted_mail("carol@example.net", BOB, openpgp.encrypt())
-    assert incoming.process(envelope("bounces@lists.example", [BOB], mail)) == "250 OK"
-    assert incoming.process(envelope("carol@example.net", [BOB], mail)) == "250 OK"
+    assert filtered(incoming, envelope("bounces@lists.example", [BOB], mail)) == "250 OK"
+    assert filtered(incoming, envelope("carol@example.net", [BOB], mail)) == "250 OK"
     assert [m[0] for m in smtp_sink.messages] == ["<>", "carol@example.net"]
 
 
@@ -403,7 +446,7 @@ def test_reinjection_of_utf8_addresses(make_config, openpgp, smtp_sink):
     mail = encrypted_mail(sender, BOB, openpgp.encrypt())
     env = envelope(sender, [BOB], mail)
     env.mail_options = ["BODY=8BITMIME"]
-    assert incoming.process(env) == "250 OK"
+    assert filtered(incoming, env) == "250 OK"
     assert smtp_sink.messages == [(sender, [BOB], mail)]
     assert "SMTPUTF8" in smtp_sink.recorder.mail_options[0]
     assert "BODY=8BITMIME" in smtp_sink.recorder.mail_options[0]
@@ -421,7 +464,7 @@ def test_reinjection_failure_asks_to_retry(make_config, openpgp):
     config = make_config(DOMAIN, postfix_reinject_port=free_port())  # nobody listens
     outgoing = OutgoingFilter(config)
     mail = encrypted_mail(ALICE, BOB, openpgp.encrypt())
-    assert outgoing.process(envelope(ALICE, [BOB], mail)) == REINJECT_FAILED_451
+    assert filtered(outgoing, envelope(ALICE, [BOB], mail)) == REINJECT_FAILED_451
     assert REINJECT_FAILED_451.startswith("451 ")
 
 
@@ -430,14 +473,14 @@ def test_reinjection_data_errors_are_passed_on(make_config, openpgp, smtp_sink, 
     smtp_sink.recorder.reply = reply
     outgoing = OutgoingFilter(make_config(DOMAIN, postfix_reinject_port=smtp_sink.port))
     mail = encrypted_mail(ALICE, BOB, openpgp.encrypt())
-    assert outgoing.process(envelope(ALICE, [BOB], mail)) == reply
+    assert filtered(outgoing, envelope(ALICE, [BOB], mail)) == reply
 
 
 def test_reinjection_recipient_errors_are_passed_on(make_config, openpgp, smtp_sink):
     smtp_sink.recorder.rcpt_reply = "450 4.2.0 Try later"
     outgoing = OutgoingFilter(make_config(DOMAIN, postfix_reinject_port=smtp_sink.port))
     mail = encrypted_mail(ALICE, BOB, openpgp.encrypt())
-    assert outgoing.process(envelope(ALICE, [BOB], mail)) == "450 4.2.0 Try later"
+    assert filtered(outgoing, envelope(ALICE, [BOB], mail)) == "450 4.2.0 Try later"
 
 
 def test_unexpected_error_asks_to_retry(outgoing, monkeypatch):
@@ -445,7 +488,7 @@ def test_unexpected_error_asks_to_retry(outgoing, monkeypatch):
         raise RuntimeError("bug")
 
     monkeypatch.setattr(outgoing, "inspect", explode)
-    assert outgoing.process(envelope(ALICE, [BOB], b"")).startswith("451 ")
+    assert filtered(outgoing, envelope(ALICE, [BOB], b"")).startswith("451 ")
 
 
 # -- command line --------------------------------------------------------------------------

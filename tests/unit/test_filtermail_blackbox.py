@@ -1,14 +1,19 @@
 """filtermail as systemd runs it: `python -m chatmaild.filtermail INI MODE` in its own
 process, spoken to with smtplib, reinjecting into a real SMTP server."""
 
+import os
 import signal
 import smtplib
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from chatmaild.dkimverify import KEY_LOOKUP_BUDGET, MAX_ALIGNED_SIGNATURES
 from tests.conftest import free_port
+
+from .dkimkeys import dkim_signed, generate_rsa_key, zone_txt
 
 from .mailfactory import (
     encrypted_mail,
@@ -16,7 +21,9 @@ from .mailfactory import (
     openpgp,  # noqa: F401  (fixture)
     plain_mail,
 )
+from .nsd import nsd  # noqa: F401  (fixture)
 from .smtpsink import smtp_sink  # noqa: F401  (fixture)
+from .unbound import unbound  # noqa: F401  (fixture)
 
 DOMAIN = "chat.example.org"
 ALICE = f"alice@{DOMAIN}"
@@ -44,7 +51,7 @@ def wait_for_stderr(daemon, text, timeout=5.0):
 def run_filtermail(make_ini, start_daemon, smtp_sink):
     """run_filtermail(mode, env=None, **ini settings) -> (daemon, listening port)."""
 
-    def run(mode, env=None, **settings):
+    def run(mode, env=None, prefix=(), **settings):
         port = free_port()
         if mode == "outgoing":
             settings.setdefault("filtermail_smtp_port", port)
@@ -53,7 +60,8 @@ def run_filtermail(make_ini, start_daemon, smtp_sink):
             settings.setdefault("filtermail_smtp_port_incoming", port)
             settings.setdefault("postfix_reinject_port_incoming", smtp_sink.port)
         ini = make_ini(DOMAIN, **settings)
-        daemon = start_daemon("filtermail", ini, mode, ready=lambda: port_open(port), env=env)
+        daemon = start_daemon("filtermail", ini, mode, ready=lambda: port_open(port), env=env,
+                              prefix=prefix)
         wait_for_stderr(daemon, "entering serving loop")
         return daemon, port
 
@@ -234,3 +242,48 @@ def test_incoming_requires_dkim(run_filtermail, smtp_sink, openpgp):
         ip_sender = "carol@[192.0.2.7]"
         client.sendmail(ip_sender, [BOB], encrypted_mail(ip_sender, BOB, openpgp.encrypt()))
     assert [m[0] for m in smtp_sink.messages] == [ip_sender]
+
+
+# -- DKIM keys from a real resolver, some of whose zones never answer ----------------------
+
+STALLED_MESSAGES = 50
+
+
+def timed_send(port, sender, mail):
+    """(SMTP code of the answer to DATA, seconds from connecting to that answer)."""
+    started = time.monotonic()
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
+        try:
+            client.sendmail(sender, [BOB], mail)
+            code = 250
+        except smtplib.SMTPDataError as exc:
+            code = exc.smtp_code
+    return code, time.monotonic() - started
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: a mount namespace for resolv.conf")
+def test_stalled_dkim_lookups_do_not_delay_other_senders(run_filtermail, smtp_sink, openpgp,
+                                                         nsd, unbound):
+    key = generate_rsa_key()
+    sender_dns = nsd("sender.example", f"sel._domainkey IN TXT {zone_txt(key[1])}\n")
+    resolver = unbound({"sender.example": sender_dns.port}, stalled=["stalled.example"])
+    _, port = run_filtermail("incoming", prefix=resolver.command_prefix())
+    # each from a domain of its own (no lookup is shared, no per-domain limit applies),
+    # with as many signatures as the filter tries, each with a key name of its own
+    selectors = [f"k{index}" for index in range(MAX_ALIGNED_SIGNATURES)]
+    stalled = [dkim_signed(encrypted_mail(f"mallory@s{n}.stalled.example", BOB,
+                                          openpgp.encrypt()), key, selectors)
+               for n in range(STALLED_MESSAGES)]
+    valid = dkim_signed(encrypted_mail("dave@sender.example", BOB, openpgp.encrypt()), key)
+    with ThreadPoolExecutor(STALLED_MESSAGES) as pool:
+        waiting = [pool.submit(timed_send, port, f"mallory@s{n}.stalled.example", mail)
+                   for n, mail in enumerate(stalled)]
+        time.sleep(2)
+        assert not any(answer.done() for answer in waiting), "stalled lookups answered"
+        code, seconds = timed_send(port, "dave@sender.example", valid)
+        stalled_answers = [answer.result() for answer in waiting]
+    assert code == 250
+    assert seconds < 2
+    assert {code for code, _ in stalled_answers} == {451}
+    assert max(seconds for _, seconds in stalled_answers) < KEY_LOOKUP_BUDGET + 2
+    assert [m[0] for m in smtp_sink.messages] == ["dave@sender.example"]
