@@ -42,6 +42,12 @@ DNS_LIFETIME = 20.0
 # Each verification hashes the whole body again; a flood of signatures must not turn one
 # message into minutes of work. Legitimate mail has one aligned signature, rarely two.
 MAX_ALIGNED_SIGNATURES = 5
+# dkimpy computes RSA in Python, holding the interpreter for the whole computation, and the
+# sender chooses the key: a 16384-bit modulus with an exponent as long takes 27 s a
+# signature and stops every other session meanwhile. Real keys have 1024 to 4096 bits
+# (RFC 8301) and e = 65537; OpenSSL refuses exponents over 64 bits for large moduli.
+MAX_RSA_MODULUS_BITS = 8192
+MAX_RSA_EXPONENT_BITS = 64
 # Lookups of one signing domain running at once; the others wait (within their budget).
 MAX_LOOKUPS_PER_DOMAIN = 4
 CACHE_SIZE = 1000
@@ -261,8 +267,38 @@ def aligned_signatures(content, from_domain):
     return verifier, aligned[:MAX_ALIGNED_SIGNATURES]
 
 
+def costly_key_problem(name, record):
+    """Why verifying with the key `record` could take seconds of CPU, or None."""
+    try:
+        key, _, key_type, _ = dkim.evaluate_pk(name, record)
+    except Exception:  # dkimpy says what is wrong with it when it verifies
+        return None
+    if key_type != b"rsa":
+        return None
+    if key["modulus"].bit_length() > MAX_RSA_MODULUS_BITS:
+        return f"an RSA modulus of {key['modulus'].bit_length()} bits"
+    if key["publicExponent"].bit_length() > MAX_RSA_EXPONENT_BITS:
+        return f"an RSA exponent of {key['publicExponent'].bit_length()} bits"
+    return None
+
+
+def without_costly_keys(dnsfunc):
+    """`dnsfunc` answering no key (an invalid signature) for a key too costly to use."""
+
+    def lookup(name, timeout=None):
+        record = dnsfunc(name, timeout=timeout)
+        problem = record and costly_key_problem(name, record)
+        if problem:
+            log.warning("DKIM key %s refused: %s", query_name(name), problem)
+            return None
+        return record
+
+    return lookup
+
+
 def verify_signatures(verifier, signatures, dnsfunc):
     """None if one of `signatures` verifies, else the SMTP reply to refuse the message."""
+    dnsfunc = without_costly_keys(dnsfunc)
     temporary_failure = False
     for signature in signatures:
         index, domain = signature.index, signature.domain

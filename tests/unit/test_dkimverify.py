@@ -3,6 +3,7 @@ served by an injected lookup function or by a small DNS server on 127.0.0.1."""
 
 import asyncio
 import base64
+import secrets
 import socket
 import threading
 import time
@@ -188,6 +189,45 @@ def test_malformed_signatures_fail_without_crash(keys, header):
 def test_unparsable_message_fails_without_crash(keys):
     assert check_dkim(b"\x00\xff not a header\r\n\r\n", "example.org", keys) in (
         NO_SIGNATURE, NO_VALID_SIGNATURE)
+
+
+def der(tag, body):
+    length = len(body)
+    if length < 128:
+        return bytes([tag, length]) + body
+    octets = length.to_bytes((length.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(octets)]) + octets + body
+
+
+def rsa_key_record(modulus, exponent):
+    """A DKIM key record with any RSA numbers (PKCS#1 RSAPublicKey, as dkimpy reads it)."""
+    numbers = b"".join(der(0x02, number.to_bytes(number.bit_length() // 8 + 1, "big"))
+                       for number in (modulus, exponent))
+    return b"v=DKIM1; k=rsa; p=" + base64.b64encode(der(0x30, numbers))
+
+
+@pytest.mark.parametrize("modulus_bits, exponent_bits, problem", [
+    (16384, 17, "an RSA modulus of 16384 bits"),
+    (8192, 8192, "an RSA exponent of 8192 bits"),  # 2.7 s of RSA in Python, were it used
+])
+def test_keys_too_costly_to_verify_are_refused(rsa_key, keys, caplog, modulus_bits,
+                                               exponent_bits, problem):
+    modulus = secrets.randbits(modulus_bits) | 1 << (modulus_bits - 1) | 1
+    exponent = secrets.randbits(exponent_bits) | 1 << (exponent_bits - 1) | 1
+    keys.publish("sel", "example.org", rsa_key_record(modulus, exponent))
+    signed = sign(mail_from("alice@example.org"), "example.org", rsa_key)
+    started = time.monotonic()
+    assert check_dkim(signed, "example.org", keys) == NO_VALID_SIGNATURE
+    assert time.monotonic() - started < 1
+    assert f"DKIM key sel._domainkey.example.org. refused: {problem}" in caplog.messages
+
+
+def test_largest_accepted_key_is_used(rsa_key, keys, caplog):
+    modulus = int.from_bytes(b"\xff" * 1024, "big")  # 8192 bits, e of 64 bits
+    keys.publish("sel", "example.org", rsa_key_record(modulus, (1 << 64) - 1))
+    signed = sign(mail_from("alice@example.org"), "example.org", rsa_key)
+    assert check_dkim(signed, "example.org", keys) == NO_VALID_SIGNATURE
+    assert not [message for message in caplog.messages if "refused" in message]
 
 
 def test_ed25519_signature(keys):
