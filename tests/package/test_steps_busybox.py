@@ -99,6 +99,16 @@ def test_directories_step_makes_the_relay_directories(alpine):
     run_step(alpine, "10-directories")  # idempotent
 
 
+def test_directories_step_leaves_an_existing_parent_alone(alpine):
+    ini = alpine.host_path(INI)
+    ini.write_text(default_config_text(DOMAIN, mailboxes_dir="/srv/mail"))
+    alpine.host_path("/srv").mkdir(mode=0o755, exist_ok=True)
+    before = owner_and_mode(alpine, "/srv")
+    run_step(alpine, "10-directories")
+    assert owner_and_mode(alpine, "/srv") == before
+    assert owner_and_mode(alpine, "/srv/mail") == ("vmail", 0o700)
+
+
 def test_acme_step_without_certbot_says_what_to_install(alpine):
     out, _ = run_step(alpine, "70-acme")
     assert "certbot is not installed" in out and "Install certbot" in out
