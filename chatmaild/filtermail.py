@@ -35,6 +35,7 @@ from .dictproxy import setup_logging
 from .mailbox import Mailbox
 from .openpgp import check_encrypted, is_securejoin
 from .ratelimit import SendRateLimiter
+from .sddaemon import listen_fds, notify
 
 log = logging.getLogger("filtermail")
 
@@ -397,14 +398,66 @@ def listen_port(config, mode):
     return config.filtermail_smtp_port_incoming
 
 
-async def serve(config, mode, handler):
-    """Serve until SIGTERM or SIGINT."""
+# How long a stop lets the sessions in progress finish. Postfix opens one per message
+# (MAIL FROM to QUIT); with socket activation new connections wait meanwhile in the
+# socket's queue, for the next filtermail.
+STOP_TIMEOUT = 30
+
+
+class TrackedSMTP(FilterSMTP):
+    """FilterSMTP that is in `sessions` while its connection is open, so that a stop can
+    wait for the messages in progress."""
+
+    def __init__(self, *args, sessions, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sessions = sessions
+
+    def connection_made(self, transport):
+        self.sessions.add(self)
+        super().connection_made(transport)
+
+    def connection_lost(self, error):
+        super().connection_lost(error)
+        self.sessions.discard(self)
+
+
+async def open_servers(loop, make_protocol, config, mode):
+    """Servers on the sockets systemd passed (socket activation: systemd keeps them open
+    across restarts, so no connection is refused meanwhile), or else on the port
+    chatmail.ini gives."""
+    port = listen_port(config, mode)
+    passed = listen_fds()
+    if not passed:
+        return [await loop.create_server(make_protocol, host=LISTEN_HOST, port=port)]
+    # IPv4 and IPv6 addresses are tuples with the port second; unix sockets' are paths.
+    addresses = [sock.getsockname() for sock in passed]
+    ports = [address[1] for address in addresses if isinstance(address, tuple)]
+    if port not in ports:
+        log.warning("listening on the port systemd passed (%s), not on %d from chatmail.ini:"
+                    " run 'chatmail configure'", ", ".join(map(str, ports)), port)
+    return [await loop.create_server(make_protocol, sock=sock) for sock in passed]
+
+
+async def sessions_ended(sessions, timeout):
+    """Wait until no session is open, or `timeout` seconds have passed."""
     loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while sessions and loop.time() < deadline:
+        await asyncio.sleep(0.02)
+    if sessions:
+        log.warning("stopping with %d SMTP sessions still open", len(sessions))
+
+
+async def serve(config, mode, handler):
+    """Serve until SIGTERM or SIGINT, then let the messages in progress finish."""
+    loop = asyncio.get_running_loop()
+    sessions = set()
 
     def make_protocol():
         # hostname is fixed: aiosmtpd's default looks up the FQDN for every connection.
-        return FilterSMTP(
+        return TrackedSMTP(
             handler,
+            sessions=sessions,
             data_size_limit=config.max_message_size,
             enable_SMTPUTF8=True,
             hostname="localhost",
@@ -415,19 +468,29 @@ async def serve(config, mode, handler):
     # Checks wait on DNS (incoming) and on Postfix; more threads than asyncio's default
     # (cores + 4) keep a few slow lookups from stalling every other message.
     loop.set_default_executor(ThreadPoolExecutor(max_workers=WORKER_THREADS))
-    server = await loop.create_server(make_protocol, host=LISTEN_HOST,
-                                      port=listen_port(config, mode))
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    servers = await open_servers(loop, make_protocol, config, mode)
+    # systemd (Type=notify) counts the filter as started from here: it accepts SMTP.
+    notify("READY=1")
     log.info("entering serving loop")
     try:
         await stop.wait()
+        notify("STOPPING=1")
+        close_servers(servers)
+        # Not wait_closed(): before Python 3.12 it does not wait for the sessions, since
+        # then also for idle ones without a bound.
+        await sessions_ended(sessions, STOP_TIMEOUT)
     finally:
-        # Not wait_closed(): since Python 3.12 it also waits for idle client connections.
-        # Messages being checked in worker threads still finish before asyncio.run returns.
-        server.close()
+        close_servers(servers)
     log.info("filtermail %s stopped", mode)
+
+
+def close_servers(servers):
+    """Stop accepting connections (those already accepted go on)."""
+    for server in servers:
+        server.close()
 
 
 class UsageError(Exception):

@@ -206,7 +206,7 @@ def certificate_problems(config, platform, cert):
 def expected_services(config, platform):
     """(name, required) of every service the relay uses on this platform. An optional one
     counts only where it is installed and enabled."""
-    names = [(name, True) for name in RELAY_SERVICES]
+    names = [(name, True) for name in platform.relay_sockets.split() + RELAY_SERVICES]
     names += [(platform.dovecot_service, True), (platform.postfix_instance_service, True),
               ("nginx", True), (platform.fcgiwrap_service, True)]
     if not config.ipv4_relay:

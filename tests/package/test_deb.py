@@ -73,6 +73,17 @@ def test_chatmail_relay_layout():
     assert b"./conffiles" not in conffiles
 
 
+@pytest.mark.parametrize("socket", ["filtermail.socket", "filtermail-incoming.socket"])
+def test_filter_sockets_are_installed_and_enabled(socket):
+    """dh_installsystemd --name=filtermail takes the .socket beside the .service and
+    enables it (sockets.target); postinst.d/60-services starts it."""
+    deb = deb_named("chatmail-relay")
+    assert any(path.endswith(f"/systemd/system/{socket}") for path in contents(deb))
+    postinst = subprocess.run(["dpkg-deb", "--info", str(deb), "postinst"],
+                              capture_output=True, text=True, check=True).stdout
+    assert f"deb-systemd-helper enable '{socket}'" in postinst
+
+
 def test_steps_are_executable_in_the_package():
     out = subprocess.run(["dpkg-deb", "--contents", str(deb_named("chatmail-relay"))],
                          capture_output=True, text=True, check=True).stdout

@@ -41,10 +41,14 @@ DOVECOT_DICT_USERS = {
     "chatmail-metadata.service": "mail_attribute_dict = proxy:{}:metadata",
 }
 TIMERS = {"chatmail-expire.timer": "*-*-* 00:02:00", "chatmail-fsreport.timer": "*-*-* 08:02:00"}
+# socket -> the chatmail.ini setting of its port (socket activation of the filters)
+SOCKETS = {"filtermail.socket": "filtermail_smtp_port",
+           "filtermail-incoming.socket": "filtermail_smtp_port_incoming"}
 
 
 def unit_files():
-    return sorted(DEBIAN.glob(PREFIX + "*.service")) + sorted(DEBIAN.glob(PREFIX + "*.timer"))
+    return [path for kind in ("service", "timer", "socket")
+            for path in sorted(DEBIAN.glob(f"{PREFIX}*.{kind}"))]
 
 
 def unit_name(path):
@@ -83,7 +87,7 @@ def libexec_daemons():
 
 
 def test_every_unit_is_there(units):
-    assert set(units) == set(EXEC_START) | set(TIMERS)
+    assert set(units) == set(EXEC_START) | set(TIMERS) | set(SOCKETS)
 
 
 @pytest.mark.parametrize("unit", sorted(EXEC_START))
@@ -138,6 +142,22 @@ def test_filters_listen_before_postfix(units, unit):
     before = units[unit]["Unit"]["Before"].split()
     # Debian's postfix.service only starts postfix@-.service, which runs the daemons.
     assert "postfix.service" in before and "postfix@-.service" in before
+
+
+@pytest.mark.parametrize("socket", sorted(SOCKETS))
+def test_filters_are_started_on_their_sockets(units, config, socket):
+    """systemd listens on the default port of chatmail.ini (conf/filtermail moves it) from
+    early boot on, and the filter counts as started once it serves (Type=notify)."""
+    listen = units[socket]["Socket"]["ListenStream"]
+    assert listen == f"127.0.0.1:{getattr(config, SOCKETS[socket])}"
+    assert units[socket]["Install"]["WantedBy"] == "sockets.target"
+    assert units[socket]["Unit"]["ConditionPathExists"] == INI
+    service = units[socket.replace(".socket", ".service")]
+    # Requires=: starting the filter starts its socket, restarting the socket (a new port)
+    # restarts the filter on it.
+    assert socket in service["Unit"]["Requires"].split()
+    assert socket in service["Unit"]["After"].split()
+    assert service["Service"]["Type"] == "notify"
 
 
 @pytest.mark.parametrize("unit", [u for u in EXEC_START if u.endswith(".service")

@@ -218,6 +218,10 @@ def systemctl_show(units):
     return "\n".join(blocks)
 
 
+# What systemctl shows for an active unit of each kind but services ("running").
+SUB_STATES = {"timer": "waiting", "socket": "listening"}
+
+
 class FakeSystemctl:
     """Answers `systemctl show` like systemd 252 does; every unit not listed is running,
     except optional ones, which are not installed."""
@@ -233,8 +237,8 @@ class FakeSystemctl:
         for unit in argv[4:]:
             default = (("not-found", "inactive", "dead", "")
                        if unit in ("coturn.service", "unbound.service")
-                       else ("loaded", "active", "waiting" if unit.endswith(".timer")
-                             else "running", "enabled"))
+                       else ("loaded", "active", SUB_STATES.get(unit.rpartition(".")[2],
+                                                                 "running"), "enabled"))
             units[unit] = self.overrides.get(unit, default)
         return Completed(0, systemctl_show(units))
 
@@ -251,10 +255,21 @@ def test_systemd_all_services_running(config):
     assert len(fake.calls) == 1  # one systemctl for all units
     assert set(found) == {
         "doveauth", "lastlogin", "chatmail-metadata", "filtermail", "filtermail-incoming",
+        "filtermail.socket", "filtermail-incoming.socket",
         "dovecot", "postfix@-", "nginx", "fcgiwrap.socket", "opendkim",
         "chatmail-expire.timer", "chatmail-fsreport.timer", "certbot.timer"}
     assert all(f.level == status.OK for f in found.values())
     assert found["doveauth"].detail == "active (running)"
+    assert found["filtermail.socket"].detail == "active (listening)"
+
+
+def test_systemd_filter_down_while_its_socket_listens(config):
+    """Its port accepts connections (systemd holds it), but no mail passes: status says
+    which unit failed."""
+    fake = FakeSystemctl(**{"filtermail.service": ("loaded", "failed", "failed", "enabled")})
+    found = services(config, fake)
+    assert found["filtermail.socket"].level == status.OK
+    assert (found["filtermail"].level, found["filtermail"].detail) == (status.FAIL, "failed")
 
 
 def test_systemd_failed_and_missing_services(config):
@@ -285,7 +300,8 @@ def test_alpine_expects_its_own_service_names(config):
     expected = dict(status.expected_services(config, load_platform("alpine")))
     for name in ("chatmail-newemail", "opendkim.chatmail", "crond", "postfix", "doveauth"):
         assert expected[name] is True
-    assert not [name for name in expected if name.endswith(".timer") or name == "fcgiwrap"]
+    assert not [name for name in expected if name.endswith((".timer", ".socket"))
+                or name == "fcgiwrap"]
 
 
 def test_systemd_not_running(config):
