@@ -18,6 +18,7 @@ from .dkimkeys import dkim_signed, generate_rsa_key, zone_txt
 from .mailfactory import (
     encrypted_mail,
     mailer_daemon_mail,
+    nested_mail,
     openpgp,  # noqa: F401  (fixture)
     plain_mail,
 )
@@ -220,6 +221,18 @@ def test_incoming_without_dkim(run_filtermail, smtp_sink, openpgp, make_config):
     wait_for_stderr(daemon, "Rejected unencrypted mail.")
     assert "Incoming: Filtering mailer-daemon message from mailer-daemon@example.net" in (
         daemon.stderr)
+
+
+@pytest.mark.parametrize("mode, code", [("outgoing", 523), ("incoming", 554)])
+def test_deeply_nested_mail_is_refused_for_good(run_filtermail, smtp_sink, mode, code):
+    _, port = run_filtermail(mode)
+    sender = ALICE if mode == "outgoing" else CAROL
+    with connect(port) as client:
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            client.sendmail(sender, [BOB], nested_mail(sender, BOB, depth=1000))
+        assert refused.value.smtp_code == code
+        client.noop()  # the session goes on
+    assert smtp_sink.messages == []
 
 
 def test_incoming_utf8_sender(run_filtermail, smtp_sink, openpgp):
