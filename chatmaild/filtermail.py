@@ -465,8 +465,9 @@ async def serve(config, mode, handler):
             loop=loop,
         )
 
-    # Checks wait on DNS (incoming) and on Postfix; more threads than asyncio's default
-    # (cores + 4) keep a few slow lookups from stalling every other message.
+    # Threads parse and check messages and hand them back to Postfix, which may be slow
+    # to answer; more of them than asyncio's default (cores + 4) keep a slow reinjection
+    # from stalling every other message. DNS lookups wait in the event loop instead.
     loop.set_default_executor(ThreadPoolExecutor(max_workers=WORKER_THREADS))
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
