@@ -309,6 +309,43 @@ def test_stop_ends_the_service(relay, started, service):
     assert "stopped" in rc_service(service, "status").stdout
 
 
+def greets(port):
+    """The filter's answer right now, without waiting for it."""
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=5) as client:
+            return client.noop()[0] == 250
+    except (OSError, smtplib.SMTPException):
+        return False
+
+
+@pytest.mark.parametrize("service", list(PORT_SETTINGS))
+def test_start_and_restart_return_once_the_filter_serves(relay, service):
+    """supervise-daemon returns when filtermail runs, before it listens; the script's
+    start_post waits until it serves, so Postfix's next message finds it."""
+    port = getattr(relay, PORT_SETTINGS[service])
+    try:
+        for action in ("start", "restart"):
+            result = rc_service(service, action)
+            assert result.returncode == 0, result.stdout + result.stderr
+            assert greets(port), action
+    finally:
+        rc_service(service, "stop")
+
+
+def test_start_fails_when_the_filter_cannot_listen(relay):
+    """Another program on its port: start says so within its wait, and leaves nothing
+    running."""
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", relay.filtermail_smtp_port))
+        squatter.listen()
+        result = rc_service("filtermail", "start")
+    assert result.returncode != 0
+    assert f"does not answer on 127.0.0.1:{relay.filtermail_smtp_port}" in result.stderr
+    assert supervisor_pid("filtermail") is None
+    assert "stopped" in rc_service("filtermail", "status").stdout
+
+
 @pytest.mark.parametrize("service", SERVICES)
 def test_start_without_ini_says_run_setup(relay, service):
     saved = INI.with_name("chatmail.ini.away")
