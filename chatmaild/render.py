@@ -1,7 +1,8 @@
 """Render the relay's configuration files from conf/ templates, chatmail.ini and the
 platform table.
 
-conf/platform.toml   the facts that differ between distributions, one table per platform
+conf/platform.toml   the facts that differ between distributions: what all share, then
+                     each platform's own
 conf/<component>/    Jinja2 templates, plus targets.toml listing what they become:
 
     [[file]]
@@ -53,8 +54,19 @@ def platform_names():
 
 
 def _read_platform_table():
+    """{platform: its facts}. A platform is a table with a name; its facts are [common]'s,
+    overlaid by those of the table its `base` names, overlaid by its own."""
     with open(conf_dir() / "platform.toml", "rb") as f:
-        return tomllib.load(f)
+        tables = tomllib.load(f)
+    common = tables.get("common", {})
+    platforms = {}
+    for name, table in tables.items():
+        if "name" in table:
+            base = tables[table["base"]] if "base" in table else {}
+            facts = {**common, **base, **table}
+            facts.pop("base", None)
+            platforms[name] = facts
+    return platforms
 
 
 def detect_platform(os_release="/etc/os-release"):

@@ -1,3 +1,5 @@
+import tomllib
+
 import pytest
 
 from chatmaild.render import (
@@ -8,6 +10,7 @@ from chatmaild.render import (
     render_all,
     render_component,
 )
+from tests.conftest import REPO
 
 
 @pytest.fixture
@@ -96,7 +99,36 @@ def test_detect_unsupported(tmp_path):
 
 def test_real_platform_table_is_complete():
     """Every platform defines the same facts, so no template works on one only."""
+    assert platform_names() == ["alpine", "debian12", "debian13"]
     keys = {name: set(vars(load_platform(name))) for name in platform_names()}
     first = keys[platform_names()[0]]
     for name, facts in keys.items():
         assert facts == first, f"{name}: missing {first - facts}, extra {facts - first}"
+
+
+def test_real_platform_table_writes_each_fact_once():
+    """No table repeats a fact it inherits, and [common] holds only what no platform
+    changes: a fact to change is in one place."""
+    with open(REPO / "conf" / "platform.toml", "rb") as f:
+        tables = tomllib.load(f)
+    for name, table in tables.items():
+        inherited = {**tables["common"], **tables.get(table.get("base"), {})}
+        if name == "common":
+            continue
+        repeated = [key for key, value in table.items()
+                    if key in inherited and inherited[key] == value]
+        assert not repeated, f"[{name}] repeats what it inherits: {repeated}"
+    overridden = [key for key in tables["common"]
+                  if any(key in table for name, table in tables.items() if name != "common")]
+    assert not overridden, f"[common] facts some platform changes: {overridden}"
+
+
+def test_platform_inherits_common_then_base(data_dir):
+    (data_dir / "platform.toml").write_text(
+        '[common]\netc = "/etc"\nuser = "vmail"\n[family]\nuser = "mail"\n'
+        '[one]\nname = "One"\nbase = "family"\netc = "/usr/etc"\n[two]\nname = "Two"\n')
+    assert platform_names() == ["one", "two"]
+    one = load_platform("one")
+    assert (one.etc, one.user, one.name) == ("/usr/etc", "mail", "One")
+    assert not hasattr(one, "base")
+    assert (load_platform("two").etc, load_platform("two").user) == ("/etc", "vmail")
