@@ -382,7 +382,7 @@ PATCHED_DOVECOT_HINTS = {
             "rebuild of it when that is published",
     "apk": "apk takes the patched build from the chatmail repository where that is listed "
            "before Alpine's in /etc/apk/repositories; an Alpine update newer than it is "
-           "installed first, and stays (README: Alpine, patched Dovecot)",
+           "installed first, and stays (docs/alpine.md, Patched Dovecot on Alpine)",
 }
 
 

@@ -22,7 +22,7 @@ REPOSITORY = "/srv/chatmail-repo"
 @pytest.fixture
 def alpine(alpine_root, repo_dir, public_key):
     """The minirootfs with our repository in REPOSITORY as its only one, and our key
-    trusted (what README tells an Alpine admin to do)."""
+    trusted (what docs/alpine.md tells an Alpine admin to do)."""
     shutil.copytree(repo_dir / ARCH, alpine_root.host_path(f"{REPOSITORY}/{ARCH}"))
     shutil.copy(public_key, alpine_root.host_path("/etc/apk/keys"))
     alpine_root.host_path("/etc/apk/repositories").write_text(REPOSITORY + "\n")
