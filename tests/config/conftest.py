@@ -3,7 +3,8 @@
 import pytest
 
 from chatmaild.config import read_config
-from chatmaild.render import load_platform, render_component
+from chatmaild.admin.platform import load_platform
+from chatmaild.admin.render import render_component
 
 # name -> chatmail.ini settings; together they switch every conditional in the templates.
 RELAY_CONFIGS = {

@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from chatmaild.apply import apply_files
-from chatmaild.components import nginx as nginx_component
-from chatmaild.components import www
-from chatmaild.render import render_component
+from chatmaild.admin.apply import apply_files
+from chatmaild.admin.components import nginx as nginx_component
+from chatmaild.admin.components import www
+from chatmaild.admin.render import render_component
 from tests.conftest import REPO, free_port, stop_process
 
 SYSLOG = "access_log syslog:server=unix:/dev/log,facility=local7;"

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from chatmaild.render import load_platform, render_component
+from chatmaild.admin.platform import load_platform
+from chatmaild.admin.render import render_component
 from tests.conftest import REPO, stop_process
 
 SOCKET_IN_SCRIPT = "/run/doveauth/doveauth.socket"

@@ -6,9 +6,9 @@ from contextlib import contextmanager
 
 import pytest
 
-from chatmaild import render as render_module
-from chatmaild.components import coturn
-from chatmaild.render import load_platform
+from chatmaild.admin import render as render_module
+from chatmaild.admin.components import coturn
+from chatmaild.admin.platform import load_platform
 from chatmaild.turn import TURN_PORT, make_credentials
 from tests.conftest import stop_process
 from tests.unit.test_turn import (

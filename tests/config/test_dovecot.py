@@ -25,9 +25,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from chatmaild.components import dovecot
+from chatmaild.admin.components import dovecot
 from chatmaild.config import default_config_text, read_config
-from chatmaild.render import load_platform, render_component
+from chatmaild.admin.platform import load_platform
+from chatmaild.admin.render import render_component
 from tests.conftest import REPO, free_port, make_certificate
 from tests.unit.push_server import PushServer
 from tests.conftest import stop_process

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from chatmaild.config import read_config
-from chatmaild.render import load_platform
+from chatmaild.admin.platform import load_platform
 from tests.conftest import REPO
 
 # socket -> the chatmail.ini setting of its port, and the Postfix service that sends to it

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from chatmaild.render import load_platform
+from chatmaild.admin.platform import load_platform
 
 DROPIN = "/etc/systemd/journald.conf.d/chatmail.conf"
 

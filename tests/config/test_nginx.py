@@ -12,9 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from chatmaild.components import nginx
+from chatmaild.admin.components import nginx
 from chatmaild.config import read_config
-from chatmaild.render import load_platform
+from chatmaild.admin.platform import load_platform
 from tests.config.scratch_nginx import ADMIN_SITE_NAME, ScratchRelay
 from tests.conftest import block
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from chatmaild.components import opendkim, postfix
-from chatmaild.render import load_platform
+from chatmaild.admin.components import opendkim, postfix
+from chatmaild.admin.platform import load_platform
 
 pytestmark = pytest.mark.skipif(not shutil.which("opendkim", path="/usr/sbin:/usr/bin"),
                                 reason="needs Debian's opendkim package")

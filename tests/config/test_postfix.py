@@ -9,9 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from chatmaild.components import postfix
-from chatmaild.configure import platform_settings
-from chatmaild.render import load_platform
+from chatmaild.admin.components import postfix
+from chatmaild.admin.configure import platform_settings
+from chatmaild.admin.platform import load_platform
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.skipif(not shutil.which("postconf", path="/usr/sbin:/usr/bin"),

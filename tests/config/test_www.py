@@ -9,8 +9,8 @@ from html.parser import HTMLParser
 
 import pytest
 
-from chatmaild.apply import NEW_SUFFIX
-from chatmaild.components import www
+from chatmaild.admin.apply import NEW_SUFFIX
+from chatmaild.admin.components import www
 from chatmaild.config import read_config
 
 WEB = "/var/lib/chatmail-relay/www"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from chatmaild.render import load_platform
+from chatmaild.admin.platform import load_platform
 from tests.conftest import REPO
 from tests.package.conftest import ARCH, PYTHON_VERSION, enabled_services, load_mkapk
 from tests.package.test_deb import SERVICE_PROGRAMS

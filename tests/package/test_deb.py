@@ -50,7 +50,7 @@ def test_python3_chatmaild_layout():
         assert f"/usr/libexec/chatmail/{daemon}" in files
         assert f"/usr/bin/{daemon}" not in files
     assert "/usr/lib/python3/dist-packages/chatmaild/defaults/appversions.json" in files
-    assert "/usr/lib/python3/dist-packages/chatmaild/components/__init__.py" in files
+    assert "/usr/lib/python3/dist-packages/chatmaild/admin/components/__init__.py" in files
 
 
 def test_python3_chatmaild_depends_on_debian_libraries():

@@ -13,8 +13,8 @@ import stat
 import pytest
 
 from chatmaild.config import default_config_text, read_config
-from chatmaild.configure import platform_settings, relay_settings
-from chatmaild.render import load_platform
+from chatmaild.admin.configure import platform_settings, relay_settings
+from chatmaild.admin.platform import load_platform
 from tests.conftest import REPO, parse_syslog
 from tests.package.conftest import enabled_services
 

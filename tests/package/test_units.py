@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from chatmaild.render import load_platform
+from chatmaild.admin.platform import load_platform
 from tests.conftest import REPO
 
 DEBIAN = REPO / "debian"

@@ -1,7 +1,7 @@
 import os
 
-from chatmaild.apply import NEW_SUFFIX, GeneratedFiles, apply_files, remove_generated
-from chatmaild.render import RenderedFile
+from chatmaild.admin.apply import NEW_SUFFIX, GeneratedFiles, apply_files, remove_generated
+from chatmaild.admin.render import RenderedFile
 
 STATE = "/var/lib/chatmail-relay"
 

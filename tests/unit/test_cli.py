@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from chatmaild.cli import main
+from chatmaild.admin.cli import main
 from chatmaild.config import read_config
 
 from ..conftest import REPO
@@ -18,7 +18,7 @@ SUBCOMMANDS = ("setup", "configure", "status", "dns")
 def run_chatmail(*args):
     """The command as an admin runs it: its own process, output as printed."""
     return subprocess.run(
-        [sys.executable, "-m", "chatmaild.cli", *map(str, args)],
+        [sys.executable, "-m", "chatmaild.admin.cli", *map(str, args)],
         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)),
         timeout=60,
     )

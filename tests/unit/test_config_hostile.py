@@ -6,9 +6,10 @@ import subprocess
 
 import pytest
 
-from chatmaild import cli
+from chatmaild.admin import cli
 from chatmaild.config import SETTINGS, Config, ConfigError, default_config_text, read_config
-from chatmaild.render import load_platform, render_all, render_component
+from chatmaild.admin.platform import load_platform
+from chatmaild.admin.render import render_all, render_component
 
 from ..conftest import REPO
 

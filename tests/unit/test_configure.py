@@ -3,14 +3,14 @@ import stat
 
 import pytest
 
-from chatmaild.configure import (
+from chatmaild.admin.configure import (
     StepFailed,
     apply_configuration,
     list_steps,
     relay_settings,
     run_steps,
 )
-from chatmaild.render import load_platform
+from chatmaild.admin.platform import load_platform
 
 
 def write_step(folder, name, body):
@@ -103,7 +103,7 @@ def test_invalid_configuration_changes_nothing(demo_data_dir, make_config, monke
     def validate(files, platform):
         return [f"{f.path}: bad limit" for f in files if "limit = 1\n" == f.content]
 
-    monkeypatch.setitem(sys.modules, "chatmaild.components.demo",
+    monkeypatch.setitem(sys.modules, "chatmaild.admin.components.demo",
                         types.SimpleNamespace(validate=validate))
     good = make_config()
     assert apply_configuration(good, load_platform("debian12")) == 0

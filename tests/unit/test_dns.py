@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-from chatmaild import dns as relay_dns
-from chatmaild.cli import main
+from chatmaild.admin import dns as relay_dns
+from chatmaild.admin.cli import main
 from chatmaild.config import read_config
 
 from .dkimkeys import generate_rsa_key

@@ -2,14 +2,8 @@ import tomllib
 
 import pytest
 
-from chatmaild.render import (
-    RenderError,
-    detect_platform,
-    load_platform,
-    platform_names,
-    render_all,
-    render_component,
-)
+from chatmaild.admin.platform import PlatformError, detect_platform, load_platform, platform_names
+from chatmaild.admin.render import RenderError, render_all, render_component
 from tests.conftest import REPO
 
 
@@ -75,7 +69,7 @@ def test_two_components_may_not_write_one_path(data_dir, config):
 
 def test_platforms(data_dir):
     assert platform_names() == ["alpine", "debian12"]
-    with pytest.raises(RenderError, match="unknown platform 'gentoo'"):
+    with pytest.raises(PlatformError, match="unknown platform 'gentoo'"):
         load_platform("gentoo")
 
 
@@ -93,7 +87,7 @@ def test_detect_platform(tmp_path, text, expected):
 def test_detect_unsupported(tmp_path):
     path = tmp_path / "os-release"
     path.write_text('ID=ubuntu\nVERSION_ID="24.04"\n')
-    with pytest.raises(RenderError, match="unsupported system ubuntu 24.04"):
+    with pytest.raises(PlatformError, match="unsupported system ubuntu 24.04"):
         detect_platform(path)
 
 

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from chatmaild import status
-from chatmaild.render import load_platform
-from chatmaild.servicemanager import Completed, OpenRC, Systemd, UnitState, run_command
+from chatmaild.admin import status
+from chatmaild.admin.platform import load_platform
+from chatmaild.admin.servicemanager import Completed, OpenRC, Systemd, UnitState, run_command
 
 DAY = 86400
 

@@ -16,7 +16,7 @@ import pwd
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .files import write_atomic
+from ..files import write_atomic
 
 NEW_SUFFIX = ".chatmail-new"
 
@@ -82,7 +82,7 @@ def _ensure_owner_and_mode(path, uid, gid, mode):
 
 
 def apply_file(item, record, root="/"):
-    """Install one RenderedFile (see chatmaild.render) below `root`."""
+    """Install one RenderedFile (see chatmaild.admin.render) below `root`."""
     result = ApplyResult()
     target = Path(root) / item.path.lstrip("/")
     new = item.content if isinstance(item.content, bytes) else item.content.encode()

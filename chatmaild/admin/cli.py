@@ -13,15 +13,15 @@ import os
 import sys
 from pathlib import Path
 
-from . import __version__
-from .config import (
+from .. import __version__
+from ..config import (
     DEFAULT_INI_PATH,
     ConfigError,
     check_mail_domain,
     default_config_text,
     parse_ini_params,
 )
-from .files import write_atomic
+from ..files import write_atomic
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_AVAILABLE = 0, 1, 2, 3
 # Read by the services (vmail), the /new CGI (www-data) and root.
@@ -217,7 +217,7 @@ def check_existing_config(path, domain):
 
 
 def load_config_or_error(path):
-    from .config import read_config
+    from ..config import read_config
 
     try:
         return read_config(path)
@@ -228,7 +228,7 @@ def load_config_or_error(path):
 
 def cmd_configure(args):
     from .configure import StepFailed, run_steps
-    from .render import RenderError, load_platform
+    from .platform import PlatformError, load_platform
 
     if os.geteuid() != 0:
         error("configure changes system files: run it as root")
@@ -238,7 +238,7 @@ def cmd_configure(args):
         return EXIT_FAILURE
     try:
         run_steps(config, load_platform(), no_reload=args.no_reload, reload=args.reload)
-    except (StepFailed, RenderError) as exc:
+    except (StepFailed, PlatformError) as exc:
         error(str(exc))
         return EXIT_FAILURE
     print("chatmail configure: done")
@@ -247,7 +247,8 @@ def cmd_configure(args):
 
 def cmd_apply_files(args):
     from .configure import apply_configuration
-    from .render import RenderError, load_platform
+    from .platform import PlatformError, load_platform
+    from .render import RenderError
 
     config = load_config_or_error(args.config)
     if config is None:
@@ -255,13 +256,13 @@ def cmd_apply_files(args):
     try:
         return apply_configuration(config, load_platform(),
                                    os.environ.get("CHATMAIL_RELOAD_LIST"))
-    except RenderError as exc:
+    except (PlatformError, RenderError) as exc:
         error(str(exc))
         return EXIT_FAILURE
 
 
 def cmd_set(args):
-    from .config import Config, check_value, set_ini_values
+    from ..config import Config, check_value, set_ini_values
 
     values = {}
     for item in args.settings:
@@ -290,14 +291,14 @@ def cmd_set(args):
 
 def cmd_status(args):
     from . import status
-    from .render import RenderError, load_platform
+    from .platform import PlatformError, load_platform
 
     config = load_config_or_error(args.config)
     if config is None:
         return EXIT_FAILURE
     try:
         platform = load_platform()
-    except RenderError as exc:
+    except PlatformError as exc:
         error(str(exc))
         return EXIT_FAILURE
     return status.main(config, platform)
@@ -305,7 +306,7 @@ def cmd_status(args):
 
 def cmd_dns(args):
     from . import dns
-    from .render import RenderError, load_platform
+    from .platform import PlatformError, load_platform
 
     config = load_config_or_error(args.config)
     if config is None:
@@ -315,7 +316,7 @@ def cmd_dns(args):
         try:
             # postinst.d/30-dkim keeps one key per mail domain
             dkim_key = f"{load_platform().dkim_key_dir}/{config.mail_domain_bare}.private"
-        except RenderError as exc:
+        except PlatformError as exc:
             error(str(exc))
             return EXIT_FAILURE
     try:

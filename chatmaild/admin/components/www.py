@@ -1,7 +1,7 @@
 """www: the invite QR code, and checks of the files clients parse.
 
 A target of kind "qrcode" renders the text the code says; apply() draws it as a PNG with
-python3-qrcode and installs it through chatmaild.apply, so the image is hash-tracked like
+python3-qrcode and installs it through chatmaild.admin.apply, so the image is hash-tracked like
 every other generated file (an image the admin replaced is kept).
 """
 

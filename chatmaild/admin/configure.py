@@ -20,7 +20,8 @@ from pathlib import Path
 
 from .apply import NEW_SUFFIX, ApplyResult, apply_files
 from .components import component_module
-from .render import data_dir, render_all
+from .platform import data_dir
+from .render import render_all
 
 PENDING_RESTARTS = "pending-restarts"
 STEP_NAME = re.compile(r"^[0-9][0-9]-[a-z0-9][a-z0-9-]*$")

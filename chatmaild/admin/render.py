@@ -1,8 +1,7 @@
 """Render the relay's configuration files from conf/ templates, chatmail.ini and the
 platform table.
 
-conf/platform.toml   the facts that differ between distributions: what all share, then
-                     each platform's own
+conf/platform.toml   the facts that differ between distributions (chatmaild.admin.platform)
 conf/<component>/    Jinja2 templates, plus targets.toml listing what they become:
 
     [[file]]
@@ -17,86 +16,24 @@ conf/<component>/    Jinja2 templates, plus targets.toml listing what they becom
                                              #   (needed when a unit drop-in changes)
     when = "not config.ipv4_relay"           # optional Jinja expression
     kind = "file"                            # optional: "file" (default) is written by
-                                             #   chatmaild.apply; any other kind is applied
-                                             #   by chatmaild/components/<component>.py
+                                             #   chatmaild.admin.apply; any other kind is applied
+                                             #   by chatmaild/admin/components/<component>.py
 
 Templates see `config` (chatmaild.config.Config), `platform` (the platform's facts as an
 object: platform.postfix_map_type), `component` (the folder name) and `read_text(path)`
 (a file's content without surrounding white space, "" if it does not exist: for secrets
 generated at install, such as coturn's). Rendering never
-touches the system: it returns RenderedFile objects; chatmaild.apply writes them.
+touches the system: it returns RenderedFile objects; chatmaild.admin.apply writes them.
 """
 
-import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
-DEFAULT_DATA_DIR = "/usr/share/chatmail-relay"
-
+from .platform import conf_dir
 
 class RenderError(Exception):
     """A template or manifest problem: a bug in the package, not the admin's input."""
-
-
-def data_dir():
-    """Where conf/ and postinst.d/ are: the installed package, or a checkout (tests)."""
-    return Path(os.environ.get("CHATMAIL_DATA_DIR", DEFAULT_DATA_DIR))
-
-
-def conf_dir():
-    return data_dir() / "conf"
-
-
-def platform_names():
-    return sorted(_read_platform_table())
-
-
-def _read_platform_table():
-    """{platform: its facts}. A platform is a table with a name; its facts are [common]'s,
-    overlaid by those of the table its `base` names, overlaid by its own."""
-    with open(conf_dir() / "platform.toml", "rb") as f:
-        tables = tomllib.load(f)
-    common = tables.get("common", {})
-    platforms = {}
-    for name, table in tables.items():
-        if "name" in table:
-            base = tables[table["base"]] if "base" in table else {}
-            facts = {**common, **base, **table}
-            facts.pop("base", None)
-            platforms[name] = facts
-    return platforms
-
-
-def detect_platform(os_release="/etc/os-release"):
-    """The platform table's name for the running system, from os-release."""
-    fields = {}
-    try:
-        with open(os_release, encoding="utf-8") as f:
-            for line in f:
-                key, _, value = line.strip().partition("=")
-                fields[key] = value.strip('"')
-    except FileNotFoundError:
-        pass
-    distro, version = fields.get("ID", ""), fields.get("VERSION_ID", "")
-    if distro == "alpine":
-        return "alpine"
-    if distro == "debian" and version.split(".")[0] in ("12", "13"):
-        return "debian" + version.split(".")[0]
-    raise RenderError(
-        f"unsupported system {distro} {version}: chatmail-relay supports Debian 12, "
-        "Debian 13 and Alpine (set CHATMAIL_PLATFORM to override)"
-    )
-
-
-def load_platform(name=None):
-    """The facts of platform `name` (default: $CHATMAIL_PLATFORM or the running system)."""
-    name = name or os.environ.get("CHATMAIL_PLATFORM") or detect_platform()
-    table = _read_platform_table()
-    if name not in table:
-        raise RenderError(f"unknown platform {name!r}; known: {', '.join(sorted(table))}")
-    return SimpleNamespace(platform=name, **table[name])
 
 
 @dataclass

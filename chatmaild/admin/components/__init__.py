@@ -5,9 +5,9 @@ rendered files with each daemon's own checker, and edits through a daemon's own 
 A module may define:
 
     validate(files, platform) -> list of problems (strings; empty when all is well)
-        `files` are the component's RenderedFile objects (chatmaild.render); check them in
+        `files` are the component's RenderedFile objects (chatmaild.admin.render); check them in
         a scratch directory, never in place.
-    apply(files, platform) -> chatmaild.apply.ApplyResult
+    apply(files, platform) -> chatmaild.admin.apply.ApplyResult
         for files of a kind other than "file".
 """
 
