@@ -6,6 +6,7 @@ import re
 import pytest
 
 from chatmaild.admin import dns as relay_dns
+from chatmaild.admin import dnscheck, dnsrecords
 from chatmaild.admin.cli import main
 from chatmaild.config import read_config
 
@@ -30,7 +31,7 @@ def dkim_key(tmp_path_factory):
 def letsencrypt(tmp_path):
     """A certbot configuration directory with one Let's Encrypt account."""
     base = tmp_path / "letsencrypt"
-    account = base / "accounts" / relay_dns.LETSENCRYPT_SERVER / "0123abcd"
+    account = base / "accounts" / dnsrecords.LETSENCRYPT_SERVER / "0123abcd"
     account.mkdir(parents=True)
     (account / "regr.json").write_text(json.dumps({"body": {}, "uri": ACCOUNT}))
     return base
@@ -67,8 +68,8 @@ def test_zone_of_a_domain_with_acme(make_config, dkim_key, letsencrypt, nsd, tmp
     facts = relay_dns.gather_facts(
         config, ipv4=[IPV4], ipv6=[IPV6], dkim_key=dkim_key[0],
         letsencrypt_dir=letsencrypt,
-        resolver=relay_dns.Resolver("chat.example.org.", ["127.0.0.1"], server.port))
-    text = relay_dns.zone_text(config, facts, relay_dns.relay_records(config, facts))
+        resolver=dnscheck.Resolver("chat.example.org.", ["127.0.0.1"], server.port))
+    text = dnsrecords.zone_text(config, facts, dnsrecords.relay_records(config, facts))
     records = zone_lines(text)
     d = "chat.example.org."
     sts_id = facts.sts_id
@@ -100,7 +101,7 @@ def test_zone_of_a_domain_with_acme(make_config, dkim_key, letsencrypt, nsd, tmp
 def test_dkim_record_carries_the_public_key_in_255_character_strings(make_config, dkim_key):
     config = make_config("_chat.example.org")
     facts = relay_dns.gather_facts(config, ipv4=[IPV4], dkim_key=dkim_key[0])
-    text = relay_dns.zone_text(config, facts, relay_dns.relay_records(config, facts))
+    text = dnsrecords.zone_text(config, facts, dnsrecords.relay_records(config, facts))
     [data] = zone_lines(text)[("opendkim._domainkey._chat.example.org.", "TXT")]
     strings = re.findall(r'"([^"]*)"', data)
     assert len(strings) == 2 and all(len(s) <= 255 for s in strings)
@@ -129,8 +130,8 @@ def test_zone_of_an_underscore_domain_has_no_mta_sts_and_no_caa(make_ini, dkim_k
 
 def test_zone_without_ipv6_when_disabled(make_config):
     config = make_config("_chat.example.org", disable_ipv6="true")
-    facts = relay_dns.RelayFacts(ipv4=[IPV4], ipv6=[IPV6], dkim_public_key="AAAA")
-    types = {r.rtype for r in relay_dns.relay_records(config, facts)}
+    facts = dnsrecords.RelayFacts(ipv4=[IPV4], ipv6=[IPV6], dkim_public_key="AAAA")
+    types = {r.rtype for r in dnsrecords.relay_records(config, facts)}
     assert "A" in types and "AAAA" not in types
 
 
@@ -195,25 +196,25 @@ fd000000000000000000000000000002 04 40 00 82     eth0
 def test_host_addresses_are_the_public_stable_ones(tmp_path):
     (tmp_path / "fib_trie").write_text(FIB_TRIE)
     (tmp_path / "if_inet6").write_text(IF_INET6)
-    assert relay_dns.host_ipv4_addresses(tmp_path / "fib_trie") == ["93.184.216.34"]
+    assert dnsrecords.host_ipv4_addresses(tmp_path / "fib_trie") == ["93.184.216.34"]
     # not loopback, link-local, ULA, temporary (0x01) or deprecated (0x20)
-    assert relay_dns.host_ipv6_addresses(tmp_path / "if_inet6") == ["2a01:4f8:c012::a"]
+    assert dnsrecords.host_ipv6_addresses(tmp_path / "if_inet6") == ["2a01:4f8:c012::a"]
 
 
 def test_host_addresses_of_this_machine_are_readable():
-    for address in relay_dns.host_ipv4_addresses() + relay_dns.host_ipv6_addresses():
+    for address in dnsrecords.host_ipv4_addresses() + dnsrecords.host_ipv6_addresses():
         assert ":" in address or address.count(".") == 3
 
 
 def test_acme_account_of_the_domains_certificate_wins(letsencrypt):
-    other = letsencrypt / "accounts" / relay_dns.LETSENCRYPT_SERVER / "ffff"
+    other = letsencrypt / "accounts" / dnsrecords.LETSENCRYPT_SERVER / "ffff"
     other.mkdir()
     (other / "regr.json").write_text(json.dumps({"body": {}, "uri": ACCOUNT + "0"}))
-    assert relay_dns.acme_account_uri("chat.example.org", letsencrypt) == ""  # ambiguous
+    assert dnsrecords.acme_account_uri("chat.example.org", letsencrypt) == ""  # ambiguous
     (letsencrypt / "renewal").mkdir()
     (letsencrypt / "renewal" / "chat.example.org.conf").write_text(
         "version = 2.1.0\n[renewalparams]\naccount = ffff\nauthenticator = webroot\n")
-    assert relay_dns.acme_account_uri("chat.example.org", letsencrypt) == ACCOUNT + "0"
+    assert dnsrecords.acme_account_uri("chat.example.org", letsencrypt) == ACCOUNT + "0"
 
 
 def test_no_caa_record_for_another_acme_server(make_config, dkim_key, letsencrypt, nsd):
@@ -226,14 +227,14 @@ def test_no_caa_record_for_another_acme_server(make_config, dkim_key, letsencryp
     server = nsd("chat.example.org", "")
     facts = relay_dns.gather_facts(
         config, ipv4=[IPV4], dkim_key=dkim_key[0], letsencrypt_dir=letsencrypt,
-        resolver=relay_dns.Resolver("chat.example.org.", ["127.0.0.1"], server.port))
-    records = relay_dns.relay_records(config, facts)
+        resolver=dnscheck.Resolver("chat.example.org.", ["127.0.0.1"], server.port))
+    records = dnsrecords.relay_records(config, facts)
     assert not [record for record in records if record.rtype == "CAA"]
     assert facts.acme_account_uri == ""
 
 
 def test_no_acme_account(tmp_path):
-    assert relay_dns.acme_account_uri("chat.example.org", tmp_path / "none") == ""
+    assert dnsrecords.acme_account_uri("chat.example.org", tmp_path / "none") == ""
 
 
 # -- --check against a real DNS server ------------------------------------------------------------
@@ -246,7 +247,7 @@ def published(make_ini, dkim_key, letsencrypt, nsd, tmp_path):
     config = read_config(make_ini("chat.example.org"))
     facts = relay_dns.gather_facts(config, ipv4=[IPV4], ipv6=[IPV6], dkim_key=dkim_key[0],
                                    letsencrypt_dir=letsencrypt)
-    text = relay_dns.zone_text(config, facts, relay_dns.relay_records(config, facts))
+    text = dnsrecords.zone_text(config, facts, dnsrecords.relay_records(config, facts))
 
     def publish(edit=None):
         server = nsd("chat.example.org", edit(text) if edit else text)
