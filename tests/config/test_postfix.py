@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from chatmaild.admin.components import postconf as postconf_edits
 from chatmaild.admin.components import postfix
 from chatmaild.admin.configure import platform_settings
 from chatmaild.admin.platform import load_platform
@@ -549,7 +550,7 @@ def test_public_smtpd_services_run_chrooted_only_where_the_chroot_is_provided(
     nothing does, and a chrooted smtpd would wait 5 s on every client's reverse lookup."""
     rendered = render("postfix", relay_config, load_platform(platform_name))
     [master] = [item.content for item in rendered.values() if item.kind == "postconf-master"]
-    services, _ = postfix.parse_master(master)
+    services, _ = postconf_edits.parse_master(master)
     fields = {service.key: service.fields["chroot"] for service in services}
     for public in ("smtp/inet", "submission/inet", "smtps/inet"):
         assert fields[public] == chroot
@@ -558,7 +559,7 @@ def test_public_smtpd_services_run_chrooted_only_where_the_chroot_is_provided(
 # --- the rendered lists themselves -------------------------------------------------------------
 
 def test_parse_master_reads_entries_options_and_removals():
-    services, removals = postfix.parse_master(
+    services, removals = postconf_edits.parse_master(
         "# comment\nfoo  unix  -  -  y  -  5  cleanup -v\n  -o a=1 -o b=\n"
         "  -o { c = x y } -o {d=z}\n!old/unix\n!foo/unix/c = 3\n")
     [service] = services
@@ -577,14 +578,14 @@ def test_parse_master_reads_entries_options_and_removals():
     ("!foo\n", "names no service/type"),
 ])
 def test_parse_master_errors(text, message):
-    with pytest.raises(postfix.PostconfError, match=message):
-        postfix.parse_master(text)
+    with pytest.raises(postconf_edits.PostconfError, match=message):
+        postconf_edits.parse_master(text)
 
 
 def test_parse_main_requires_key_value():
-    with pytest.raises(postfix.PostconfError, match="expected 'key = value'"):
-        postfix.parse_main("just_a_word\n")
-    assert postfix.parse_main("a = 1\n!b\n!c = x y\n# d = 2\n") == (
+    with pytest.raises(postconf_edits.PostconfError, match="expected 'key = value'"):
+        postconf_edits.parse_main("just_a_word\n")
+    assert postconf_edits.parse_main("a = 1\n!b\n!c = x y\n# d = 2\n") == (
         {"a": "1"}, {"b": None, "c": "x y"})
 
 
