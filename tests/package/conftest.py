@@ -18,6 +18,10 @@ PYTHON_VERSION = "3.12"
 
 
 def load_mkapk():
+    """alpine/mkapk.py as a module; it imports alpine/apkformat.py from beside it, as it
+    does when run as a script."""
+    if str(REPO / "alpine") not in sys.path:
+        sys.path.insert(0, str(REPO / "alpine"))
     spec = importlib.util.spec_from_file_location("mkapk", REPO / "alpine" / "mkapk.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
