@@ -6,6 +6,7 @@ Transactions (B/S/C) belong to one connection: Dovecot reuses transaction ids ac
 connections, so they must not be shared.
 """
 
+import contextlib
 import logging
 import os
 import socketserver
@@ -129,7 +130,12 @@ class DictServer:
                 wfile.flush()
 
     def make_server(self, socket_path):
-        """Bind `socket_path` (replacing a stale socket) and return the server."""
+        """Listen on `socket_path` (replacing a stale socket) and return the server.
+
+        The path appears only once the socket listens: it is bound under a temporary name
+        and renamed. Bound in place, it would exist a moment before it accepts, and
+        whoever waits for it to exist (the units' ExecStartPost, then Dovecot) could be
+        refused."""
         dictserver = self
 
         class Handler(socketserver.StreamRequestHandler):
@@ -139,11 +145,13 @@ class DictServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 
-        try:
-            os.unlink(socket_path)
-        except FileNotFoundError:
-            pass
-        return _Server(str(socket_path), Handler)
+        temporary = f"{socket_path}.{os.getpid()}.new"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        server = _Server(temporary, Handler)
+        os.replace(temporary, socket_path)
+        server.server_address = str(socket_path)
+        return server
 
     def serve_forever(self, socket_path):
         with self.make_server(socket_path) as server:

@@ -1,6 +1,7 @@
 import socket
+import socketserver
 
-from chatmaild.dictproxy import DictServer, tab_escape, tab_unescape
+from chatmaild.dictproxy import DictServer, _Server, tab_escape, tab_unescape
 
 
 class Echo(DictServer):
@@ -82,5 +83,24 @@ def test_stale_socket_is_replaced(tmp_path):
     srv = Echo().make_server(path)
     try:
         assert path.is_socket()
+    finally:
+        srv.server_close()
+
+
+def test_socket_path_appears_only_when_it_accepts(tmp_path, monkeypatch):
+    path = tmp_path / "dict.socket"
+    bound = []
+
+    def bind_and_look(server):
+        socketserver.UnixStreamServer.server_bind(server)
+        bound.append(path.exists())
+
+    monkeypatch.setattr(_Server, "server_bind", bind_and_look)
+    srv = Echo().make_server(path)
+    try:
+        assert bound == [False]
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(str(path))  # listening, before serve_forever accepts
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["dict.socket"]
     finally:
         srv.server_close()
