@@ -47,7 +47,42 @@ ns IN A 127.0.0.1
 """
 
 
-class Nsd:
+class DnsDaemon:
+    """What the tests' DNS server processes share: their log, waiting until they answer,
+    and stopping them. `self.name` names the program and its log file in `self.dir`."""
+
+    name = "dns"
+
+    def log(self):
+        path = self.dir / f"{self.name}.log"
+        return path.read_text() if path.exists() else ""
+
+    def wait_answering(self, qname, qtype, address, port=53, timeout=10.0):
+        import dns.exception
+        import dns.message
+        import dns.query
+
+        query = dns.message.make_query(qname, qtype)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited {self.proc.returncode}: "
+                                     f"{self.proc.stderr.read().decode()}\n{self.log()}")
+            try:
+                dns.query.udp(query, address, port=port, timeout=0.2)
+                return
+            except (dns.exception.Timeout, OSError):
+                time.sleep(0.05)
+        raise AssertionError(f"{self.name} not answering after {timeout}s:\n{self.log()}")
+
+    def stop(self):
+        stop_process(self.proc)
+        self.proc.stderr.close()
+
+
+class Nsd(DnsDaemon):
+    name = "nsd"
+
     def __init__(self, directory, origin, records, port):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -59,31 +94,8 @@ class Nsd:
         self.proc = subprocess.Popen([NSD, "-d", "-c", str(self.dir / "nsd.conf")],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
-    def log(self):
-        path = self.dir / "nsd.log"
-        return path.read_text() if path.exists() else ""
-
     def wait_ready(self, timeout=10.0):
-        import dns.exception
-        import dns.message
-        import dns.query
-
-        query = dns.message.make_query(self.origin + ".", "SOA")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"nsd exited {self.proc.returncode}: "
-                                     f"{self.proc.stderr.read().decode()}\n{self.log()}")
-            try:
-                dns.query.udp(query, "127.0.0.1", port=self.port, timeout=0.2)
-                return
-            except (dns.exception.Timeout, OSError):
-                time.sleep(0.05)
-        raise AssertionError(f"nsd not answering after {timeout}s:\n{self.log()}")
-
-    def stop(self):
-        stop_process(self.proc)
-        self.proc.stderr.close()
+        self.wait_answering(self.origin + ".", "SOA", "127.0.0.1", self.port, timeout)
 
 
 @pytest.fixture

@@ -12,11 +12,10 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from tests.conftest import stop_process
+from tests.unit.nsd import DnsDaemon
 
 UNBOUND = shutil.which("unbound") or "/usr/sbin/unbound"
 
@@ -63,9 +62,11 @@ def free_dns_address():
     raise AssertionError("no loopback address 127.53.0.x with a free port 53")
 
 
-class Unbound:
+class Unbound(DnsDaemon):
     """Unbound resolving `zones` ({zone name: authoritative server's port on 127.0.0.1})
     and `stalled` zones (a silent socket) on port 53 of `self.address`."""
+
+    name = "unbound"
 
     def __init__(self, directory, zones, stalled=()):
         self.dir = Path(directory)
@@ -95,31 +96,11 @@ class Unbound:
         script = 'mount --bind "$0" /etc/resolv.conf && exec "$@"'
         return ["unshare", "--mount", "sh", "-c", script, str(self.resolv_conf)]
 
-    def log(self):
-        path = self.dir / "unbound.log"
-        return path.read_text() if path.exists() else ""
-
     def wait_ready(self, timeout=10.0):
-        import dns.exception
-        import dns.message
-        import dns.query
-
-        query = dns.message.make_query("ready.example.", "TXT")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"unbound exited {self.proc.returncode}: "
-                                     f"{self.proc.stderr.read().decode()}\n{self.log()}")
-            try:
-                dns.query.udp(query, self.address, timeout=0.2)
-                return
-            except (dns.exception.Timeout, OSError):
-                time.sleep(0.05)
-        raise AssertionError(f"unbound not answering after {timeout}s:\n{self.log()}")
+        self.wait_answering("ready.example.", "TXT", self.address, timeout=timeout)
 
     def stop(self):
-        stop_process(self.proc)
-        self.proc.stderr.close()
+        super().stop()
         self.silent.close()
 
 
