@@ -226,19 +226,32 @@ def load_config_or_error(path):
         return None
 
 
+def load_config_and_platform(path):
+    """(chatmail.ini, this system's platform facts), or None after saying what is wrong."""
+    from .platform import PlatformError, load_platform
+
+    config = load_config_or_error(path)
+    if config is None:
+        return None
+    try:
+        return config, load_platform()
+    except PlatformError as exc:
+        error(str(exc))
+        return None
+
+
 def cmd_configure(args):
     from .configure import StepFailed, run_steps
-    from .platform import PlatformError, load_platform
 
     if os.geteuid() != 0:
         error("configure changes system files: run it as root")
         return EXIT_FAILURE
-    config = load_config_or_error(args.config)
-    if config is None:
+    loaded = load_config_and_platform(args.config)
+    if loaded is None:
         return EXIT_FAILURE
     try:
-        run_steps(config, load_platform(), no_reload=args.no_reload, reload=args.reload)
-    except (StepFailed, PlatformError) as exc:
+        run_steps(*loaded, no_reload=args.no_reload, reload=args.reload)
+    except StepFailed as exc:
         error(str(exc))
         return EXIT_FAILURE
     print("chatmail configure: done")
@@ -247,16 +260,14 @@ def cmd_configure(args):
 
 def cmd_apply_files(args):
     from .configure import apply_configuration
-    from .platform import PlatformError, load_platform
     from .render import RenderError
 
-    config = load_config_or_error(args.config)
-    if config is None:
+    loaded = load_config_and_platform(args.config)
+    if loaded is None:
         return EXIT_FAILURE
     try:
-        return apply_configuration(config, load_platform(),
-                                   os.environ.get("CHATMAIL_RELOAD_LIST"))
-    except (PlatformError, RenderError) as exc:
+        return apply_configuration(*loaded, os.environ.get("CHATMAIL_RELOAD_LIST"))
+    except RenderError as exc:
         error(str(exc))
         return EXIT_FAILURE
 
@@ -291,33 +302,27 @@ def cmd_set(args):
 
 def cmd_status(args):
     from . import status
-    from .platform import PlatformError, load_platform
 
-    config = load_config_or_error(args.config)
-    if config is None:
+    loaded = load_config_and_platform(args.config)
+    if loaded is None:
         return EXIT_FAILURE
-    try:
-        platform = load_platform()
-    except PlatformError as exc:
-        error(str(exc))
-        return EXIT_FAILURE
-    return status.main(config, platform)
+    return status.main(*loaded)
 
 
 def cmd_dns(args):
     from . import dns
-    from .platform import PlatformError, load_platform
 
-    config = load_config_or_error(args.config)
-    if config is None:
-        return EXIT_FAILURE
     dkim_key = args.dkim_key
     if dkim_key is None:
-        try:
-            # postinst.d/30-dkim keeps one key per mail domain
-            dkim_key = f"{load_platform().dkim_key_dir}/{config.mail_domain_bare}.private"
-        except PlatformError as exc:
-            error(str(exc))
+        loaded = load_config_and_platform(args.config)
+        if loaded is None:
+            return EXIT_FAILURE
+        config, platform = loaded
+        # postinst.d/30-dkim keeps one key per mail domain
+        dkim_key = f"{platform.dkim_key_dir}/{config.mail_domain_bare}.private"
+    else:
+        config = load_config_or_error(args.config)
+        if config is None:
             return EXIT_FAILURE
     try:
         return dns.run(config, check=args.check, zonefile=args.zonefile, ipv4=args.ipv4,
