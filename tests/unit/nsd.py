@@ -98,6 +98,25 @@ class Nsd(DnsDaemon):
         self.wait_answering(self.origin + ".", "SOA", "127.0.0.1", self.port, timeout)
 
 
+def started_in_test(make):
+    """A fixture's body: yields start(*args, **kwargs), which makes a server with
+    make(count so far, *args, **kwargs), waits until it answers and returns it; every server
+    made is stopped after the test."""
+    servers = []
+
+    def start(*args, **kwargs):
+        server = make(len(servers), *args, **kwargs)
+        servers.append(server)
+        server.wait_ready()
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.stop()
+
+
 @pytest.fixture
 def nsd(tmp_path):
     """nsd(origin, records) -> a running Nsd serving `records` (zone file lines)."""
@@ -105,14 +124,5 @@ def nsd(tmp_path):
 
     if not Path(NSD).exists():
         pytest.skip("needs NSD (apt install nsd) for a real DNS server")
-    servers = []
-
-    def serve(origin, records):
-        server = Nsd(tmp_path / f"nsd{len(servers)}", origin, records, free_port())
-        servers.append(server)
-        server.wait_ready()
-        return server
-
-    yield serve
-    for server in servers:
-        server.stop()
+    yield from started_in_test(lambda count, origin, records: Nsd(
+        tmp_path / f"nsd{count}", origin, records, free_port()))

@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from tests.unit.nsd import DnsDaemon
+from tests.unit.nsd import DnsDaemon, started_in_test
 
 UNBOUND = shutil.which("unbound") or "/usr/sbin/unbound"
 
@@ -111,14 +111,5 @@ def unbound(tmp_path):
         pytest.skip("needs Unbound (apt install unbound) for a real resolver")
     if os.geteuid() != 0:
         pytest.skip("needs root: the resolver listens on port 53")
-    servers = []
-
-    def start(zones, stalled=()):
-        server = Unbound(tmp_path / f"unbound{len(servers)}", zones, stalled)
-        servers.append(server)
-        server.wait_ready()
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
+    yield from started_in_test(lambda count, zones, stalled=(): Unbound(
+        tmp_path / f"unbound{count}", zones, stalled))
