@@ -79,9 +79,21 @@ def test_filter_sockets_are_installed_and_enabled(socket):
     enables it (sockets.target); postinst.d/60-services starts it."""
     deb = deb_named("chatmail-relay")
     assert any(path.endswith(f"/systemd/system/{socket}") for path in contents(deb))
-    postinst = subprocess.run(["dpkg-deb", "--info", str(deb), "postinst"],
-                              capture_output=True, text=True, check=True).stdout
-    assert f"deb-systemd-helper enable '{socket}'" in postinst
+    assert f"deb-systemd-helper enable '{socket}'" in maintainer_script(deb, "postinst")
+
+
+def test_an_upgrade_does_not_stop_the_filters():
+    """debhelper stops the relay's services before an upgrade unpacks (preinst); the
+    filters' sockets must keep listening, so Postfix's connections wait instead of
+    being refused, until configure restarts the filters on the new code."""
+    preinst = maintainer_script(deb_named("chatmail-relay"), "preinst")
+    assert "deb-systemd-invoke stop 'doveauth.service'" in preinst
+    assert "filtermail" not in preinst
+
+
+def maintainer_script(deb, name):
+    return subprocess.run(["dpkg-deb", "--info", str(deb), name], capture_output=True,
+                          text=True, check=True).stdout
 
 
 def test_steps_are_executable_in_the_package():
