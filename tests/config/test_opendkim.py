@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from chatmaild.admin.components import opendkim, postfix
+from chatmaild.admin.components import opendkim, postconf
 from chatmaild.admin.platform import load_platform
 
 pytestmark = pytest.mark.skipif(not shutil.which("opendkim", path="/usr/sbin:/usr/bin"),
@@ -85,7 +85,7 @@ def test_tables_name_the_key_of_the_domain(rendered, relay_config):
 def test_socket_is_where_postfix_looks(domain_rendered, make_config, debian12, render):
     conf = settings(domain_rendered[CONF].content)
     main = render("postfix", make_config(), debian12)["/etc/postfix/main.cf"]
-    milter = postfix.parse_main(main.content)[0]["non_smtpd_milters"]
+    milter = postconf.parse_main(main.content)[0]["non_smtpd_milters"]
     # Postfix runs chrooted in its queue directory and names the socket relative to it.
     assert milter == "unix:opendkim/opendkim.sock"
     assert conf["Socket"] == "local:/var/spool/postfix/opendkim/opendkim.sock"
