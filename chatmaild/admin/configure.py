@@ -22,6 +22,7 @@ from .apply import NEW_SUFFIX, ApplyResult, apply_files
 from .components import component_module
 from .platform import data_dir
 from .render import render_all
+from .services import relay_services, relay_sockets
 
 PENDING_RESTARTS = "pending-restarts"
 STEP_NAME = re.compile(r"^[0-9][0-9]-[a-z0-9][a-z0-9-]*$")
@@ -59,7 +60,12 @@ def relay_settings(config):
 
 
 def platform_settings(platform):
-    return {"PLATFORM_" + key.upper(): str(value) for key, value in vars(platform).items()}
+    """The platform's facts, and the relay's services and sockets on it (services.toml),
+    as environment variables (all strings)."""
+    facts = {key: str(value) for key, value in vars(platform).items()}
+    facts["relay_services"] = " ".join(relay_services())
+    facts["relay_sockets"] = " ".join(relay_sockets(platform))
+    return {"PLATFORM_" + key.upper(): value for key, value in facts.items()}
 
 
 def step_environment(config, platform, reload_list, no_reload):

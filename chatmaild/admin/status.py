@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .servicemanager import ServiceManagerError, run_command, service_manager
+from .services import relay_services, relay_sockets
 
 OK, INFO, WARN, FAIL = "ok", "", "warn", "FAIL"
 
@@ -29,8 +30,6 @@ PUBLIC_PORTS = [
     (443, "HTTPS, IMAP and SMTP via ALPN (nginx)"),
     (80, "HTTP (nginx)"),
 ]
-RELAY_SERVICES = ["doveauth", "lastlogin", "chatmail-metadata", "filtermail",
-                  "filtermail-incoming"]
 # A certificate closer to its end than this is not being renewed (certbot renews 30 days
 # before).
 CERT_WARN_DAYS = 14
@@ -206,7 +205,7 @@ def certificate_problems(config, platform, cert):
 def expected_services(config, platform):
     """(name, required) of every service the relay uses on this platform. An optional one
     counts only where it is installed and enabled."""
-    names = [(name, True) for name in platform.relay_sockets.split() + RELAY_SERVICES]
+    names = [(name, True) for name in relay_sockets(platform) + relay_services()]
     names += [(platform.dovecot_service, True), (platform.postfix_instance_service, True),
               ("nginx", True), (platform.fcgiwrap_service, True)]
     if not config.ipv4_relay:

@@ -2,9 +2,9 @@
 
 import pytest
 
-from chatmaild.config import read_config
 from chatmaild.admin.platform import load_platform
 from chatmaild.admin.render import render_component
+from chatmaild.config import read_config
 
 # name -> chatmail.ini settings; together they switch every conditional in the templates.
 RELAY_CONFIGS = {

@@ -26,9 +26,9 @@ from types import SimpleNamespace
 import pytest
 
 from chatmaild.admin.components import dovecot
-from chatmaild.config import default_config_text, read_config
 from chatmaild.admin.platform import load_platform
 from chatmaild.admin.render import render_component
+from chatmaild.config import default_config_text, read_config
 from tests.conftest import REPO, free_port, make_certificate
 from tests.unit.push_server import PushServer
 from tests.conftest import stop_process

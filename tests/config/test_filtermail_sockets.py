@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from chatmaild.config import read_config
 from chatmaild.admin.platform import load_platform
+from chatmaild.config import read_config
 from tests.conftest import REPO
 
 # socket -> the chatmail.ini setting of its port, and the Postfix service that sends to it

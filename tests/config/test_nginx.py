@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import pytest
 
 from chatmaild.admin.components import nginx
-from chatmaild.config import read_config
 from chatmaild.admin.platform import load_platform
+from chatmaild.config import read_config
 from tests.config.scratch_nginx import ADMIN_SITE_NAME, ScratchRelay
 from tests.conftest import block
 

@@ -31,12 +31,12 @@ import dkim
 import pytest
 
 from chatmaild.admin.apply import apply_files
-from chatmaild.config import default_config_text, read_config
 from chatmaild.admin.configure import apply_special_kinds, step_environment
 from chatmaild.admin.platform import load_platform
 from chatmaild.admin.render import render_component
 from chatmaild.admin.servicemanager import OpenRC
 from chatmaild.admin.status import Probes, dead_postfix_finding
+from chatmaild.config import default_config_text, read_config
 from tests.conftest import REPO, block, make_certificate, parse_syslog
 from tests.unit.nsd import Nsd
 

@@ -4,6 +4,8 @@ import subprocess
 
 import pytest
 
+from chatmaild.admin.platform import load_platform
+from chatmaild.admin.services import relay_services, systemd_units
 from tests.conftest import REPO
 
 DIST = REPO / "dist"
@@ -89,6 +91,18 @@ def test_an_upgrade_does_not_stop_the_filters():
     preinst = maintainer_script(deb_named("chatmail-relay"), "preinst")
     assert "deb-systemd-invoke stop 'doveauth.service'" in preinst
     assert "filtermail" not in preinst
+
+
+def test_maintainer_scripts_name_the_relay_services():
+    """postinst and prerm get conf/services.toml's lists when the package is built."""
+    deb = deb_named("chatmail-relay")
+    platform = load_platform()
+    postinst = maintainer_script(deb, "postinst")
+    assert f'RELAY_SERVICES="{" ".join(relay_services())}"' in postinst
+    units = " ".join(systemd_units(platform))
+    assert f'UNITS="{units}"' in maintainer_script(deb, "prerm")
+    assert "filtermail-incoming.socket" in units and "chatmail-expire.timer" in units
+    assert "#RELAY_" not in postinst
 
 
 def maintainer_script(deb, name):

@@ -12,17 +12,17 @@ import stat
 
 import pytest
 
-from chatmaild.config import default_config_text, read_config
 from chatmaild.admin.configure import platform_settings, relay_settings
 from chatmaild.admin.platform import load_platform
+from chatmaild.admin.services import relay_services
+from chatmaild.config import default_config_text, read_config
 from tests.conftest import REPO, parse_syslog
 from tests.package.conftest import enabled_services
 
 DOMAIN = "chat.example.org"
 DATA_DIR = "/usr/share/chatmail-relay"
 INI = "/etc/chatmail/chatmail.ini"
-RELAY_SERVICES = ["doveauth", "lastlogin", "chatmail-metadata", "filtermail",
-                  "filtermail-incoming"]
+RELAY_SERVICES = relay_services()
 
 RC_SERVICE = """#!/bin/sh
 # No service has crashed here: --ifcrashed does nothing.

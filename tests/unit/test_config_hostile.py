@@ -7,9 +7,9 @@ import subprocess
 import pytest
 
 from chatmaild.admin import cli
-from chatmaild.config import SETTINGS, Config, ConfigError, default_config_text, read_config
 from chatmaild.admin.platform import load_platform
 from chatmaild.admin.render import render_all, render_component
+from chatmaild.config import SETTINGS, Config, ConfigError, default_config_text, read_config
 
 from ..conftest import REPO
 
