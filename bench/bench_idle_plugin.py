@@ -502,6 +502,10 @@ def main():
     samples, rounds, per_round = args + [200, 25, 8][len(args):]
     if os.geteuid() != 0:
         sys.exit("needs root")
+    for needed in ("/usr/lib/dovecot/dovecot-config", "/usr/lib/dovecot/imap",
+                   "/usr/lib/dovecot/lmtp"):
+        if not os.path.exists(needed):
+            sys.exit(f"needs {needed} (dovecot-dev, dovecot-imapd, dovecot-lmtpd)")
     # Each IDLE-ing imap process holds an inotify instance, each hibernated client too
     # (imap-hibernate keeps the one extracted for it), all of user vmail; a wake-up has
     # both for a moment. Past the limit Dovecot disables inotify in that process, and
