@@ -328,10 +328,13 @@ def test_python_files_match_the_deb(parsed):
     assert deb - apk == set(), "files only in the .deb"
 
 
+SHARED_PLACES = ("/usr/share/chatmail-relay/", "/usr/lib/sysctl.d/")
+
+
 def test_relay_data_files_match_the_deb(parsed):
-    deb = {f for f in deb_files("chatmail-relay") if f.startswith("/usr/share/chatmail-relay/")}
-    apk = {f for f in apk_files(parsed["chatmail-relay"])
-           if f.startswith("/usr/share/chatmail-relay/")}
+    deb = {f for f in deb_files("chatmail-relay") if f.startswith(SHARED_PLACES)}
+    apk = {f for f in apk_files(parsed["chatmail-relay"]) if f.startswith(SHARED_PLACES)}
+    assert "/usr/lib/sysctl.d/60-chatmail-relay.conf" in deb
     # The runlevel helper of the install scripts: systemd units are enabled by
     # deb-systemd-helper on Debian.
     assert apk - deb == {"/usr/share/chatmail-relay/enable-services"}, "files only in the .apk"

@@ -61,16 +61,16 @@ def alpine(alpine_root):
     return alpine_root
 
 
-def run_step(alpine, name, reload=(), check=True):
-    """(output, rc-service calls) of postinst.d/NAME; with check=False the completed
-    process, whatever its exit status."""
+def run_step(alpine, name, reload=(), check=True, env=None):
+    """(output, rc-service calls) of postinst.d/NAME, with `env` added to what configure
+    gives it; with check=False the completed process, whatever its exit status."""
     config = read_config(alpine.host_path(INI))
     reload_list = alpine.host_path("/tmp/reload")
     reload_list.write_text("".join(f"{service}\n" for service in reload))
     alpine.host_path("/tmp/rc-service.calls").write_text("")
     env = {**relay_settings(config), **platform_settings(load_platform("alpine")),
            "CHATMAIL_INI": INI, "CHATMAIL_DATA_DIR": DATA_DIR,
-           "CHATMAIL_RELOAD_LIST": "/tmp/reload", "CHATMAIL_NO_RELOAD": ""}
+           "CHATMAIL_RELOAD_LIST": "/tmp/reload", "CHATMAIL_NO_RELOAD": "", **(env or {})}
     result = alpine.run("/bin/sh", f"{DATA_DIR}/postinst.d/{name}", env=env)
     if not check:
         return result
@@ -107,6 +107,35 @@ def test_directories_step_leaves_an_existing_parent_alone(alpine):
     run_step(alpine, "10-directories")
     assert owner_and_mode(alpine, "/srv") == before
     assert owner_and_mode(alpine, "/srv/mail") == ("vmail", 0o700)
+
+
+def test_kernel_limits_step_raises_what_is_lower_and_nothing_else(alpine):
+    """On a copy of /proc/sys: the inotify instances the kernel allows vmail (128 by
+    default) are raised to what sysctl.d/60-chatmail-relay.conf says; more is kept, and an
+    admin's file of the same name in /etc/sysctl.d counts instead of ours."""
+    platform = load_platform("alpine")
+    ours = alpine.host_path(f"{platform.sysctl_dir}/60-chatmail-relay.conf")
+    ours.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "sysctl.d" / "60-chatmail-relay.conf", ours)
+    limit = alpine.host_path("/tmp/proc-sys/fs/inotify/max_user_instances")
+    limit.parent.mkdir(parents=True)
+    env = {"CHATMAIL_PROC_SYS": "/tmp/proc-sys"}
+
+    limit.write_text("128\n")
+    out, _ = run_step(alpine, "15-kernel-limits", env=env)
+    assert limit.read_text().strip() == "65535"
+    assert "raised fs.inotify.max_user_instances from 128 to 65535" in out
+    assert run_step(alpine, "15-kernel-limits", env=env)[0] == ""  # idempotent
+
+    limit.write_text("100000\n")
+    run_step(alpine, "15-kernel-limits", env=env)
+    assert limit.read_text().strip() == "100000"
+
+    admins = alpine.host_path(f"{platform.sysctl_admin_dir}/60-chatmail-relay.conf")
+    admins.parent.mkdir(parents=True, exist_ok=True)
+    admins.write_text("fs.inotify.max_user_instances = 200000\n")
+    run_step(alpine, "15-kernel-limits", env=env)
+    assert limit.read_text().strip() == "200000"
 
 
 def test_acme_step_without_certbot_says_what_to_install(alpine):
