@@ -34,6 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_facts, percentile  # noqa: E402
+from idle_meter import lmtp_deliver  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -221,26 +222,7 @@ service stats {{
 
     def deliver(self, user, number):
         """One message over LMTP; returns time.monotonic() at Dovecot's reply to DATA."""
-        with socket.socket(socket.AF_UNIX) as sock:
-            sock.settimeout(TIMEOUT)
-            sock.connect(str(self.lmtp_path))
-            stream = sock.makefile("rwb")
-
-            def command(line):
-                stream.write(line + b"\r\n")
-                stream.flush()
-                while (reply := stream.readline())[3:4] == b"-":
-                    pass
-                if not reply.startswith((b"2", b"3")):
-                    raise RuntimeError(f"{self.label}: LMTP {line!r}: {reply!r}")
-                return reply
-
-            stream.readline()
-            for line in (b"LHLO bench", b"MAIL FROM:<bench@localhost>",
-                         b"RCPT TO:<" + self.address(user).encode() + b">", b"DATA"):
-                command(line)
-            command(b"Subject: %d\r\n\r\nbody\r\n." % number)
-            return time.monotonic()
+        return lmtp_deliver(self.address(user), number, self.lmtp_path, TIMEOUT)
 
 
 class RelayDovecot(Dovecot):

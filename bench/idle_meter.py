@@ -24,10 +24,12 @@ def login(address):
     return imap
 
 
-def lmtp_deliver(address, number):
-    """Deliver one message straight to Dovecot; returns when Dovecot has confirmed it."""
+def lmtp_deliver(address, number, socket_path=LMTP_SOCKET, timeout=None):
+    """Deliver one message straight to Dovecot; returns time.monotonic() at Dovecot's
+    reply to DATA (bench_idle_plugin.py uses it too)."""
     with socket.socket(socket.AF_UNIX) as sock:
-        sock.connect(LMTP_SOCKET)
+        sock.settimeout(timeout)
+        sock.connect(str(socket_path))
         stream = sock.makefile("rwb")
 
         def command(line):
@@ -35,7 +37,8 @@ def lmtp_deliver(address, number):
             stream.flush()
             while (reply := stream.readline())[3:4] == b"-":
                 pass
-            return reply
+            if not reply.startswith((b"2", b"3")):
+                raise RuntimeError(f"LMTP {line!r} to {socket_path}: {reply!r}")
 
         stream.readline()
         for line in (b"LHLO meter", b"MAIL FROM:<meter@localhost>",
@@ -69,4 +72,5 @@ def main():
     print(json.dumps([idle_wakeup(imap, address, number) for number in range(count)]))
 
 
-main()
+if __name__ == "__main__":
+    main()
