@@ -317,21 +317,10 @@ def verify_signatures(verifier, signatures, dnsfunc):
     return DNS_TEMPORARY_FAILURE if temporary_failure else NO_VALID_SIGNATURE
 
 
-def check_dkim(content, from_domain, dnsfunc):
-    """None if `content` carries a valid DKIM signature aligned with `from_domain`,
-    else the SMTP reply to refuse it with; keys come from the blocking `dnsfunc`."""
-    if from_domain and is_ip_literal(from_domain):
-        return None
-    prepared = aligned_signatures(content, from_domain)
-    if isinstance(prepared, str):
-        return prepared
-    verifier, signatures = prepared
-    return verify_signatures(verifier, signatures, dnsfunc)
-
-
 async def check_dkim_async(content, from_domain, lookup, budget=KEY_LOOKUP_BUDGET):
-    """check_dkim for the event loop: the keys come from the asynchronous `lookup` within
-    `budget` seconds, the CPU work (parsing, hashing, RSA) runs in worker threads."""
+    """None if `content` carries a valid DKIM signature aligned with `from_domain`, else
+    the SMTP reply to refuse it with. The keys come from the asynchronous `lookup` within
+    `budget` seconds; the CPU work (parsing, hashing, RSA) runs in worker threads."""
     if from_domain and is_ip_literal(from_domain):
         return None
     prepared = await asyncio.to_thread(aligned_signatures, content, from_domain)
