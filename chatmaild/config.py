@@ -242,6 +242,12 @@ def check_mail_domain(domain):
     return host_name_problem(domain, test_marker=True)
 
 
+def implied_tls_mode(domain):
+    """The certificate mode of a relay whose chatmail.ini names none (as upstream's):
+    self-signed for a test domain ('_' first) or an IPv4 address, else ACME."""
+    return "self" if domain.startswith("_") or is_valid_ipv4(domain) else "acme"
+
+
 class Setting(NamedTuple):
     """A key of chatmail.ini: its default (None: absent means none) and form."""
 
@@ -381,7 +387,7 @@ class Config:
         domains and IPv4 relays, else ACME. Ours may also be set explicitly
         (tls_cert_mode), e.g. a self-signed certificate for a private relay."""
         mode, external = self.tls_cert_mode, self.tls_external_cert_and_key
-        implied = "self" if self.mail_domain_bare.startswith("_") or self.ipv4_relay else "acme"
+        implied = implied_tls_mode(self.mail_domain_bare)
         if mode == "external" and not external:
             raise ConfigError(f"{self._inipath}: tls_cert_mode = external needs "
                               "tls_external_cert_and_key = /path/fullchain.pem /path/privkey.pem")

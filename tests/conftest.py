@@ -12,7 +12,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-# conf/ and postinst.d/ come from this checkout, not from an installed package.
+# conf/ and steps/ come from this checkout, not from an installed package.
 os.environ.setdefault("CHATMAIL_DATA_DIR", str(REPO))
 
 from chatmaild.config import default_config_text, read_config  # noqa: E402

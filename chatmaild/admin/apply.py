@@ -169,3 +169,20 @@ def remove_generated(state_dir, root="/"):
     record.path.unlink(missing_ok=True)
     record.path.with_suffix(".list").unlink(missing_ok=True)
     return removed
+
+
+CREATED_LIST = "created.list"
+
+
+def record_created(state_dir, path):
+    """PATH was made at install (a key, a certificate, a secret): purge removes it. Files
+    the admin brought are never recorded. (The shell steps write the same list:
+    record_created in steps/functions.sh.)"""
+    listing = Path(state_dir) / CREATED_LIST
+    try:
+        known = listing.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        known = []
+    if str(path) not in known:
+        with open(listing, "a", encoding="utf-8") as f:
+            f.write(f"{path}\n")

@@ -19,6 +19,7 @@ from ..config import (
     ConfigError,
     check_mail_domain,
     default_config_text,
+    implied_tls_mode,
     parse_ini_params,
 )
 from ..files import write_atomic
@@ -49,10 +50,16 @@ Change settings in chatmail.ini, keeping its comments and the admin's other line
 result is checked first: if any value is invalid, the file is left unchanged. Run
 'chatmail configure' afterwards to apply it."""
 
-APPLY_FILES_HELP = """\
-One step of 'chatmail configure': render the configuration files from chatmail.ini,
-check them with each daemon's own checker, and write them only if all are valid. Files
-you edited are kept; the new version is put next to them."""
+GET_HELP = """\
+Print the values of settings as chatmail.ini writes them (an empty line for a key it
+does not set), one per line."""
+
+CHECK_DOMAIN_HELP = """\
+Check that DOMAIN can be a relay's mail domain, as 'chatmail setup' and 'chatmail set'
+do. If it can: exit status 0, and the certificate mode it implies when chatmail.ini
+names none on standard output (self for a test domain starting with '_' or an IPv4
+address, else acme). If not: exit status 1 and the reason on standard output. (The
+Debian package's questions use it.)"""
 
 STATUS_HELP = """\
 Show whether the relay's services are running, its settings, the certificate and when
@@ -103,8 +110,11 @@ def build_parser():
     setting = add_command("set", "change settings in chatmail.ini", SET_HELP, cmd_set)
     setting.add_argument("settings", metavar="KEY=VALUE", nargs="+",
                          help="a setting to change, e.g. max_mailbox_size=1G")
-    add_command("apply-files", "(used by configure) render, validate and write the "
-                "configuration files", APPLY_FILES_HELP, cmd_apply_files)
+    getting = add_command("get", "print settings from chatmail.ini", GET_HELP, cmd_get)
+    getting.add_argument("keys", metavar="KEY", nargs="+", help="a setting, e.g. mail_domain")
+    check_domain = add_command("check-domain", "check that a name can be the mail domain",
+                               CHECK_DOMAIN_HELP, cmd_check_domain)
+    check_domain.add_argument("domain", metavar="DOMAIN")
     add_command("status", "show the state of the relay's services", STATUS_HELP,
                 cmd_status)
     dns = add_command("dns", "show the DNS records the relay needs", DNS_HELP, cmd_dns)
@@ -241,7 +251,7 @@ def load_config_and_platform(path):
 
 
 def cmd_configure(args):
-    from .configure import StepFailed, run_steps
+    from .configure import ConfigureFailed, configure
 
     if os.geteuid() != 0:
         error("configure changes system files: run it as root")
@@ -250,26 +260,12 @@ def cmd_configure(args):
     if loaded is None:
         return EXIT_FAILURE
     try:
-        run_steps(*loaded, no_reload=args.no_reload, reload=args.reload)
-    except StepFailed as exc:
+        configure(*loaded, no_reload=args.no_reload, reload=args.reload)
+    except ConfigureFailed as exc:
         error(str(exc))
         return EXIT_FAILURE
     print("chatmail configure: done")
     return EXIT_OK
-
-
-def cmd_apply_files(args):
-    from .configure import apply_configuration
-    from .render import RenderError
-
-    loaded = load_config_and_platform(args.config)
-    if loaded is None:
-        return EXIT_FAILURE
-    try:
-        return apply_configuration(*loaded, os.environ.get("CHATMAIL_RELOAD_LIST"))
-    except RenderError as exc:
-        error(str(exc))
-        return EXIT_FAILURE
 
 
 def cmd_set(args):
@@ -300,6 +296,29 @@ def cmd_set(args):
     return EXIT_OK
 
 
+def cmd_get(args):
+    try:
+        params = parse_ini_params(args.config.read_text(encoding="utf-8"), args.config)
+    except OSError as exc:
+        error(f"cannot read {args.config}: {exc.strerror}")
+        return EXIT_FAILURE
+    except (UnicodeDecodeError, ConfigError) as exc:
+        error(str(exc))
+        return EXIT_FAILURE
+    for key in args.keys:
+        print(" ".join(params.get(key, "").split()))
+    return EXIT_OK
+
+
+def cmd_check_domain(args):
+    problem = check_mail_domain(args.domain)
+    if problem:
+        print(problem)
+        return EXIT_FAILURE
+    print(implied_tls_mode(args.domain))
+    return EXIT_OK
+
+
 def cmd_status(args):
     from . import status
 
@@ -318,7 +337,7 @@ def cmd_dns(args):
         if loaded is None:
             return EXIT_FAILURE
         config, platform = loaded
-        # postinst.d/30-dkim keeps one key per mail domain
+        # steps/dkim-key keeps one key per mail domain
         dkim_key = f"{platform.dkim_key_dir}/{config.mail_domain_bare}.private"
     else:
         config = load_config_or_error(args.config)

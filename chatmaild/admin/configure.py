@@ -1,98 +1,161 @@
 """`chatmail configure`: apply chatmail.ini to the system.
 
-The Debian postinst, the Alpine post-install and an admin after editing chatmail.ini all
-run the same thing: the steps in <data_dir>/postinst.d/, named NN-name, in order. Steps
-are POSIX shell scripts; they get the relay's settings and the platform's facts in the
-environment (CHATMAIL_* and PLATFORM_*), so none of them parses chatmail.ini or asks
-which distribution it runs on. One step calls `chatmail apply-files`, which renders
-conf/, validates every component with its daemon's own checker and only then writes
-anything (apply_configuration below). Services to reload are collected in the file
-$CHATMAIL_RELOAD_LIST; services to restart (a changed unit drop-in) in
-<state_dir>/pending-restarts, kept until done. The services step acts on both.
+The Debian postinst, the Alpine install scripts, certbot's deploy hook and an admin after
+editing chatmail.ini all run the same pipeline, configure() below: make the relay's
+directories and secrets, render every configuration file from chatmail.ini and the
+platform's facts, validate them all with the daemons' own checkers and only then write
+them (never over an admin's edit), and finally start, reload or restart what this run
+changed (reloads.py decides). Three steps are small shell commands in <data_dir>/steps/,
+because they drive shell tools: the DKIM key (opendkim-genkey), the TLS certificate
+(openssl) and certbot; they get the few settings they need in the environment
+(CHATMAIL_*, PLATFORM_*).
+
+Everything the pipeline does to the system goes through a Host (host.py), the one seam
+tests use to run it elsewhere.
 """
 
 import os
-import re
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
+from dataclasses import dataclass, field
 
-from .apply import NEW_SUFFIX, ApplyResult, apply_files
+from .apply import NEW_SUFFIX, ApplyResult, apply_files, record_created
 from .components import component_module
-from .platform import data_dir
-from .render import render_all
-from .services import relay_services, relay_sockets
-
-PENDING_RESTARTS = "pending-restarts"
-STEP_NAME = re.compile(r"^[0-9][0-9]-[a-z0-9][a-z0-9-]*$")
-
-
-class StepFailed(Exception):
-    pass
+from .components.postfix import make_alias_database
+from .directories import make_directories
+from .host import CommandFailed, Host, act
+from .kernellimits import raise_kernel_limits
+from .reloads import ServicesFailed, bring_up_services
+from .render import RenderError, render_all
+from ..turn import generate_secret
 
 
-def steps_dir():
-    return data_dir() / "postinst.d"
+class ConfigureFailed(Exception):
+    """A step failed; the message says which and why. Steps before it are done."""
 
 
-def list_steps(folder=None):
-    folder = Path(folder) if folder else steps_dir()
-    return sorted(p for p in folder.iterdir() if STEP_NAME.match(p.name) and p.is_file())
+class InvalidConfiguration(Exception):
+    """The rendered configuration does not pass a daemon's checker: nothing was written."""
+
+    def __init__(self, problems):
+        super().__init__("the new configuration is not valid, nothing was changed:\n" +
+                         "\n".join(f"  {problem}" for problem in problems))
 
 
-def relay_settings(config):
-    """The settings steps need, as environment variables (all strings)."""
-    values = {
-        "mail_domain": config.mail_domain_bare,
-        "mail_domain_full": config.mail_domain,
-        "ipv4_relay": config.ipv4_relay or "",
-        "tls_cert_mode": config.tls_cert_mode,
-        "tls_cert_path": config.tls_cert_path,
-        "tls_key_path": config.tls_key_path,
-        "acme_email": config.acme_email,
-        "mailboxes_dir": str(config.mailboxes_dir),
-        "turn_secret_path": config.turn_secret_path,
-        "disable_ipv6": "true" if config.disable_ipv6 else "false",
-        "mtail_address": config.mtail_address or "",
-    }
-    return {"CHATMAIL_" + key.upper(): value for key, value in values.items()}
+# What the shell steps read: the relay's settings and the platform's facts they use.
+STEP_SETTINGS = ("mail_domain", "ipv4_relay", "tls_cert_mode", "tls_cert_path",
+                 "tls_key_path", "acme_email")
+STEP_FACTS = ("state_dir", "dkim_key_dir", "opendkim_user", "certbot_live_dir",
+              "acme_webroot")
 
 
-def platform_settings(platform):
-    """The platform's facts, and the relay's services and sockets on it (services.toml),
-    as environment variables (all strings)."""
-    facts = {key: str(value) for key, value in vars(platform).items()}
-    facts["relay_services"] = " ".join(relay_services())
-    facts["relay_sockets"] = " ".join(relay_sockets(platform))
-    return {"PLATFORM_" + key.upper(): value for key, value in facts.items()}
+@dataclass
+class Run:
+    """One `chatmail configure`: what it works on, and what it changed so far."""
+
+    config: object
+    platform: object
+    host: Host
+    no_reload: bool = False
+    reload: tuple = ()  # services the caller asks to reload (daemon names allowed)
+    changes: ApplyResult = field(default_factory=ApplyResult)
+
+    def say(self, message):
+        print(f"chatmail: {message}", flush=True)
 
 
-def step_environment(config, platform, reload_list, no_reload):
+def configure(config, platform, host=None, no_reload=False, reload=(), steps=None):
+    """Apply CONFIG on PLATFORM. Raises ConfigureFailed naming the step that failed.
+    steps: the names of the steps to run (tests), default all."""
+    run = Run(config, platform, host or Host(), no_reload, tuple(reload))
+    unknown = set(steps or ()) - set(STEPS)
+    if unknown:
+        raise ValueError(f"no such steps: {', '.join(sorted(unknown))}")
+    for name, step in STEPS.items():
+        if steps is not None and name not in steps:
+            continue
+        print(f"chatmail configure: {name}", flush=True)
+        try:
+            step(run)
+        except (CommandFailed, ServicesFailed, InvalidConfiguration, RenderError,
+                OSError) as exc:
+            raise ConfigureFailed(f"{name}: {exc}\n(nothing after this step was done)") \
+                from None
+
+
+def step_directories(run):
+    make_directories(run.config, run.platform, run.host)
+
+
+def step_kernel_limits(run):
+    raise_kernel_limits(run.platform, run.host, run.say)
+
+
+def step_turn_secret(run):
+    """Made once per relay and never replaced: coturn and every credential handed out
+    depend on it."""
+    path = run.host.path(run.config.turn_secret_path)
+    generate_secret(path, run.host.group_id(run.platform.vmail_user))
+    record_created(run.host.path(run.platform.state_dir), run.config.turn_secret_path)
+
+
+def shell_step(name):
+    """The step <data_dir>/steps/NAME."""
+    def step(run):
+        script = f"{run.host.data_dir}/steps/{name}"
+        act(run.host.run, [script], "the shell step", env=shell_step_environment(run))
+    return step
+
+
+def shell_step_environment(run):
     env = dict(os.environ)
-    env.update(relay_settings(config))
-    env.update(platform_settings(platform))
-    env["CHATMAIL_INI"] = str(config.inipath)
-    env["CHATMAIL_DATA_DIR"] = str(data_dir())
-    env["CHATMAIL_RELOAD_LIST"] = str(reload_list)
-    env["CHATMAIL_NO_RELOAD"] = "1" if no_reload else ""
+    env.update(relay_settings(run.config))
+    env.update(platform_settings(run.platform))
+    env["CHATMAIL_DATA_DIR"] = run.host.data_dir
+    env["CHATMAIL_NO_RELOAD"] = "1" if run.no_reload else ""
     return env
 
 
-def run_steps(config, platform, no_reload=False, reload=(), folder=None, out=None):
-    """Run every step in order; raise StepFailed naming the step that failed.
-    `reload`: services to reload even if none of their files changed."""
-    with tempfile.TemporaryDirectory(prefix="chatmail-configure.") as tmp:
-        reload_list = Path(tmp) / "reload"
-        reload_list.write_text("".join(f"{platform_service(platform, name)}\n"
-                                       for name in reload))
-        env = step_environment(config, platform, reload_list, no_reload)
-        for step in list_steps(folder):
-            print(f"chatmail configure: {step.name}", file=out or sys.stdout, flush=True)
-            code = subprocess.run([str(step)], env=env).returncode
-            if code:
-                raise StepFailed(f"step {step.name} failed (exit status {code}); "
-                                 "nothing after it was done")
+def relay_settings(config):
+    """The settings the shell steps read, as environment variables (all strings)."""
+    values = {key: getattr(config, key) or "" for key in STEP_SETTINGS}
+    values["mail_domain"] = config.mail_domain_bare
+    return {"CHATMAIL_" + key.upper(): str(value) for key, value in values.items()}
+
+
+def platform_settings(platform):
+    """The platform's facts the shell steps read, as environment variables."""
+    return {"PLATFORM_" + key.upper(): str(getattr(platform, key)) for key in STEP_FACTS}
+
+
+def step_files(run):
+    run.changes = apply_configuration(run.config, run.platform, run.host)
+
+
+def step_aliases(run):
+    make_alias_database(run.platform, run.host, run.say)
+
+
+def step_services(run):
+    if run.no_reload:
+        run.say("not starting or reloading services (--no-reload)")
+        return
+    bring_up_services(run.config, run.platform, run.host, run.say,
+                      changed_reload=run.changes.reload, changed_restart=run.changes.restart,
+                      asked_reload=[platform_service(run.platform, name)
+                                    for name in run.reload])
+
+
+STEPS = {
+    "directories": step_directories,
+    "kernel-limits": step_kernel_limits,
+    "turn-secret": step_turn_secret,
+    "dkim-key": shell_step("dkim-key"),
+    "tls-certificate": shell_step("tls-certificate"),
+    "files": step_files,
+    "aliases": step_aliases,
+    "services": step_services,
+    "acme-certificate": shell_step("acme-certificate"),
+}
 
 
 def platform_service(platform, name):
@@ -119,31 +182,19 @@ def validate_components(files, platform):
     return problems
 
 
-def apply_configuration(config, platform, reload_list=None):
-    """Render, validate, then write. Returns an exit code; on a validation problem
-    nothing is written and the running configuration stays as it was."""
+def apply_configuration(config, platform, host=None):
+    """Render, validate, then write; returns the ApplyResult (what changed, what to
+    reload or restart). On a validation problem nothing is written and the running
+    configuration stays as it was: InvalidConfiguration."""
+    root = host.root if host else "/"
     files = render_all(config, platform)
     problems = validate_components(files, platform)
     if problems:
-        print("chatmail: the new configuration is not valid, nothing was changed:",
-              file=sys.stderr)
-        for problem in problems:
-            print(f"  {problem}", file=sys.stderr)
-        return 1
-    result = apply_files(files, platform.state_dir)
+        raise InvalidConfiguration(problems)
+    result = apply_files(files, platform.state_dir, root)
     result.merge(apply_special_kinds(files, platform))
     report(result)
-    if reload_list:
-        with open(reload_list, "a", encoding="utf-8") as f:
-            f.writelines(f"{service}\n" for service in sorted(result.reload))
-    if result.restart:
-        # Kept until the services step has done it: a restart that was interrupted or
-        # failed is retried by the next `chatmail configure`, or the daemon would keep
-        # running with a unit definition that is no longer on disk.
-        pending = Path(platform.state_dir) / PENDING_RESTARTS
-        with open(pending, "a", encoding="utf-8") as f:
-            f.writelines(f"{service}\n" for service in sorted(result.restart))
-    return 0
+    return result
 
 
 def apply_special_kinds(files, platform):
@@ -155,13 +206,14 @@ def apply_special_kinds(files, platform):
     return result
 
 
-def report(result):
+def report(result, out=None):
+    out = out or sys.stdout
     for path in result.changed:
-        print(f"  updated {path}")
+        print(f"  updated {path}", file=out)
     for path in result.removed:
-        print(f"  removed {path} (no longer needed)")
+        print(f"  removed {path} (no longer needed)", file=out)
     for path in result.orphaned:
-        print(f"  {path} is no longer needed, but you changed it: left in place")
+        print(f"  {path} is no longer needed, but you changed it: left in place", file=out)
     for path in result.kept:
         print(f"  kept your changes to {path}; the new version is {path}{NEW_SUFFIX}"
-              " (merge it, then run 'chatmail configure')")
+              " (merge it, then run 'chatmail configure')", file=out)

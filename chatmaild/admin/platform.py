@@ -20,7 +20,7 @@ class PlatformError(Exception):
 
 
 def data_dir():
-    """Where conf/ and postinst.d/ are: the installed package, or a checkout (tests)."""
+    """Where conf/ and steps/ are: the installed package, or a checkout (tests)."""
     return Path(os.environ.get("CHATMAIL_DATA_DIR", DEFAULT_DATA_DIR))
 
 

@@ -1,31 +1,15 @@
-"""Ask the service manager (systemd or OpenRC, from platform.service_manager) about units.
+"""The service manager (systemd or OpenRC, from platform.service_manager): ask it about
+units (`chatmail status`), and start, reload or restart them (`chatmail configure`, whose
+decisions are in reloads.py).
 
-Only questions, no actions: `chatmail status` uses it; starting and reloading is done by
-the postinst.d steps. Every command goes through a `run` function (argv -> Completed) so
-tests can answer for a service manager that does not run on the test host.
+Every command goes through a `run` function (argv -> Completed) so tests can answer for
+a service manager that does not run on the test host, or run it in another root.
 """
 
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-
-@dataclass
-class Completed:
-    returncode: int
-    stdout: str
-    stderr: str = ""
-
-
-def run_command(argv, timeout=30):
-    """Run argv; a missing program is returncode 127, as in a shell."""
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    except FileNotFoundError:
-        return Completed(127, "", f"{argv[0]}: command not found")
-    except subprocess.TimeoutExpired:
-        return Completed(124, "", f"{argv[0]}: no answer within {timeout} s")
-    return Completed(proc.returncode, proc.stdout, proc.stderr)
+from .host import act, run_command, run_shown
 
 
 @dataclass
@@ -48,6 +32,25 @@ class Systemd:
 
     def __init__(self, run=run_command):
         self.run = run
+
+    def missing(self, has_command):
+        """What keeps it from running services here, or None."""
+        if not has_command("systemctl"):
+            return "systemctl not found: the relay's services need systemd running"
+        return None
+
+    def is_active(self, name):
+        return self.run(["systemctl", "--quiet", "is-active", name]).returncode == 0
+
+    def do(self, action, name, has_command):
+        """ACTION (start, stop, restart, reload-or-restart) on unit NAME. On Debian,
+        deb-systemd-invoke honours policy-rc.d, so image builders and test hosts can keep
+        services from starting."""
+        tool = "deb-systemd-invoke" if has_command("deb-systemd-invoke") else "systemctl"
+        act(self.run, [tool, action, name], f"{action} {name}")
+
+    def reload_units(self):
+        act(self.run, ["systemctl", "daemon-reload"], "systemctl daemon-reload")
 
     @staticmethod
     def unit_name(name):
@@ -104,6 +107,37 @@ class OpenRC:
     def states(self, names):
         return {name: self._state(name) for name in names}
 
+    def missing(self, has_command, softlevel=Path("/run/openrc/softlevel")):
+        if not has_command("rc-service"):
+            return ("rc-service not found: the relay's services need OpenRC (apk add openrc, "
+                    "then boot with it)")
+        # OpenRC writes it when it enters a runlevel; without it (a container OpenRC did
+        # not boot) rc-service fails with a misleading "already starting".
+        if not softlevel.exists():
+            return ("OpenRC did not boot this system (no /run/openrc/softlevel): the relay's "
+                    "services need OpenRC as the init system")
+        return None
+
+    def is_active(self, name):
+        return self.run(["rc-service", "--quiet", name, "status"]).returncode == 0
+
+    def do(self, action, name, has_command=None):
+        what = f"{action} {name}"
+        if action == "reload-or-restart":
+            if run_shown(self.run, ["rc-service", name, "reload"]) != 0:
+                act(self.run, ["rc-service", name, "restart"], what)
+        elif action == "start":
+            # OpenRC still counts a service whose process died as started, and `start`
+            # would only warn that it is: restart it first if it crashed.
+            act(self.run, ["rc-service", "--ifcrashed", name, "restart"], what)
+            act(self.run, ["rc-service", name, "start"], what)
+        else:
+            act(self.run, ["rc-service", name, action], what)
+
+    def forget(self, name):
+        """Forget that NAME was started (it is not running, whatever OpenRC thinks)."""
+        act(self.run, ["rc-service", "--quiet", name, "zap"], f"zap {name}")
+
     def _enabled(self, name):
         return any((level / name).exists() for level in self.runlevels_dir.glob("*"))
 
@@ -125,3 +159,18 @@ def service_manager(platform, run=run_command, **paths):
     if kind == "openrc":
         return OpenRC(run, **paths)
     raise ValueError(f"unknown service manager {kind!r} in the platform table")
+
+
+def dead_master_pid(pid_file, proc_dir="/proc"):
+    """The pid in Postfix's master.pid if no master process runs with it; None when one
+    does or there is no pid file (never started, or not ours to read: it is root's)."""
+    try:
+        pid = int(Path(pid_file).read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        if (Path(proc_dir) / str(pid) / "comm").read_text().strip() == "master":
+            return None
+    except OSError:
+        pass
+    return pid

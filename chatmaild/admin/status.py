@@ -15,7 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .servicemanager import ServiceManagerError, run_command, service_manager
+from .host import run_command
+from .servicemanager import ServiceManagerError, dead_master_pid, service_manager
 from .services import relay_services, relay_sockets
 
 OK, INFO, WARN, FAIL = "ok", "", "warn", "FAIL"
@@ -240,15 +241,8 @@ def dead_postfix_finding(platform, probes):
     """Alpine's postfix init script keeps no pid file of its own: OpenRC goes on calling
     Postfix started after its master process died. Postfix's pid file tells."""
     pid_file = probes.postfix_pid_file or f"{platform.postfix_queue_dir}/pid/master.pid"
-    try:
-        pid = int(Path(pid_file).read_text())
-    except (OSError, ValueError):
-        return None  # never started, or not ours to read (it is root's alone)
-    try:
-        running = (Path(probes.proc_dir) / str(pid) / "comm").read_text().strip() == "master"
-    except OSError:
-        running = False
-    if running:
+    pid = dead_master_pid(pid_file, probes.proc_dir)
+    if pid is None:
         return None
     return Finding("Services", platform.postfix_instance_service, FAIL,
                    f"counted as running, but its master process (pid {pid}) is gone",

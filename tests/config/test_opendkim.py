@@ -74,7 +74,7 @@ def test_tables_name_the_key_of_the_domain(rendered, relay_config):
     domain = relay_config.mail_domain
     key_table = rendered["/etc/dkimkeys/KeyTable"]
     signing_table = rendered["/etc/dkimkeys/SigningTable"]
-    # The key postinst.d/30-dkim makes, named after the domain.
+    # The key steps/dkim-key makes, named after the domain.
     assert key_table.content.split() == [f"opendkim._domainkey.{domain}",
                                          f"{domain}:opendkim:/etc/dkimkeys/{domain}.private"]
     assert signing_table.content.split() == [f"*@{domain}", f"opendkim._domainkey.{domain}"]

@@ -11,9 +11,8 @@ import pytest
 
 from chatmaild.admin.components import postconf as postconf_edits
 from chatmaild.admin.components import postfix
-from chatmaild.admin.configure import platform_settings
+from chatmaild.admin.host import Host, run_command
 from chatmaild.admin.platform import load_platform
-from tests.conftest import REPO
 
 pytestmark = pytest.mark.skipif(not shutil.which("postconf", path="/usr/sbin:/usr/bin"),
                                 reason="needs Debian's postfix package")
@@ -487,17 +486,23 @@ def test_mailname(rendered, relay_config):
                                                     ("alpine", "aliases.lmdb")])
 def test_aliases_step_builds_the_alias_database_postfix_reads(make_config, render, live_dir,
                                                                platform_name, database):
-    """postinst.d/55-aliases with the real newaliases, for the main.cf our templates make:
+    """`chatmail configure`'s aliases step with the real newaliases, for the main.cf our
+    templates make:
     Berkeley DB on Debian, LMDB on Alpine (whose Postfix has no Berkeley DB; Debian's
     postfix-lmdb module stands in for its built-in LMDB)."""
     aliases = live_dir / "aliases"
     platform = live_platform(platform_name, live_dir, postfix_aliases=str(aliases))
     seed_debian(live_dir)
     apply(postconf_items(render("postfix", make_config(), platform)), platform)
-    env = {**platform_settings(platform), "CHATMAIL_DATA_DIR": str(REPO),
-           "MAIL_CONFIG": str(live_dir), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-    step = ["sh", str(REPO / "postinst.d" / "55-aliases")]
-    subprocess.run(step, env=env, check=True, capture_output=True)
+    env = {"MAIL_CONFIG": str(live_dir), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+
+    def run(argv, **options):
+        return run_command(argv, **{**options, "env": env})
+
+    def step():
+        postfix.make_alias_database(platform, Host(run=run), print)
+
+    step()
     assert sorted(p.name for p in live_dir.glob("aliases*")) == ["aliases", database]
     alias_maps = main_settings(live_dir)["alias_maps"]
     assert alias_maps == f"{platform.postfix_map_type}:{aliases}"
@@ -510,7 +515,7 @@ def test_aliases_step_builds_the_alias_database_postfix_reads(make_config, rende
     assert (found.stdout, found.stderr) == ("root\n", "")
     # Once there, the database is the admin's: a later run does not rebuild it.
     aliases.write_text(aliases.read_text() + "abuse: root\n")
-    subprocess.run(step, env=env, check=True, capture_output=True)
+    step()
     assert lookup("abuse").returncode != 0
 
 

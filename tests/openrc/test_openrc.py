@@ -31,9 +31,11 @@ import dkim
 import pytest
 
 from chatmaild.admin.apply import apply_files
-from chatmaild.admin.configure import apply_special_kinds, step_environment
+from chatmaild.admin.configure import apply_special_kinds, configure
+from chatmaild.admin.host import Host
 from chatmaild.admin.platform import load_platform
 from chatmaild.admin.render import render_component
+from chatmaild.admin.reloads import forget_dead_postfix
 from chatmaild.admin.servicemanager import OpenRC
 from chatmaild.admin.status import Probes, dead_postfix_finding
 from chatmaild.config import default_config_text, read_config
@@ -157,7 +159,7 @@ def relay(syslog):
     INI.parent.mkdir(parents=True, exist_ok=True)
     INI.write_text(default_config_text(DOMAIN, **PERMISSIVE))
     config = read_config(INI)
-    # What `chatmail configure` (postinst.d/10-directories) makes before services start.
+    # What `chatmail configure` (its directories step) makes before services start.
     Path(config.mailboxes_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
     shutil.chown(config.mailboxes_dir, "vmail", "vmail")
     config.open_files = open_files
@@ -447,7 +449,7 @@ def dovecot(relay):
     localmount.chmod(0o755)
     assert rc_service("localmount", "start").returncode == 0
     make_certificate(relay.tls_cert_path, relay.tls_key_path)
-    # As 10-directories makes it: Postfix refuses to start while it is not its own.
+    # As `chatmail configure` makes it: Postfix refuses to start while it is not its own.
     Path("/var/spool/postfix/private").mkdir(mode=0o700, parents=True, exist_ok=True)
     shutil.chown("/var/spool/postfix/private", "postfix", "postfix")
     for item in render_component("dovecot", relay, openrc_platform()):
@@ -613,7 +615,6 @@ start() { ebegin "Starting postfix"; postfix start >/dev/null 2>&1; eend $?; }
 stop() { ebegin "Stopping postfix"; postfix stop >/dev/null 2>&1; eend $?; }
 reload() { ebegin "Reloading postfix"; postfix reload >/dev/null 2>&1; eend $?; }
 """
-FUNCTIONS = REPO / "postinst.d" / "functions.sh"
 POSTFIX_PID_FILE = Path("/var/spool/postfix/pid/master.pid")
 
 
@@ -627,8 +628,9 @@ def alpine_platform():
 def configure_postfix_and_opendkim(relay, state_dir):
     """What `chatmail configure` does for Postfix and OpenDKIM on Alpine: the rendered
     files, and the settings applied on Postfix's own main.cf and master.cf (Alpine's
-    package installs them as Debian's copies them here); then the steps that make their
-    directories, the DKIM key and the alias database (LMDB, as Alpine's Postfix has)."""
+    package installs them as Debian's copies them here); then the steps of `chatmail
+    configure` that make their directories, the DKIM key and the alias database (LMDB,
+    as Alpine's Postfix has)."""
     platform = alpine_platform()
     # What chatmail-relay's pre-install does (with busybox's addgroup on Alpine): Postfix
     # reaches the milter socket in OpenDKIM's directory as a member of its group.
@@ -639,11 +641,8 @@ def configure_postfix_and_opendkim(relay, state_dir):
              *render_component("opendkim", relay, platform)]
     apply_files(items, state_dir)
     apply_special_kinds(items, platform)
-    env = step_environment(relay, platform, state_dir / "reload", no_reload=True)
-    for step in ["10-directories", "30-dkim", "55-aliases"]:
-        result = subprocess.run([str(REPO / "postinst.d" / step)], env=env,
-                                capture_output=True, text=True)
-        assert result.returncode == 0, result.stdout + result.stderr
+    configure(relay, platform, Host(), no_reload=True,
+              steps=["directories", "dkim-key", "aliases"])
 
 
 @pytest.fixture
@@ -665,12 +664,15 @@ def postfix_master_pid():
     return pid if Path(f"/proc/{pid}/comm").read_text().strip() == "master" else None
 
 
-def run_service_functions(script):
-    """SCRIPT in a shell with postinst.d/functions.sh, as the steps run on Alpine."""
-    env = {"PATH": os.environ["PATH"], "PLATFORM_SERVICE_MANAGER": "openrc",
-           "PLATFORM_POSTFIX_QUEUE_DIR": "/var/spool/postfix"}
-    return subprocess.run(["sh", "-c", f". {FUNCTIONS}; {script}"], capture_output=True,
-                          text=True, env=env)
+def bring_up_postfix(action):
+    """What `chatmail configure`'s services step does with Postfix on OpenRC: forget a
+    dead one, then, unless it runs, ACTION it. What it said."""
+    said = []
+    manager = OpenRC()
+    forget_dead_postfix(load_platform("alpine"), manager, Host(), said.append)
+    if not manager.is_active("postfix"):
+        manager.do(action, "postfix")
+    return said
 
 
 @pytest.mark.parametrize("then", ["bring_up_start", "bring_up_reload"])
@@ -687,19 +689,17 @@ def test_a_dead_postfix_is_found_and_started_again(postfix, then):
     # What OpenRC cannot see: it still counts Postfix as started.
     assert rc_service("postfix", "status").returncode == 0
     assert "master process (pid" in dead_postfix_finding(platform, Probes()).detail
-    # What 60-services does: forget the dead Postfix, then start it, or, with a changed
-    # configuration, reload it (refused while stopped), restarting instead.
+    # What the services step does: forget the dead Postfix, then start it, or, with a
+    # changed configuration, reload it (refused while stopped), restarting instead.
     action = "start" if then == "bring_up_start" else "reload-or-restart"
-    result = run_service_functions(
-        f"forget_dead_postfix && {{ service is-active postfix || service {action} postfix; }}")
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "postfix is not running, although OpenRC counts it as started" in result.stdout
+    said = bring_up_postfix(action)
+    assert said == ["postfix is not running, although OpenRC counts it as started: "
+                    "starting it"]
     second = postfix_master_pid()
     assert second and second != first
     assert dead_postfix_finding(platform, Probes()) is None
     # With its master running, nothing to forget.
-    result = run_service_functions("forget_dead_postfix")
-    assert (result.returncode, result.stdout) == (0, "")
+    assert bring_up_postfix("start") == []
     assert postfix_master_pid() == second
 
 
@@ -818,7 +818,7 @@ def test_mail_between_two_users_is_signed_and_delivered(dovecot, opendkim):
 
 
 def dkim_record_of(domain):
-    """A DNS lookup answering only the DKIM TXT record of the key 30-dkim made."""
+    """A DNS lookup answering only the DKIM TXT record of the key steps/dkim-key made."""
     der = subprocess.run(["openssl", "pkey", "-in", f"/etc/dkimkeys/{domain}.private",
                           "-pubout", "-outform", "DER"], capture_output=True, check=True).stdout
     record = b"v=DKIM1; k=rsa; p=" + base64.b64encode(der)
@@ -899,8 +899,9 @@ def test_configure_starts_a_crashed_service_and_status_says_crashed(relay):
             time.sleep(0.05)
         state = OpenRC().states(["crashy"])["crashy"]
         assert (state.active, state.text) == (False, "crashed")
-        result = run_service_functions("service is-active crashy || service start crashy")
-        assert result.returncode == 0, result.stdout + result.stderr
+        manager = OpenRC()
+        assert not manager.is_active("crashy")
+        manager.do("start", "crashy")
         second = int(Path("/run/crashy.pid").read_text())
         assert second != first and Path(f"/proc/{second}/comm").read_text() == "sleep\n"
         assert OpenRC().states(["crashy"])["crashy"].text == "started"

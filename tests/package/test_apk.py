@@ -343,14 +343,15 @@ def test_relay_data_files_match_the_deb(parsed):
 
 def test_relay_package_holds_steps_hooks_and_daily_jobs(parsed):
     files = parsed["chatmail-relay"].files
-    for step in sorted((REPO / "postinst.d").iterdir()):
-        assert f"/usr/share/chatmail-relay/postinst.d/{step.name}" in files
+    for step in sorted((REPO / "steps").iterdir()):
+        assert f"/usr/share/chatmail-relay/steps/{step.name}" in files
     assert "/usr/share/chatmail-relay/hooks/certbot-deploy" in files
     assert "/usr/share/chatmail-relay/conf/platform.toml" in files
     for job in ["chatmail-expire", "chatmail-fsreport", "chatmail-certbot-renew"]:
         assert f"/etc/periodic/daily/{job}" in files
     modes = {"/" + i.name: i.mode for i, _ in parsed["chatmail-relay"].data}
-    assert modes["/usr/share/chatmail-relay/postinst.d/60-services"] == 0o755
+    assert modes["/usr/share/chatmail-relay/steps/dkim-key"] == 0o755
+    assert modes["/usr/share/chatmail-relay/steps/functions.sh"] == 0o644
     assert modes["/usr/share/chatmail-relay/enable-services"] == 0o755
     assert modes["/etc/periodic/daily/chatmail-expire"] == 0o755
 
@@ -438,15 +439,15 @@ def test_post_install_fails_when_configure_fails(shell):
     assert "apk fix chatmail-relay" in result.stderr
 
 
-def test_configuration_steps_are_the_shared_postinst_d():
-    # Both distributions configure through `chatmail configure`, which runs postinst.d/;
-    # no step is duplicated into the Alpine scripts.
+def test_configuration_steps_are_the_shared_pipeline():
+    # Both distributions configure through `chatmail configure`; no step is duplicated
+    # into the Alpine scripts.
     debian = (DEBIAN / "chatmail-relay.postinst").read_text()
     assert 'chatmail --config "$INI" configure' in debian
     for script in ["post-install", "post-upgrade"]:
         text = (RELAY_APKBUILD_DIR / f"chatmail-relay.{script}").read_text()
         assert 'chatmail --config "$INI" configure' in text
-        assert "postinst.d" not in text.replace("postinst.d steps", "")
+        assert "steps/" not in text
 
 
 def test_pre_install_creates_vmail_with_busybox_once(alpine_root):
@@ -463,7 +464,7 @@ def test_pre_install_creates_vmail_with_busybox_once(alpine_root):
     assert int(uid) < 1000, "a system user"
     assert re.search(rf"^vmail:x:{gid}:", group, re.M)
     assert (home, login_shell) == ("/home/vmail", "/sbin/nologin")
-    assert not alpine_root.host_path(home).exists(), "10-directories makes the home"
+    assert not alpine_root.host_path(home).exists(), "chatmail configure makes the home"
     assert re.search(r"^opendkim:x:\d+:.*\bpostfix\b", group, re.M)
     again = alpine_root.run("/bin/sh", "/tmp/pre-install")
     assert again.returncode == 0, again.stderr
@@ -653,12 +654,11 @@ def test_daily_jobs_do_nothing_before_setup(shell):
 
 
 def test_certbot_renewal_uses_the_shared_deploy_hook():
-    # The stored deploy hook (postinst.d/70-acme) reloads through `chatmail configure`,
-    # whose service() uses rc-service on OpenRC.
+    # The stored deploy hook (steps/acme-certificate) reloads through `chatmail
+    # configure`, which reloads with rc-service on OpenRC (tests/package/
+    # test_steps_busybox.py).
     hook = (REPO / "hooks" / "certbot-deploy").read_text()
     assert "--reload postfix --reload dovecot --reload nginx" in hook
-    functions = (REPO / "postinst.d" / "functions.sh").read_text()
-    assert 'rc-service "$2" reload' in functions
     assert "certbot renew" in (ALPINE / "chatmail-certbot-renew.periodic").read_text()
 
 
@@ -737,4 +737,4 @@ def test_no_tar_end_blocks_between_streams(apks):
     with tarfile.open(apks["chatmail-relay"], "r:gz") as tar:
         names = tar.getnames()
     assert names[0].startswith(".SIGN.RSA.") and names[1] == ".PKGINFO"
-    assert "usr/share/chatmail-relay/postinst.d/60-services" in names
+    assert "usr/share/chatmail-relay/steps/dkim-key" in names

@@ -66,8 +66,8 @@ def test_python3_chatmaild_depends_on_debian_libraries():
 def test_chatmail_relay_layout():
     files = contents(deb_named("chatmail-relay"))
     assert "/usr/share/chatmail-relay/conf/platform.toml" in files
-    assert "/usr/share/chatmail-relay/postinst.d/50-files" in files
-    assert "/usr/share/chatmail-relay/postinst.d/functions.sh" in files
+    assert "/usr/share/chatmail-relay/steps/dkim-key" in files
+    assert "/usr/share/chatmail-relay/steps/functions.sh" in files
     assert "/usr/share/chatmail-relay/hooks/certbot-deploy" in files
     # nothing we generate is a dpkg conffile (unattended-upgrades would stall on it)
     conffiles = subprocess.run(["dpkg-deb", "--ctrl-tarfile", str(deb_named("chatmail-relay"))],
@@ -78,7 +78,7 @@ def test_chatmail_relay_layout():
 @pytest.mark.parametrize("socket", ["filtermail.socket", "filtermail-incoming.socket"])
 def test_filter_sockets_are_installed_and_enabled(socket):
     """dh_installsystemd --name=filtermail takes the .socket beside the .service and
-    enables it (sockets.target); postinst.d/60-services starts it."""
+    enables it (sockets.target); `chatmail configure` starts it."""
     deb = deb_named("chatmail-relay")
     assert any(path.endswith(f"/systemd/system/{socket}") for path in contents(deb))
     assert f"deb-systemd-helper enable '{socket}'" in maintainer_script(deb, "postinst")
@@ -113,7 +113,8 @@ def maintainer_script(deb, name):
 def test_steps_are_executable_in_the_package():
     out = subprocess.run(["dpkg-deb", "--contents", str(deb_named("chatmail-relay"))],
                          capture_output=True, text=True, check=True).stdout
-    steps = [line for line in out.splitlines() if "/postinst.d/" in line and "/postinst.d/functions" not in line and not line.endswith("/")]
+    steps = [line for line in out.splitlines() if "/steps/" in line
+             and "/steps/functions" not in line and not line.endswith("/")]
     assert steps
     for line in steps:
         assert line.startswith("-rwxr-xr-x"), line
@@ -123,7 +124,7 @@ def test_maintainer_scripts_are_shellcheck_clean():
     scripts = [REPO / "debian" / name for name in
                ("chatmail-relay.config", "chatmail-relay.postinst", "chatmail-relay.prerm",
                 "chatmail-relay.postrm")]
-    scripts += sorted((REPO / "postinst.d").iterdir()) + sorted((REPO / "hooks").iterdir())
+    scripts += sorted((REPO / "steps").iterdir()) + sorted((REPO / "hooks").iterdir())
     result = subprocess.run(["shellcheck", "-x", "-s", "sh", *map(str, scripts)],
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stdout

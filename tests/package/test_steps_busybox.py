@@ -1,22 +1,25 @@
-"""The configuration steps (postinst.d/) that need only a base system, run by Alpine's
-busybox in Alpine's minirootfs, with the environment `chatmail configure` gives them on
-Alpine: busybox's install, mktemp, grep, sort, sha256sum and ash instead of Debian's.
-rc-service is not in the minirootfs (tests/openrc runs the real OpenRC); a stand-in
-records the calls and, as OpenRC does, refuses `status` and `reload` for a service that
-was not started, and forgets a service on `zap`."""
+"""`chatmail configure` on Alpine: its steps run against Alpine's minirootfs, where every
+command runs with chroot, so that busybox's tools and ash answer, not Debian's; the
+shell steps run as Alpine runs them. rc-service is not in the minirootfs (tests/openrc
+runs the real OpenRC); a stand-in records the calls and, as OpenRC does, refuses `status`
+and `reload` for a service that was not started, and forgets a service on `zap`."""
 
 import contextlib
+import io
 import shutil
 import socket
 import stat
+import sys
 
 import pytest
 
-from chatmaild.admin.configure import platform_settings, relay_settings
+from chatmaild.admin.configure import ConfigureFailed, configure
+from chatmaild.admin.host import Completed, Host
 from chatmaild.admin.platform import load_platform
 from chatmaild.admin.services import relay_services
 from chatmaild.config import default_config_text, read_config
 from tests.conftest import REPO, parse_syslog
+from tests.package.alpine_root import PATH
 from tests.package.conftest import enabled_services
 
 DOMAIN = "chat.example.org"
@@ -40,12 +43,12 @@ esac
 @pytest.fixture
 def alpine(alpine_root):
     """The minirootfs with the users Alpine's packages make (postfix, opendkim; vmail by
-    our pre-install), our steps installed and a chatmail.ini."""
+    our pre-install), our shell steps installed and a chatmail.ini."""
     alpine_root.add_dependency_users()
     shutil.copy(REPO / "alpine" / "chatmail-relay" / "chatmail-relay.pre-install",
                 alpine_root.host_path("/tmp/pre-install"))
     assert alpine_root.run("/bin/sh", "/tmp/pre-install").returncode == 0
-    shutil.copytree(REPO / "postinst.d", alpine_root.host_path(DATA_DIR + "/postinst.d"))
+    shutil.copytree(REPO / "steps", alpine_root.host_path(DATA_DIR + "/steps"))
     ini = alpine_root.host_path(INI)
     ini.parent.mkdir(parents=True)
     ini.write_text(default_config_text(DOMAIN))
@@ -61,21 +64,41 @@ def alpine(alpine_root):
     return alpine_root
 
 
-def run_step(alpine, name, reload=(), check=True, env=None):
-    """(output, rc-service calls) of postinst.d/NAME, with `env` added to what configure
-    gives it; with check=False the completed process, whatever its exit status."""
+def alpine_host(alpine):
+    """The minirootfs as the Host `chatmail configure` works on: its files, its users, its
+    commands run with chroot."""
+    def run(argv, timeout=30, show=False, env=None):
+        result = alpine.run(*argv, env={**(env or {}), "PATH": PATH})
+        if show:
+            sys.stdout.write(result.stdout)
+            sys.stderr.write(result.stderr)
+        return Completed(result.returncode, result.stdout, result.stderr)
+
+    return Host(alpine.path, run, DATA_DIR)
+
+
+def run_step(alpine, name, reload=(), platform="alpine"):
+    """(output, rc-service calls, the ConfigureFailed or None) of `chatmail configure`'s
+    step NAME in the minirootfs; reload: what `chatmail configure --reload` asks for."""
     config = read_config(alpine.host_path(INI))
-    reload_list = alpine.host_path("/tmp/reload")
-    reload_list.write_text("".join(f"{service}\n" for service in reload))
     alpine.host_path("/tmp/rc-service.calls").write_text("")
-    env = {**relay_settings(config), **platform_settings(load_platform("alpine")),
-           "CHATMAIL_INI": INI, "CHATMAIL_DATA_DIR": DATA_DIR,
-           "CHATMAIL_RELOAD_LIST": "/tmp/reload", "CHATMAIL_NO_RELOAD": "", **(env or {})}
-    result = alpine.run("/bin/sh", f"{DATA_DIR}/postinst.d/{name}", env=env)
-    if not check:
-        return result
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout, alpine.host_path("/tmp/rc-service.calls").read_text().splitlines()
+    out = io.StringIO()
+    failed = None
+    with contextlib.redirect_stdout(out):
+        try:
+            configure(config, load_platform(platform), alpine_host(alpine), reload=reload,
+                      steps=[name])
+        except ConfigureFailed as exc:
+            failed = exc
+    output = out.getvalue().removeprefix(f"chatmail configure: {name}\n")
+    calls = alpine.host_path("/tmp/rc-service.calls").read_text().splitlines()
+    return output, calls, failed
+
+
+def run_ok(alpine, name, reload=()):
+    output, calls, failed = run_step(alpine, name, reload)
+    assert failed is None, f"{failed}\n{output}"
+    return output, calls
 
 
 def owner_and_mode(alpine, path):
@@ -87,7 +110,7 @@ def owner_and_mode(alpine, path):
 
 
 def test_directories_step_makes_the_relay_directories(alpine):
-    run_step(alpine, "10-directories")
+    run_ok(alpine, "directories")
     platform = load_platform("alpine")
     config = read_config(alpine.host_path(INI))
     assert owner_and_mode(alpine, config.mailboxes_dir) == ("vmail", 0o700)
@@ -96,7 +119,7 @@ def test_directories_step_makes_the_relay_directories(alpine):
     assert owner_and_mode(alpine, platform.dkim_key_dir) == ("opendkim", 0o750)
     assert owner_and_mode(alpine, f"{platform.postfix_queue_dir}/private") == \
         ("postfix", 0o700)
-    run_step(alpine, "10-directories")  # idempotent
+    run_ok(alpine, "directories")  # idempotent
 
 
 def test_directories_step_leaves_an_existing_parent_alone(alpine):
@@ -104,112 +127,136 @@ def test_directories_step_leaves_an_existing_parent_alone(alpine):
     ini.write_text(default_config_text(DOMAIN, mailboxes_dir="/srv/mail"))
     alpine.host_path("/srv").mkdir(mode=0o755, exist_ok=True)
     before = owner_and_mode(alpine, "/srv")
-    run_step(alpine, "10-directories")
+    run_ok(alpine, "directories")
     assert owner_and_mode(alpine, "/srv") == before
     assert owner_and_mode(alpine, "/srv/mail") == ("vmail", 0o700)
 
 
 def test_kernel_limits_step_raises_what_is_lower_and_nothing_else(alpine):
-    """On a copy of /proc/sys: the inotify instances the kernel allows vmail (128 by
-    default) are raised to what sysctl.d/60-chatmail-relay.conf says; more is kept, and an
-    admin's file of the same name in /etc/sysctl.d counts instead of ours."""
+    """In the minirootfs's (unmounted) /proc/sys: the inotify instances the kernel allows
+    vmail (128 by default) are raised to what sysctl.d/60-chatmail-relay.conf says; more
+    is kept, and an admin's file of the same name in /etc/sysctl.d counts instead of
+    ours."""
     platform = load_platform("alpine")
     ours = alpine.host_path(f"{platform.sysctl_dir}/60-chatmail-relay.conf")
     ours.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "sysctl.d" / "60-chatmail-relay.conf", ours)
-    limit = alpine.host_path("/tmp/proc-sys/fs/inotify/max_user_instances")
+    limit = alpine.host_path("/proc/sys/fs/inotify/max_user_instances")
     limit.parent.mkdir(parents=True)
-    env = {"CHATMAIL_PROC_SYS": "/tmp/proc-sys"}
 
     limit.write_text("128\n")
-    out, _ = run_step(alpine, "15-kernel-limits", env=env)
+    out, _ = run_ok(alpine, "kernel-limits")
     assert limit.read_text().strip() == "65535"
-    assert "raised fs.inotify.max_user_instances from 128 to 65535" in out
-    assert run_step(alpine, "15-kernel-limits", env=env)[0] == ""  # idempotent
+    assert out == "chatmail: raised fs.inotify.max_user_instances from 128 to 65535\n"
+    assert run_ok(alpine, "kernel-limits")[0] == ""  # idempotent
 
     limit.write_text("100000\n")
-    run_step(alpine, "15-kernel-limits", env=env)
+    run_ok(alpine, "kernel-limits")
     assert limit.read_text().strip() == "100000"
 
     admins = alpine.host_path(f"{platform.sysctl_admin_dir}/60-chatmail-relay.conf")
     admins.parent.mkdir(parents=True, exist_ok=True)
     admins.write_text("fs.inotify.max_user_instances = 200000\n")
-    run_step(alpine, "15-kernel-limits", env=env)
+    run_ok(alpine, "kernel-limits")
     assert limit.read_text().strip() == "200000"
 
 
 def test_acme_step_without_certbot_says_what_to_install(alpine):
-    out, _ = run_step(alpine, "70-acme")
+    out, _ = run_ok(alpine, "acme-certificate")
     assert "certbot is not installed" in out and "Install certbot" in out
 
 
+def services_calls(calls):
+    """The calls that act (not the --quiet questions)."""
+    return [call for call in calls if not call.startswith("--quiet ")]
+
+
 def test_services_step_starts_everything_then_only_what_changed(alpine):
-    run_step(alpine, "10-directories")
-    _, calls = run_step(alpine, "60-services")
+    run_ok(alpine, "directories")
+    _, calls = run_ok(alpine, "services")
     platform = load_platform("alpine")
     # First run: the relay's services are new to this chatmail.ini, so reloaded, which
     # fails while they are stopped: restarted; the daemons are started, and crond, which
     # runs the daily jobs.
     assert platform.relay_timers == "crond"
-    assert [call for call in calls if not call.startswith("--quiet ")] == \
+    assert services_calls(calls) == \
         [f"{service} {action}" for service in RELAY_SERVICES
          for action in ("reload", "restart")] + \
         [f"{daemon} start" for daemon in [platform.dovecot_service, platform.opendkim_service,
                                           "postfix",
                                           "nginx", platform.fcgiwrap_service, "crond"]]
     # Nothing changed: all running, nothing to do.
-    _, calls = run_step(alpine, "60-services")
-    assert [call for call in calls if not call.startswith("--quiet ")] == []
-    # A changed chatmail.ini reloads the relay's own services; a listed one reloads too.
+    _, calls = run_ok(alpine, "services")
+    assert services_calls(calls) == []
+    # A changed chatmail.ini reloads the relay's own services; one asked for reloads too
+    # (`--reload dovecot`: the service that runs Dovecot here).
     ini = alpine.host_path(INI)
     ini.write_text(ini.read_text() + "max_user_send_per_minute = 61\n")
-    _, calls = run_step(alpine, "60-services", reload=["postfix"])
-    assert [call for call in calls if not call.startswith("--quiet ")] == \
-        [f"{service} reload" for service in RELAY_SERVICES + ["postfix"]]
+    _, calls = run_ok(alpine, "services", reload=["postfix", "dovecot"])
+    assert services_calls(calls) == \
+        [f"{service} reload" for service in RELAY_SERVICES] + \
+        [f"{platform.dovecot_service} reload", "postfix reload"]
+
+
+def test_a_restart_that_failed_is_done_by_the_next_run(alpine):
+    """A unit drop-in changed: the restart it needs is remembered until it is done."""
+    run_ok(alpine, "directories")
+    run_ok(alpine, "services")
+    state = alpine.host_path("/var/lib/chatmail-relay/configure-state.json")
+    text = state.read_text()
+    state.write_text(text.replace('"pending_restarts": []', '"pending_restarts": ["nginx"]'))
+    stand_in = alpine.host_path("/usr/local/bin/rc-service")
+    stand_in.write_text(RC_SERVICE.replace("# No service", '[ "$1 $2" = "nginx restart" ] '
+                                           "&& exit 1\n# No service"))
+    out, calls, failed = run_step(alpine, "services")
+    assert "nginx restart" in str(failed) and "nothing after this step was done" in str(failed)
+    stand_in.write_text(RC_SERVICE)
+    out, calls = run_ok(alpine, "services")
+    assert services_calls(calls) == ["nginx restart"]
+    _, calls = run_ok(alpine, "services")
+    assert services_calls(calls) == []
 
 
 def test_services_step_starts_a_postfix_that_died_behind_openrcs_back(alpine):
     """Alpine's postfix init script keeps no pid file: OpenRC still calls Postfix started
     once its master died. Postfix's own pid file names a process that is gone."""
-    run_step(alpine, "10-directories")
-    run_step(alpine, "60-services")
+    run_ok(alpine, "directories")
+    run_ok(alpine, "services")
     pid_file = alpine.host_path("/var/spool/postfix/pid/master.pid")
     pid_file.parent.mkdir(parents=True, exist_ok=True)
     pid_file.write_text(f"{4194304:>33}\n")  # above any pid Linux hands out
-    out, calls = run_step(alpine, "60-services")
+    out, calls = run_ok(alpine, "services")
     assert "postfix is not running, although OpenRC counts it as started" in out
     assert [call for call in calls if "postfix" in call] == \
         ["--quiet postfix status", "--quiet postfix zap", "--quiet postfix status",
          "postfix start"]
-    assert [call for call in calls if not call.startswith("--quiet ")] == ["postfix start"]
+    assert services_calls(calls) == ["postfix start"]
     # Without a pid file nothing tells that Postfix died: OpenRC is believed.
     pid_file.unlink()
-    out, calls = run_step(alpine, "60-services")
+    out, calls = run_ok(alpine, "services")
     assert "postfix" not in out and "--quiet postfix zap" not in calls
 
 
 def test_services_step_without_openrc_says_what_is_missing(alpine):
     """As in a container: the packages installed, no OpenRC."""
-    run_step(alpine, "10-directories")
+    run_ok(alpine, "directories")
     alpine.host_path("/usr/local/bin/rc-service").unlink()
-    result = run_step(alpine, "60-services", check=False)
-    assert result.returncode == 1
-    assert result.stderr == ("chatmail: error: rc-service not found: the relay's services "
-                             "need OpenRC (apk add openrc, then boot with it)\n")
+    _, _, failed = run_step(alpine, "services")
+    assert str(failed).startswith(
+        "services: rc-service not found: the relay's services need OpenRC (apk add openrc, "
+        "then boot with it)\n")
     # OpenRC installed, but it did not boot the system (a container).
     alpine.host_path("/usr/local/bin/rc-service").write_text(RC_SERVICE)
     alpine.host_path("/usr/local/bin/rc-service").chmod(0o755)
     alpine.host_path("/run/openrc/softlevel").unlink()
-    result = run_step(alpine, "60-services", check=False)
-    assert result.returncode == 1
-    assert result.stderr == ("chatmail: error: OpenRC did not boot this system (no "
-                             "/run/openrc/softlevel): the relay's services need OpenRC as "
-                             "the init system\n")
+    _, _, failed = run_step(alpine, "services")
+    assert str(failed).startswith(
+        "services: OpenRC did not boot this system (no /run/openrc/softlevel): the relay's "
+        "services need OpenRC as the init system\n")
     # The same check for systemd (Debian in a container without it).
-    result = alpine.run("/bin/sh", "-c", f". {DATA_DIR}/postinst.d/functions.sh && "
-                        "require_service_manager", env={"PLATFORM_SERVICE_MANAGER": "systemd"})
-    assert (result.returncode, result.stderr) == (
-        1, "chatmail: error: systemctl not found: the relay's services need systemd running\n")
+    _, _, failed = run_step(alpine, "services", platform="debian13")
+    assert str(failed).startswith(
+        "services: systemctl not found: the relay's services need systemd running\n")
 
 
 # -- daily jobs: busybox crond runs them as root, busybox su and nice drop to vmail ------
@@ -341,19 +388,19 @@ def test_configure_enables_coturn_installed_later_unless_the_admin_took_it_out(
     it starts it and puts it into the runlevel, so that TURN survives a reboot."""
     alpine = with_runlevels
     assert alpine.run("/bin/sh", ENABLE_SERVICES, "--all").returncode == 0
-    run_step(alpine, "10-directories")
-    run_step(alpine, "60-services")
+    run_ok(alpine, "directories")
+    run_ok(alpine, "services")
     assert "turnserver" not in enabled(alpine)
     service = load_platform("alpine").coturn_service
     alpine.host_path(f"/etc/init.d/{service}").write_text("#!/sbin/openrc-run\n")
     program = alpine.host_path("/usr/bin/turnserver")
     program.write_text("#!/bin/sh\n")
     program.chmod(0o755)
-    _, calls = run_step(alpine, "60-services")
+    _, calls = run_ok(alpine, "services")
     assert f"{service} start" in calls
     assert service in enabled(alpine)
     assert alpine.run("rc-update", "del", service).returncode == 0
-    run_step(alpine, "60-services")
+    run_ok(alpine, "services")
     assert service not in enabled(alpine)
 
 
@@ -364,8 +411,8 @@ def test_configure_stops_the_dovecot_packages_own_service(with_runlevels):
     alpine.host_path("/etc/init.d/dovecot").write_text("#!/sbin/openrc-run\n")
     assert alpine.run("rc-update", "add", "dovecot", "default").returncode == 0
     alpine.host_path("/tmp/rc-service.started").write_text("dovecot\n")
-    run_step(alpine, "10-directories")
-    out, calls = run_step(alpine, "60-services")
+    run_ok(alpine, "directories")
+    out, calls = run_ok(alpine, "services")
     assert "dovecot stop" in calls
     assert "stopping dovecot: the relay runs Dovecot as chatmail-dovecot" in out
     assert "dovecot" not in enabled(alpine)

@@ -172,3 +172,29 @@ def test_set_refuses_invalid_values_and_changes_nothing(tmp_path, setting):
     result = run_chatmail("--config", ini, "set", setting)
     assert result.returncode == 1 and "nothing was changed" in result.stderr
     assert ini.read_bytes() == before
+
+
+def test_get_prints_settings_as_written(tmp_path, capsys):
+    """The Debian package's questions start from what chatmail.ini says."""
+    ini = tmp_path / "chatmail.ini"
+    ini.write_text("[params]\nmail_domain = chat.example.org\n"
+                   "tls_external_cert_and_key = /etc/c.pem   /etc/k.pem\n")
+    assert main(["--config", str(ini), "get", "mail_domain", "acme_email",
+                 "tls_external_cert_and_key"]) == 0
+    assert capsys.readouterr().out == "chat.example.org\n\n/etc/c.pem /etc/k.pem\n"
+    ini.write_text("mail_domain = chat.example.org\n")
+    assert main(["--config", str(ini), "get", "mail_domain"]) == 1
+    assert "no [params] section" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("domain, status, out", [
+    ("chat.example.org", 0, "acme"),
+    ("_test.example.org", 0, "self"),
+    ("203.0.113.5", 0, "self"),
+    ("Chat.example.org", 1, "write the domain in lower case"),
+    ("localhost", 1, "use a fully qualified domain name such as chat.example.org"),
+    ("", 1, "the mail domain is empty"),
+])
+def test_check_domain_answers_as_setup_would(domain, status, out, capsys):
+    assert main(["check-domain", domain]) == status
+    assert capsys.readouterr().out == out + "\n"

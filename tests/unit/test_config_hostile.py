@@ -267,7 +267,7 @@ def test_acme_step_gives_certbot_the_address_as_one_argument(tmp_path, email, ex
                CHATMAIL_ACME_EMAIL=email, CHATMAIL_NO_RELOAD="",
                PLATFORM_CERTBOT_LIVE_DIR=str(tmp_path / "live"),
                PLATFORM_ACME_WEBROOT=str(tmp_path / "webroot"))
-    subprocess.run([str(REPO / "postinst.d" / "70-acme")], env=env, check=True,
+    subprocess.run([str(REPO / "steps" / "acme-certificate")], env=env, check=True,
                    capture_output=True)
     args = (tmp_path / "args").read_text().splitlines()
     account = [arg for arg in args if arg.startswith(("--email", "--register"))]

@@ -12,7 +12,8 @@ import pytest
 
 from chatmaild.admin import status
 from chatmaild.admin.platform import load_platform
-from chatmaild.admin.servicemanager import Completed, OpenRC, Systemd, UnitState, run_command
+from chatmaild.admin.host import Completed, run_command
+from chatmaild.admin.servicemanager import OpenRC, Systemd, UnitState
 
 DAY = 86400
 

@@ -10,7 +10,7 @@ and includes (the admin's local.conf included, as Dovecot will read it). What it
 not: it does not open files named with `<` (ssl_cert, ssl_key, ssl_dh; verified on
 2.3.19), nor the files passdb/userdb and plugins read (auth.conf, the Lua script), nor
 does it look up users or executables. Those are read by the running daemons; the
-certificates exist because step 40-tls makes or checks them first, and
+certificates exist because the step tls-certificate makes or checks them first, and
 tests/config/test_dovecot.py starts a real Dovecot with every file of ours.
 """
 

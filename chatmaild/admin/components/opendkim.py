@@ -3,7 +3,7 @@
 validate() runs `opendkim -n` (parse the configuration and open its tables, then exit) on
 scratch copies of the rendered configuration file and tables, and checks that the tables
 refer to each other. opendkim -n does not read private keys, so a relay whose key is not
-made yet (postinst.d/30-dkim makes it) validates too.
+made yet (steps/dkim-key makes it) validates too.
 """
 
 import os

@@ -27,6 +27,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from ..apply import ApplyResult
+from ..host import act
 from .postconf import (
     MAIN_KIND,
     MASTER_KIND,
@@ -252,3 +253,27 @@ def validate(files, platform):
                     for line in problems]
     # -n and -M report the same main.cf warnings; say each once.
     return list(dict.fromkeys(problems))
+
+
+# What Debian's postfix writes as /etc/aliases when it configures itself.
+DEFAULT_ALIASES = "# See man 5 aliases for format\npostmaster:    root\n"
+
+
+def alias_database(platform):
+    """The file Postfix builds from the aliases file (postfix_map_type's suffix)."""
+    suffix = "db" if platform.postfix_map_type == "hash" else platform.postfix_map_type
+    return f"{platform.postfix_aliases}.{suffix}"
+
+
+def make_alias_database(platform, host, say):
+    """Postfix installed with "No configuration" never builds its alias database, and
+    then warns about the missing map on every lookup; Debian 13's does not even write the
+    aliases file. Write the one Debian's postfix writes and build the database once
+    (after the main.cf settings set alias_database). An existing file or database is the
+    admin's and is left alone."""
+    aliases = host.path(platform.postfix_aliases)
+    if not aliases.exists():
+        aliases.write_text(DEFAULT_ALIASES)
+        say(f"wrote {platform.postfix_aliases} (postmaster: root)")
+    if not host.path(alias_database(platform)).exists():
+        act(host.run, ["newaliases"], "newaliases")
