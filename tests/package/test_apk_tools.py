@@ -56,9 +56,9 @@ def test_apk_verify_refuses_a_package_whose_files_were_changed(alpine, apks):
     # The signature covers the control stream, whose datahash covers the data stream:
     # a changed file must be caught although the signature still verifies.
     signature, control, data = gzip_streams(apks["chatmail-relay"].read_bytes())
-    original = b"chatmail --config"
+    original = b"chatmail configure --reload"
     assert original in data[1]
-    tampered = data[1].replace(original, b"chatmail --cOnfig", 1)
+    tampered = data[1].replace(original, b"chatmail cOnfigure --reload", 1)
     compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
     tampered_stream = compressor.compress(tampered) + compressor.flush()
     path = alpine.host_path("/tmp/tampered.apk")
