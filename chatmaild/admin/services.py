@@ -14,8 +14,13 @@ from .platform import conf_dir, load_platform
 
 
 def read_services():
+    """{name: its settings}, in the order they start, each with the shared settings (the
+    table's top-level keys) it does not set itself."""
     with open(conf_dir() / "services.toml", "rb") as f:
-        return tomllib.load(f)
+        table = tomllib.load(f)
+    shared = {key: value for key, value in table.items() if not isinstance(value, dict)}
+    return {name: {**shared, **service} for name, service in table.items()
+            if isinstance(service, dict)}
 
 
 def relay_services():
@@ -29,7 +34,7 @@ def relay_sockets(platform):
     if not platform.socket_activation:
         return []
     return [f"{name}.socket" for name, service in read_services().items()
-            if service.get("socket")]
+            if "port" in service]
 
 
 def systemd_units(platform):

@@ -1,4 +1,5 @@
-"""Our Alpine init scripts and daily jobs (alpine/) run for real: OpenRC's openrc-run and
+"""Our Alpine init scripts (the relay's services' generated from conf/services.toml, the
+others in alpine/) and daily jobs (alpine/) run for real: OpenRC's openrc-run and
 supervise-daemon (Debian 13's openrc 0.56; Alpine runs the same programs) start our
 services from the python3-chatmaild package built for Debian 13 (dist/trixie), as vmail,
 Dovecot 2.4 (Debian 13's) with our Dovecot build's init script and the relay's
@@ -9,6 +10,7 @@ mail reaches another's mailbox, signed, and another relay's mail arrives if sign
 Runs inside tests/chroot.sh, in a network namespace of its own: `make test-openrc`."""
 
 import base64
+import functools
 import imaplib
 import json
 import os
@@ -20,6 +22,7 @@ import smtplib
 import socket
 import subprocess
 import ssl
+import tempfile
 import threading
 import time
 import urllib.error
@@ -37,6 +40,8 @@ from chatmaild.admin.platform import load_platform
 from chatmaild.admin.render import render_component
 from chatmaild.admin.reloads import forget_dead_postfix
 from chatmaild.admin.servicemanager import OpenRC
+from chatmaild.admin.services import relay_services
+from chatmaild.admin.units import write_units
 from chatmaild.admin.status import Probes, dead_postfix_finding
 from chatmaild.config import default_config_text, read_config
 from tests.conftest import REPO, block, make_certificate, parse_syslog
@@ -87,14 +92,29 @@ def add_vmail():
     shutil.chown("/home/vmail", "vmail", "vmail")
 
 
+@functools.cache
+def generated_openrc_dir():
+    """The relay's own services' init scripts and conf.d files, generated from
+    conf/services.toml as the APKBUILD's build() does."""
+    directory = Path(tempfile.mkdtemp(prefix="openrc-scripts-"))
+    write_units(load_platform("alpine"), directory)
+    return directory
+
+
+def init_script_dir(service):
+    """Where SERVICE's .initd and .confd are: generated for the relay's own services,
+    written by hand (alpine/) for the others."""
+    return generated_openrc_dir() if service in relay_services() else ALPINE
+
+
 def install_service(service, open_files):
     """/etc/init.d/SERVICE and /etc/conf.d/SERVICE as chatmail-relay-openrc installs them,
     the conf.d with what an admin may set there: quicker respawns, an open files limit
     this machine allows (raising the hard limit needs CAP_SYS_RESOURCE)."""
     init = Path("/etc/init.d") / service
-    shutil.copy(ALPINE / f"{service}.initd", init)
+    shutil.copy(init_script_dir(service) / f"{service}.initd", init)
     init.chmod(0o755)
-    confd = (ALPINE / f"{service}.confd").read_text()
+    confd = (init_script_dir(service) / f"{service}.confd").read_text()
     confd += f'respawn_delay={RESPAWN_DELAY}\nrc_ulimit="-n {open_files}"\n'
     Path("/etc/conf.d").mkdir(exist_ok=True)
     (Path("/etc/conf.d") / service).write_text(confd)

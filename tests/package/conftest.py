@@ -9,6 +9,9 @@ import sys
 
 import pytest
 
+from chatmaild.admin.platform import load_platform
+from chatmaild.admin.services import relay_services
+from chatmaild.admin.units import write_units
 from tests.conftest import REPO
 from tests.package.alpine_root import AlpineShell, DebianShell, unpack_minirootfs
 from tests.package.apk_format import read_apk
@@ -29,9 +32,38 @@ def load_mkapk():
 
 
 def enabled_services():
-    """The services alpine/enable-services puts into the default runlevel."""
+    """The services alpine/enable-services puts into the default runlevel: the relay's
+    own (conf/services.toml's, which it reads from relay-services beside it) and those it
+    names."""
     text = (REPO / "alpine" / "enable-services").read_text()
-    return re.search(r'^SERVICES="([^"]*)"', text, re.M).group(1).split()
+    names = re.search(r'^SERVICES="([^"]*)"', text, re.M).group(1).split()
+    return [service for name in names
+            for service in (relay_services() if name == "$RELAY_SERVICES" else [name])]
+
+
+def write_relay_services(directory):
+    """relay-services as the APKBUILD writes it beside enable-services, into DIRECTORY."""
+    (directory / "relay-services").write_text(" ".join(relay_services()) + "\n")
+
+
+# The relay's services as the build generates them (chatmaild/admin/units.py): systemd
+# units as debian/rules names them for dh_installsystemd, on the Debian release this runs
+# on, and Alpine's OpenRC scripts with their conf.d files.
+SYSTEMD_PREFIX = "chatmail-relay."
+
+
+@pytest.fixture(scope="session")
+def systemd_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("systemd-units")
+    write_units(load_platform(), directory, SYSTEMD_PREFIX)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def openrc_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("openrc-scripts")
+    write_units(load_platform("alpine"), directory)
+    return directory
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,14 @@ import pytest
 from chatmaild.admin.platform import load_platform
 from tests.conftest import REPO
 from chatmaild.admin.services import relay_services
-from tests.package.conftest import ARCH, PYTHON_VERSION, enabled_services, load_mkapk
+from tests.package.conftest import (
+    ARCH,
+    PYTHON_VERSION,
+    SYSTEMD_PREFIX,
+    enabled_services,
+    load_mkapk,
+    write_relay_services,
+)
 from tests.package.test_deb import SERVICE_PROGRAMS
 from tests.package.apk_format import (
     CHECKSUM_PAX_KEY,
@@ -37,11 +44,14 @@ RELAY_APKBUILD_DIR = ALPINE / "chatmail-relay"
 APKBUILD_DIRS = {"chatmail-relay": RELAY_APKBUILD_DIR, "dovecot": ALPINE / "dovecot"}
 DEBIAN = REPO / "debian"
 DIST = REPO / "dist"
-# conf/services.toml, which the Alpine packaging does not read yet: its lists are held to it
+# conf/services.toml: the APKBUILD generates their init scripts and writes their list
+# (relay-services) for the install scripts
 RELAY_SERVICES = relay_services()
+RELAY_SERVICES_FILE = "/usr/share/chatmail-relay/relay-services"
 # The install scripts, the trigger and the runlevel helper they run.
 INSTALL_SCRIPTS = [*sorted(RELAY_APKBUILD_DIR.glob("chatmail-relay.*-*")),
                    RELAY_APKBUILD_DIR / "chatmail-relay.trigger", ALPINE / "enable-services"]
+# The init scripts written by hand (the relay's own services' are generated).
 INIT_SCRIPTS = sorted(ALPINE.glob("*.initd"))
 PERIODIC_SCRIPTS = sorted(ALPINE.glob("*.periodic"))
 
@@ -337,7 +347,8 @@ def test_relay_data_files_match_the_deb(parsed):
     assert "/usr/lib/sysctl.d/60-chatmail-relay.conf" in deb
     # The runlevel helper of the install scripts: systemd units are enabled by
     # deb-systemd-helper on Debian.
-    assert apk - deb == {"/usr/share/chatmail-relay/enable-services"}, "files only in the .apk"
+    assert apk - deb == {"/usr/share/chatmail-relay/enable-services", RELAY_SERVICES_FILE}, \
+        "files only in the .apk"
     assert deb - apk == set(), "files only in the .deb"
 
 
@@ -368,18 +379,29 @@ def test_services_in_libexec_and_only_chatmail_on_path(parsed):
 
 # --- install scripts ----------------------------------------------------------------
 
-@pytest.mark.parametrize("script", ["post-upgrade", "pre-deinstall"])
-def test_install_scripts_list_the_relay_services(script):
-    text = (RELAY_APKBUILD_DIR / f"chatmail-relay.{script}").read_text()
-    listed = re.search(r'^RELAY_SERVICES="([^"]*)"', text, re.M).group(1).split()
+def packaged_file(package, path):
+    return next(content for info, content in package.data if "/" + info.name == path)
+
+
+def test_relay_package_lists_the_relay_services_for_its_scripts(parsed):
+    """The install scripts and enable-services read conf/services.toml's list from the
+    file the build wrote: it stays until apk removes chatmail-relay's files, after
+    pre-deinstall, whatever happens to python3 in the same transaction."""
+    listed = packaged_file(parsed["chatmail-relay"], RELAY_SERVICES_FILE).decode().split()
     assert listed == RELAY_SERVICES
     assert set(RELAY_SERVICES) <= set(enabled_services())
+    for script in ["post-upgrade", "pre-deinstall"]:
+        text = (RELAY_APKBUILD_DIR / f"chatmail-relay.{script}").read_text()
+        assert re.search(r'^RELAY_SERVICES=\$\(cat "\$DATA_DIR"/relay-services\b', text, re.M)
+        assert f"DATA_DIR={RELAY_SERVICES_FILE.rpartition('/')[0]}\n" in text
 
 
-def test_apkbuild_installs_the_relay_services():
-    text = (RELAY_APKBUILD_DIR / "APKBUILD").read_text()
-    installed = re.search(r'^_services="([^"]*)"', text, re.M).group(1).split()
-    assert installed[:len(RELAY_SERVICES)] == RELAY_SERVICES
+def test_openrc_package_ships_the_generated_init_scripts(parsed, openrc_dir):
+    openrc = parsed["chatmail-relay-openrc"]
+    for service in RELAY_SERVICES:
+        for suffix, directory in [(".initd", "init.d"), (".confd", "conf.d")]:
+            shipped = packaged_file(openrc, f"/etc/{directory}/{service}")
+            assert shipped == (openrc_dir / f"{service}{suffix}").read_bytes(), service
 
 
 def run_install_script(shell, script, ini_exists, args=(), chatmail_exit=0):
@@ -398,6 +420,7 @@ def run_install_script(shell, script, ini_exists, args=(), chatmail_exit=0):
         stub.write_text(f'#!/bin/sh\necho "{command} $*" >>{shell.inside(log)}\n'
                         f"exit {status}\n")
         stub.chmod(0o755)
+    write_relay_services(stubs)
     text = (RELAY_APKBUILD_DIR / f"chatmail-relay.{script}").read_text()
     text = re.sub(r"^INI=.*$", f"INI={shell.inside(ini)}", text, flags=re.M)
     text = re.sub(r"^DATA_DIR=.*$", f"DATA_DIR={shell.inside(stubs)}", text, flags=re.M)
@@ -501,6 +524,15 @@ def test_shellcheck_sh_scripts(script):
 @pytest.mark.parametrize("script", INIT_SCRIPTS + [ALPINE / "dovecot" / "dovecot.initd"],
                          ids=lambda p: p.name)
 def test_shellcheck_openrc_scripts(script):
+    shellcheck_openrc_script(script)
+
+
+@pytest.mark.parametrize("service", RELAY_SERVICES)
+def test_shellcheck_generated_openrc_scripts(openrc_dir, service):
+    shellcheck_openrc_script(openrc_dir / f"{service}.initd")
+
+
+def shellcheck_openrc_script(script):
     assert script.read_text().startswith("#!/sbin/openrc-run\n")
     assert os.access(script, os.X_OK)
     # openrc-run sources the script in sh and reads its variables (command, supervisor,
@@ -590,9 +622,10 @@ def run_openrc_harness(script):
     return variables, depends
 
 
-def systemd_unit(service):
+def systemd_unit(service, directory=DEBIAN):
+    """The fields of SERVICE's unit in DIRECTORY (the daily jobs' are written by hand)."""
     fields = {}
-    for line in (DEBIAN / f"chatmail-relay.{service}.service").read_text().splitlines():
+    for line in (directory / f"{SYSTEMD_PREFIX}{service}.service").read_text().splitlines():
         key, sep, value = line.partition("=")
         if sep and not line.startswith("#"):
             fields.setdefault(key, []).append(value)
@@ -600,9 +633,9 @@ def systemd_unit(service):
 
 
 @pytest.mark.parametrize("service", RELAY_SERVICES)
-def test_openrc_script_matches_systemd_unit(service, parsed):
-    variables, depends = run_openrc_harness(ALPINE / f"{service}.initd")
-    unit = systemd_unit(service)
+def test_openrc_script_matches_systemd_unit(service, parsed, openrc_dir, systemd_dir):
+    variables, depends = run_openrc_harness(openrc_dir / f"{service}.initd")
+    unit = systemd_unit(service, systemd_dir)
     assert variables["supervisor"] == "supervise-daemon"
     assert variables["command_user"] == f"{unit['User'][0]}:{unit['Group'][0]}"
     assert f"{variables['command']} {variables['command_args']}" == unit["ExecStart"][0]

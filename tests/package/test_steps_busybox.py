@@ -20,7 +20,7 @@ from chatmaild.admin.services import relay_services
 from chatmaild.config import default_config_text, read_config
 from tests.conftest import REPO, parse_syslog
 from tests.package.alpine_root import PATH
-from tests.package.conftest import enabled_services
+from tests.package.conftest import enabled_services, write_relay_services
 
 DOMAIN = "chat.example.org"
 DATA_DIR = "/usr/share/chatmail-relay"
@@ -353,11 +353,13 @@ def enabled(alpine):
 
 @pytest.fixture
 def with_runlevels(alpine):
-    """ALPINE with enable-services installed and an rc-update that makes the links."""
+    """ALPINE with enable-services and the list it reads installed, and an rc-update
+    that makes the links."""
     stand_in = alpine.host_path("/usr/local/bin/rc-update")
     stand_in.write_text(RC_UPDATE)
     stand_in.chmod(0o755)
     shutil.copy(REPO / "alpine" / "enable-services", alpine.host_path(ENABLE_SERVICES))
+    write_relay_services(alpine.host_path(ENABLE_SERVICES).parent)
     alpine.host_path("/etc/init.d").mkdir(parents=True, exist_ok=True)
     return alpine
 

@@ -1,7 +1,9 @@
-"""The systemd units of chatmail-relay (debian/chatmail-relay.<unit>.service|timer): they
-start the services python3-chatmaild installs with arguments those services accept, on the
-sockets Dovecot's configuration names, as the user Dovecot's processes run as; and
-systemd-analyze accepts them."""
+"""The systemd units of chatmail-relay: the relay's services' units, generated from
+conf/services.toml (chatmaild/admin/units.py) as debian/rules does, and the daily jobs'
+(debian/chatmail-relay.<unit>.service|timer). They start the services python3-chatmaild
+installs with arguments those services accept, on the sockets Dovecot's configuration
+names, as the user Dovecot's processes run as, as the table says; the package ships
+them; systemd-analyze accepts them."""
 
 import configparser
 import re
@@ -14,10 +16,13 @@ from pathlib import Path
 import pytest
 
 from chatmaild.admin.platform import load_platform
+from chatmaild.admin.services import read_services, relay_services, relay_sockets
+from chatmaild.config import SETTINGS
 from tests.conftest import REPO
+from tests.package.conftest import SYSTEMD_PREFIX as PREFIX
+from tests.package.test_deb import deb_named
 
 DEBIAN = REPO / "debian"
-PREFIX = "chatmail-relay."
 INI = "/etc/chatmail/chatmail.ini"
 LIBEXEC = "/usr/libexec/chatmail"
 TEXTFILE = "/var/lib/chatmail-relay/metrics/fsreport.prom"
@@ -46,9 +51,11 @@ SOCKETS = {"filtermail.socket": "filtermail_smtp_port",
            "filtermail-incoming.socket": "filtermail_smtp_port_incoming"}
 
 
-def unit_files():
-    return [path for kind in ("service", "timer", "socket")
-            for path in sorted(DEBIAN.glob(f"{PREFIX}*.{kind}"))]
+def unit_files(systemd_dir):
+    """The daily jobs' units, written by hand, and the generated ones."""
+    return [path for directory in (DEBIAN, systemd_dir)
+            for kind in ("service", "timer", "socket")
+            for path in sorted(directory.glob(f"{PREFIX}*.{kind}"))]
 
 
 def unit_name(path):
@@ -65,8 +72,8 @@ def read_unit(path):
 
 
 @pytest.fixture(scope="module")
-def units():
-    return {unit_name(path): read_unit(path) for path in unit_files()}
+def units(systemd_dir):
+    return {unit_name(path): read_unit(path) for path in unit_files(systemd_dir)}
 
 
 def console_scripts():
@@ -81,9 +88,11 @@ def console_scripts():
 
 
 def libexec_daemons():
-    """The services debian/rules moves to /usr/libexec/chatmail."""
-    text = (DEBIAN / "rules").read_text().replace("\\\n", " ")
-    return re.search(r"^DAEMONS\s*=\s*(.*)$", text, re.M).group(1).split()
+    """The services debian/rules moves to /usr/libexec/chatmail: every console script but
+    the admin command."""
+    text = (DEBIAN / "rules").read_text()
+    admin = re.search(r"^ADMIN_COMMAND\s*=\s*(\S+)$", text, re.M).group(1)
+    return [name for name in console_scripts() if name != admin]
 
 
 def test_every_unit_is_there(units):
@@ -216,6 +225,96 @@ def test_mailboxes_are_below_the_writable_path(config):
     assert default.startswith(home + "/")
 
 
+# -- generated from conf/services.toml ----------------------------------------------------
+
+
+@pytest.mark.parametrize("name", relay_services())
+def test_service_unit_says_what_the_table_says(units, name):
+    table = read_services()[name]
+    platform = load_platform()
+    unit = units[f"{name}.service"]
+    program, *args = table["command"]
+    args = [arg.format(socket=table.get("socket"), ini=INI) for arg in args]
+    assert unit["Service"]["ExecStart"] == " ".join([f"{LIBEXEC}/{program}", *args])
+    user = table["user"].format(**vars(platform))
+    assert (unit["Service"]["User"], unit["Service"]["Group"]) == (user, user)
+    assert unit["Service"]["RestartSec"] == str(table["restart_seconds"])
+    assert unit["Service"]["UMask"] == f"{table['umask']:04o}"
+    assert unit["Service"]["LimitNOFILE"] == str(table["open_files"])
+    before = {f"{service.format(**vars(platform))}.service" for service in table["before"]}
+    assert set(unit["Unit"]["Before"].split()) == before
+    if "socket" in table:
+        assert unit["Service"]["RuntimeDirectory"] == Path(table["socket"]).parent.name
+        assert f"[ -S {table['socket']} ]" in unit["Service"]["ExecStartPost"]
+    if "port" in table:
+        default = SETTINGS[table["port"]].default
+        assert units[f"{name}.socket"]["Socket"]["ListenStream"] == f"127.0.0.1:{default}"
+        assert unit["Service"]["Type"] == "notify"
+    else:
+        assert unit["Service"]["Type"] == "exec"
+    private = table["network"] == "none"
+    assert unit["Service"].get("PrivateNetwork") == ("yes" if private else None)
+    assert ("network.target" in unit["Unit"].get("After", "").split()) != private
+
+
+def test_socket_units_are_the_services_with_a_port(units):
+    assert sorted(u for u in units if u.endswith(".socket")) == \
+        sorted(relay_sockets(load_platform()))
+
+
+def test_dovecot_names_only_the_tables_sockets():
+    """Dovecot's templates (every version's) repeat the sockets' paths: each /run path
+    they name is a socket of conf/services.toml, and each of the table's sockets is
+    named."""
+    sockets = {service["socket"] for service in read_services().values()
+               if "socket" in service}
+    named = {match for path in (REPO / "conf" / "dovecot").rglob("*.j2")
+             for match in re.findall(r"/run/[\w./-]+\.socket", path.read_text())}
+    assert named == sockets
+
+
+def deb_file(deb, path):
+    tar = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True,
+                         check=True).stdout
+    return subprocess.run(["tar", "-xOf", "-", "." + path], input=tar,
+                          capture_output=True, check=True).stdout.decode()
+
+
+def test_package_ships_the_generated_units(systemd_dir):
+    """What dh_installsystemd installed is what the generator writes for this release."""
+    deb = deb_named("chatmail-relay")
+    listing = subprocess.run(["dpkg-deb", "--contents", str(deb)], capture_output=True,
+                             text=True, check=True).stdout
+    unit_dir = re.search(r"\./((?:usr/)?lib/systemd/system)/doveauth\.service",
+                         listing).group(1)
+    for path in sorted(systemd_dir.iterdir()):
+        assert deb_file(deb, f"/{unit_dir}/{unit_name(path)}") == path.read_text(), path
+
+
+# A relay service's name as a word (filtermail is not in filtermail-incoming).
+def mentions(name, line):
+    return re.search(rf"(?<![\w.-]){re.escape(name)}(?![\w-])", line) is not None
+
+
+def test_nothing_in_the_packaging_lists_the_services_by_hand():
+    """debian/ and alpine/ get the relay's services from conf/services.toml: no file is
+    named after one (units, init scripts) and no line names two of them."""
+    names = relay_services()
+    tracked = subprocess.run(["git", "ls-files", "debian", "alpine"], cwd=REPO,
+                             capture_output=True, text=True, check=True).stdout.split()
+    if not tracked:
+        pytest.skip("not a git checkout")
+    for relative in tracked:
+        path = REPO / relative
+        stem = path.name.removeprefix(PREFIX).rsplit(".", 1)[0]
+        assert stem not in names, f"{relative}: written from conf/services.toml"
+        if not path.is_file() or path.suffix in (".gz", ".pgp"):
+            continue
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            listed = [name for name in names if mentions(name, line)]
+            assert len(listed) < 2, f"{relative}:{number} lists {listed}: {line}"
+
+
 # -- the command lines work -------------------------------------------------------------------
 
 
@@ -277,7 +376,7 @@ HOST_UNITS = Path("/lib/systemd/system")
 
 
 @pytest.fixture(scope="module")
-def unit_root(tmp_path_factory):
+def unit_root(tmp_path_factory, systemd_dir):
     """A root directory with systemd's own units, our units, stand-ins for the packaged
     executables and the helpers the units call: what `systemd-analyze --root` checks."""
     if not SYSTEMD_ANALYZE or not (HOST_UNITS / "sysinit.target").exists():
@@ -286,7 +385,7 @@ def unit_root(tmp_path_factory):
     shutil.copytree(HOST_UNITS, root / "lib/systemd/system", symlinks=True)
     system = root / "etc/systemd/system"
     system.mkdir(parents=True)
-    for path in unit_files():
+    for path in unit_files(systemd_dir):
         shutil.copy(path, system / unit_name(path))
     (root / LIBEXEC.lstrip("/")).mkdir(parents=True)
     for name in libexec_daemons():
@@ -303,8 +402,8 @@ def analyze(root, *args):
                           text=True, cwd=root / "etc/systemd/system", timeout=120)
 
 
-def test_systemd_analyze_verify(unit_root):
-    names = [unit_name(path) for path in unit_files()]
+def test_systemd_analyze_verify(unit_root, systemd_dir):
+    names = [unit_name(path) for path in unit_files(systemd_dir)]
     result = analyze(unit_root, "verify", "--man=no", *names)
     # Unknown keys and other mistakes are only warnings: any output is a failure.
     assert result.returncode == 0 and not result.stdout and not result.stderr, (
