@@ -49,7 +49,7 @@ def relay_units(platform):
 
 def resolve(name, settings, platform):
     program, *args = settings["command"]
-    socket = settings.get("socket")
+    socket = expand(settings["socket"], platform) if "socket" in settings else None
     if socket and PurePosixPath(socket).parent.parent != PurePosixPath("/run"):
         raise ValueError(f"{name}: its socket must be in a directory of its own in /run")
     return SimpleNamespace(

@@ -39,12 +39,22 @@ EXEC_START = {
     "chatmail-fsreport.service": f"{LIBEXEC}/chatmail-fsreport {INI} --textfile {TEXTFILE}",
 }
 DICT_SERVICES = ["doveauth.service", "lastlogin.service", "chatmail-metadata.service"]
-# The Dovecot settings that name each dict socket (conf/dovecot/<version>/).
+# The Dovecot settings that name each dict socket, as rendered for each Dovecot version.
 DOVECOT_DICT_USERS = {
-    "doveauth.service": "uri = proxy:{}:auth",
-    "lastlogin.service": "last_login_dict = proxy:{}:lastlogin",
-    "chatmail-metadata.service": "mail_attribute_dict = proxy:{}:metadata",
+    "2.3": {
+        "doveauth.service": "uri = proxy:{}:auth",
+        "lastlogin.service": "last_login_dict = proxy:{}:lastlogin",
+        "chatmail-metadata.service": "mail_attribute_dict = proxy:{}:metadata",
+    },
+    "2.4": {
+        "doveauth.service": 'local DOVEAUTH_SOCKET = "{}"',
+        "lastlogin.service": "dict_proxy_socket_path = {}\n    dict_proxy_name = lastlogin",
+        "chatmail-metadata.service":
+            "dict_proxy_socket_path = {}\n    dict_proxy_name = metadata",
+    },
 }
+# A platform with each Dovecot version.
+DOVECOT_PLATFORMS = {"2.3": "debian12", "2.4": "debian13"}
 TIMERS = {"chatmail-expire.timer": "*-*-* 00:02:00", "chatmail-fsreport.timer": "*-*-* 08:02:00"}
 # socket -> the chatmail.ini setting of its port (socket activation of the filters)
 SOCKETS = {"filtermail.socket": "filtermail_smtp_port",
@@ -119,8 +129,18 @@ def test_runs_as_vmail_with_private_files(units, unit):
     assert units[unit]["Unit"]["ConditionPathExists"] == INI
 
 
+def rendered_dovecot(config, version):
+    """Dovecot's configuration files, as `chatmail configure` writes them, in one text."""
+    from chatmaild.admin.render import render_component
+
+    platform = load_platform(DOVECOT_PLATFORMS[version])
+    assert platform.dovecot_version == version
+    return "\n".join(item.content for item in render_component("dovecot", config, platform))
+
+
+@pytest.mark.parametrize("version", sorted(DOVECOT_DICT_USERS))
 @pytest.mark.parametrize("unit", DICT_SERVICES)
-def test_dict_socket_is_where_dovecot_looks(units, unit):
+def test_dict_socket_is_where_dovecot_looks(units, unit, config, version):
     service = units[unit]["Service"]
     socket = Path(shlex.split(service["ExecStart"])[1])
     # systemd creates /run/<RuntimeDirectory> for vmail and removes it on stop.
@@ -128,11 +148,8 @@ def test_dict_socket_is_where_dovecot_looks(units, unit):
     # Ready only when the socket exists, so Dovecot (ordered after) finds it.
     assert f"[ -S {socket} ]" in service["ExecStartPost"]
     assert "dovecot.service" in units[unit]["Unit"]["Before"].split()
-    setting = DOVECOT_DICT_USERS[unit].format(socket)
-    templates = list((REPO / "conf" / "dovecot").rglob("*.j2"))
-    if not templates:
-        pytest.skip("conf/dovecot has no templates yet")
-    assert any(setting in path.read_text() for path in templates), setting
+    setting = DOVECOT_DICT_USERS[version][unit].format(socket)
+    assert setting in rendered_dovecot(config, version)
 
 
 def test_dovecot_processes_that_use_the_sockets_run_as_vmail():
@@ -234,7 +251,8 @@ def test_service_unit_says_what_the_table_says(units, name):
     platform = load_platform()
     unit = units[f"{name}.service"]
     program, *args = table["command"]
-    args = [arg.format(socket=table.get("socket"), ini=INI) for arg in args]
+    socket = table["socket"].format(**vars(platform)) if "socket" in table else None
+    args = [arg.format(socket=socket, ini=INI) for arg in args]
     assert unit["Service"]["ExecStart"] == " ".join([f"{LIBEXEC}/{program}", *args])
     user = table["user"].format(**vars(platform))
     assert (unit["Service"]["User"], unit["Service"]["Group"]) == (user, user)
@@ -243,9 +261,9 @@ def test_service_unit_says_what_the_table_says(units, name):
     assert unit["Service"]["LimitNOFILE"] == str(table["open_files"])
     before = {f"{service.format(**vars(platform))}.service" for service in table["before"]}
     assert set(unit["Unit"]["Before"].split()) == before
-    if "socket" in table:
-        assert unit["Service"]["RuntimeDirectory"] == Path(table["socket"]).parent.name
-        assert f"[ -S {table['socket']} ]" in unit["Service"]["ExecStartPost"]
+    if socket:
+        assert unit["Service"]["RuntimeDirectory"] == Path(socket).parent.name
+        assert f"[ -S {socket} ]" in unit["Service"]["ExecStartPost"]
     if "port" in table:
         default = SETTINGS[table["port"]].default
         assert units[f"{name}.socket"]["Socket"]["ListenStream"] == f"127.0.0.1:{default}"
@@ -262,15 +280,12 @@ def test_socket_units_are_the_services_with_a_port(units):
         sorted(relay_sockets(load_platform()))
 
 
-def test_dovecot_names_only_the_tables_sockets():
-    """Dovecot's templates (every version's) repeat the sockets' paths: each /run path
-    they name is a socket of conf/services.toml, and each of the table's sockets is
-    named."""
-    sockets = {service["socket"] for service in read_services().values()
-               if "socket" in service}
-    named = {match for path in (REPO / "conf" / "dovecot").rglob("*.j2")
-             for match in re.findall(r"/run/[\w./-]+\.socket", path.read_text())}
-    assert named == sockets
+def test_dovecot_templates_take_the_sockets_from_the_platform_table():
+    """No socket path is written into Dovecot's templates: they read the platform facts
+    that conf/services.toml names."""
+    for path in (REPO / "conf" / "dovecot").rglob("*"):
+        if path.is_file():
+            assert not re.findall(r"/run/[\w./-]+\.socket", path.read_text()), path
 
 
 def deb_file(deb, path):
