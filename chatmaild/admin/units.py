@@ -83,10 +83,21 @@ def systemd_files(platform):
 
 
 def systemd_service(service):
-    socket_unit = f"{service.name}.socket" if service.port else None
+    return "\n".join([*systemd_unit_section(service), "", *systemd_service_section(service),
+                      "", "# Hardening: what conf/services.toml says the service needs.",
+                      *systemd_hardening(service), "",
+                      "[Install]", "WantedBy=multi-user.target"]) + "\n"
+
+
+def socket_unit(service):
+    """The socket unit systemd listens on for a service with a port."""
+    return f"{service.name}.socket" if service.port else None
+
+
+def systemd_unit_section(service):
     after = (["network.target"] if service.network != "none" else []) + \
-        ([socket_unit] if socket_unit else [])
-    unit = [
+        ([socket_unit(service)] if service.port else [])
+    lines = [
         "[Unit]",
         f"Description={service.description}",
         "Documentation=man:chatmail(8)",
@@ -94,42 +105,41 @@ def systemd_service(service):
         "# The services that use it start after it (and find it listening).",
         f"Before={' '.join(f'{name}.service' for name in service.before)}",
     ]
-    if socket_unit:
-        unit += ["# systemd listens for it: across a restart Postfix's connections wait in",
-                 "# the socket's queue instead of being refused (Postfix would answer 451).",
-                 f"Requires={socket_unit}"]
+    if service.port:
+        lines += ["# systemd listens for it: across a restart Postfix's connections wait in",
+                  "# the socket's queue instead of being refused (Postfix would answer 451).",
+                  f"Requires={socket_unit(service)}"]
     if after:
-        unit.append(f"After={' '.join(after)}")
-    unit += [
+        lines.append(f"After={' '.join(after)}")
+    return lines + [
         "# Until the package's configuration step has written chatmail.ini there is nothing",
         "# to serve; without this the service would fail and restart until then.",
         f"ConditionPathExists={DEFAULT_INI_PATH}",
-        "",
-        "[Service]",
     ]
-    command = " ".join([service.program, *filled_args(service, service.socket,
-                                                      DEFAULT_INI_PATH)])
-    if socket_unit:
-        unit += ["# Started once it serves on the socket (READY=1); STOPPING=1 when it",
-                 "# finishes the messages in progress after SIGTERM.",
-                 "Type=notify"]
+
+
+def systemd_service_section(service):
+    # No TimeoutStopSec for stop_seconds: systemd's default (90 s) is long enough.
+    command = [service.program, *filled_args(service, service.socket, DEFAULT_INI_PATH)]
+    lines = ["[Service]"]
+    if service.port:
+        lines += ["# Started once it serves on the socket (READY=1); STOPPING=1 when it",
+                  "# finishes the messages in progress after SIGTERM.",
+                  "Type=notify"]
     else:
-        unit.append("Type=exec")
-    unit += [f"User={service.user}", f"Group={service.user}", f"ExecStart={command}"]
+        lines.append("Type=exec")
+    lines += [f"User={service.user}", f"Group={service.user}",
+              f"ExecStart={' '.join(command)}"]
     if service.socket:
-        unit += [
+        lines += [
             "# Started means listening: the services ordered after it find the socket.",
             f"ExecStartPost=/usr/bin/timeout {SOCKET_WAIT_SECONDS} /bin/sh -c "
             f"'until [ -S {service.socket} ]; do sleep 0.1; done'",
         ]
-    unit += ["Restart=always", f"RestartSec={service.restart_seconds}"]
+    lines += ["Restart=always", f"RestartSec={service.restart_seconds}"]
     if service.socket:
-        unit.append(f"RuntimeDirectory={PurePosixPath(service.socket).parent.name}")
-    unit += [f"UMask={service.umask:04o}", f"LimitNOFILE={service.open_files}", "",
-             "# Hardening: what conf/services.toml says the service needs, nothing more.",
-             *systemd_hardening(service), "",
-             "[Install]", "WantedBy=multi-user.target"]
-    return "\n".join(unit) + "\n"
+        lines.append(f"RuntimeDirectory={PurePosixPath(service.socket).parent.name}")
+    return lines + [f"UMask={service.umask:04o}", f"LimitNOFILE={service.open_files}"]
 
 
 def systemd_hardening(service):
@@ -163,8 +173,9 @@ def systemd_socket(service):
         f"ConditionPathExists={DEFAULT_INI_PATH}",
         "",
         "[Socket]",
-        f"# chatmail.ini's default {service.port}; `chatmail configure` sets the configured",
-        f"# one in /etc/systemd/system/{service.name}.socket.d/chatmail.conf (conf/filtermail).",
+        f"# chatmail.ini's default {service.port}; `chatmail configure` sets the",
+        f"# configured one in /etc/systemd/system/{service.name}.socket.d/chatmail.conf",
+        "# (conf/filtermail).",
         f"ListenStream={LISTEN_HOST}:{SETTINGS[service.port].default}",
         "",
         "[Install]",
@@ -198,24 +209,45 @@ def openrc_files(platform):
 
 
 def openrc_script(service):
-    socket_dir = PurePosixPath(service.socket).parent if service.socket else None
-    socket_var = f"$socket_dir/{PurePosixPath(service.socket).name}" if socket_dir else None
-    args = filled_args(service, socket_var, "$chatmail_ini")
-    lines = [
+    text = "\n".join([
         "#!/sbin/openrc-run",
         f"# {service.name}: the OpenRC form of its systemd unit on Debian.",
         f"# {GENERATED}",
         "",
         f'description="{service.description}"',
         "",
-        f': "${{chatmail_ini:={DEFAULT_INI_PATH}}}"',
-    ]
-    if socket_dir:
-        lines.append(f': "${{socket_dir:={socket_dir}}}"')
+        *openrc_variables(service), "",
+        *openrc_depend(service), "",
+        *openrc_start_pre(service), "",
+        *openrc_start_post(service),
+    ]) + "\n"
+    return text + WAIT_FOR_SOCKET if service.socket else text
+
+
+def socket_dir(service):
+    return PurePosixPath(service.socket).parent
+
+
+def openrc_socket(service):
+    """The service's socket as its script names it: in $socket_dir, which conf.d may
+    move."""
+    return f"$socket_dir/{PurePosixPath(service.socket).name}"
+
+
+def openrc_args(service):
+    socket = openrc_socket(service) if service.socket else None
+    return filled_args(service, socket, "$chatmail_ini")
+
+
+def openrc_variables(service):
+    """What openrc-run and supervise-daemon read; conf.d may set those with defaults."""
+    lines = [f': "${{chatmail_ini:={DEFAULT_INI_PATH}}}"']
+    if service.socket:
+        lines.append(f': "${{socket_dir:={socket_dir(service)}}}"')
     lines += [
         "",
         f"command={service.program}",
-        f'command_args="{" ".join(args)}"',
+        f'command_args="{" ".join(openrc_args(service))}"',
         f'command_user="{service.user}:{service.user}"',
         f"# Restart=always, RestartSec={service.restart_seconds}: supervise-daemon restarts "
         "it, without a limit.",
@@ -228,7 +260,7 @@ def openrc_script(service):
                   "SIGKILL;",
                   "# supervise-daemon's default would kill it after 5 s.",
                   f': "${{retry:=SIGTERM/{service.stop_seconds}/SIGKILL/5}}"']
-    lines += [
+    return lines + [
         f"umask={service.umask:03o}",
         "# Output to syslog (/var/log/messages), as the journal keeps it on Debian; without a",
         "# logger supervise-daemon sends it to /dev/null. An output_log in conf.d takes "
@@ -237,16 +269,21 @@ def openrc_script(service):
         ': "${error_logger:=logger -t $RC_SVCNAME -p daemon.info}"',
         "no_new_privs=yes",
         f'rc_ulimit="${{rc_ulimit:--n {service.open_files}}}"',
-        "",
+    ]
+
+
+def openrc_depend(service):
+    return [
         "depend() {",
         "\t# The services that use it start after it (and find it listening).",
         *(f"\tbefore {name}" for name in service.before),
-    ]
-    if service.network != "none":
-        lines.append("\tafter net")
-    lines += [
+        *(["\tafter net"] if service.network != "none" else []),
         "}",
-        "",
+    ]
+
+
+def openrc_start_pre(service):
+    lines = [
         "start_pre() {",
         "\t# Nothing to serve before `chatmail setup` wrote chatmail.ini.",
         '\tif [ ! -f "$chatmail_ini" ]; then',
@@ -254,24 +291,26 @@ def openrc_script(service):
         "\t\treturn 1",
         "\tfi",
     ]
-    if socket_dir:
+    if service.socket:
         lines.append(f"\tcheckpath --directory --owner {service.user}:{service.user} "
                      '--mode 0755 "$socket_dir"')
-    lines += ["}", "", "start_post() {"]
-    if socket_dir:
-        lines += ["\t# Started means listening: the services ordered after it find the "
-                  "socket.",
-                  f'\twait_for_socket "{socket_var}"']
-    else:
-        quoted = " ".join(f'"{arg}"' if "$" in arg else arg for arg in args)
-        lines += ["\t# Return once it serves: supervise-daemon returns when the process "
-                  "runs, about a",
-                  "\t# second before it listens, while Postfix answers mail with 451.",
-                  f"\tpython3 -m chatmaild.openrc wait-for-filter {quoted} "
-                  "|| { stop; return 1; }"]
-    lines.append("}")
-    text = "\n".join(lines) + "\n"
-    return text + WAIT_FOR_SOCKET if socket_dir else text
+    return lines + ["}"]
+
+
+def openrc_start_post(service):
+    """Return once the service serves: supervise-daemon returns when its process runs."""
+    if service.socket:
+        return ["start_post() {",
+                "\t# Started means listening: the services ordered after it find the socket.",
+                f'\twait_for_socket "{openrc_socket(service)}"',
+                "}"]
+    quoted = " ".join(f'"{arg}"' if "$" in arg else arg for arg in openrc_args(service))
+    return ["start_post() {",
+            "\t# Return once it serves: supervise-daemon returns when the process runs, "
+            "about a",
+            "\t# second before it listens, while Postfix answers mail with 451.",
+            f"\tpython3 -m chatmaild.openrc wait-for-filter {quoted} || {{ stop; return 1; }}",
+            "}"]
 
 
 def openrc_confd(service):
