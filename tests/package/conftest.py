@@ -1,5 +1,6 @@
 """The Alpine packages and their repository, built once per test run by alpine/mkapk.py
-for test_apk (read back by our own reader) and test_apk_tools (read by apk-tools)."""
+for test_apk (read back by our own reader) and test_apk_tools (read by apk-tools); the
+relay's services' systemd units and OpenRC scripts as the build generates them."""
 
 import importlib.util
 import os
