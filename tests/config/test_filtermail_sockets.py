@@ -9,8 +9,8 @@ import subprocess
 import pytest
 
 from chatmaild.admin.platform import load_platform
+from chatmaild.admin.units import systemd_files
 from chatmaild.config import read_config
-from tests.conftest import REPO
 
 # socket -> the chatmail.ini setting of its port, and the Postfix service that sends to it
 SOCKETS = {
@@ -65,9 +65,9 @@ def test_socket_listens_where_postfix_sends(render, moved_ports, platform, socke
 
 @pytest.mark.parametrize("socket", sorted(SOCKETS))
 def test_units_listen_on_the_default_ports(render, relay_config, socket):
-    """Without the drop-in (before the first configure) the unit's own port is the default
-    one, the same the drop-in then writes."""
-    unit = (REPO / "debian" / f"chatmail-relay.{socket}").read_text()
+    """Without the drop-in (before the first configure) the unit's own port (generated
+    from conf/services.toml) is the default one, the same the drop-in then writes."""
+    unit = systemd_files(load_platform("debian12"))[socket]
     item = render("filtermail", relay_config, load_platform("debian12"))[dropin(socket)]
     assert listen_stream(unit) == listen_stream(item.content)
 
@@ -85,7 +85,7 @@ def test_systemd_reads_the_dropin(render, moved_ports, tmp_path, socket):
     item = render("filtermail", moved_ports, load_platform("debian12"))[dropin(socket)]
     unit = tmp_path / "etc/systemd/system" / socket
     unit.parent.mkdir(parents=True)
-    shutil.copy(REPO / "debian" / f"chatmail-relay.{socket}", unit)
+    unit.write_text(systemd_files(load_platform("debian12"))[socket])
     path = tmp_path / dropin(socket).lstrip("/")
     path.parent.mkdir(parents=True)
     path.write_text(item.content)
