@@ -23,7 +23,7 @@ PY313 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3) $(she
 VENV313 ?= $(HOME)/.cache/chatmail-relay/py313-$(shell echo $(PY313_LIBS) | md5sum | cut -c1-8)
 PY313_LIBS = aiosmtpd dkimpy dnspython filelock psutil pytest jinja2 qrcode pypng hypothesis
 
-.PHONY: all build debs debs-trixie dovecot dovecot-trixie repo apk build-previous test test-unit test-config test-dovecot24 test-openrc test-py313 test-package test-system deps demo bench clean
+.PHONY: all build debs debs-bookworm debs-trixie dovecot dovecot-trixie repo apk build-previous test test-unit test-config test-dovecot24 test-openrc test-py313 test-package test-system deps demo bench clean
 
 all: build
 
@@ -45,10 +45,16 @@ export CHATMAIL_BUILD_CACHE ?= /var/cache/chatmail-relay-build
 # .sources file); the default is where the system tests mount dist/repo.
 export CHATMAIL_REPO_URL ?= file:///srv/chatmail-relay
 
+# The Debian releases we build for, and the one this machine runs: packages for another
+# release are built in a chroot of it (tests/chroot.sh --suite).
+SUITES = bookworm trixie
+HOST_SUITE := $(shell . /etc/os-release && echo "$$VERSION_CODENAME")
+in_suite = $(if $(filter $(1),$(HOST_SUITE)),,tests/chroot.sh --suite $(1))
+
 # Packages are built from a copy of the tree, so the checkout stays clean. The repository's
 # public key goes into the copy for chatmail-archive-keyring.
 # build_debs DIR VERSION-SUFFIX OUTDIR [WRAPPER]: WRAPPER runs the build elsewhere
-# (tests/chroot.sh: in Debian 13); DIR must then be inside the checkout.
+# (tests/chroot.sh: in another Debian release); DIR must then be inside the checkout.
 define build_debs
 	rm -rf $(1) && mkdir -p $(1)/src $(3)
 	tar --exclude=./.git --exclude=./build --exclude=./dist --exclude='*/__pycache__' \
@@ -60,13 +66,17 @@ define build_debs
 	rm -f $(3)/*.deb && mv $(1)/*.deb $(3)/
 endef
 
-# Our packages, the patched dovecot and the signed repository with all of them (dist/repo);
-# the Alpine packages and their repository (dist/alpine).
+# Our packages for both Debian releases, the patched dovecot and the signed repository
+# with all of them (dist/repo, a suite per release); the Alpine packages and their
+# repository (dist/alpine).
 build: debs dovecot repo apk
 
-debs:
-	$(call build_debs,build/deb,,dist)
-	@ls -1 dist/*.deb
+debs: $(addprefix debs-,$(SUITES))
+
+# Our packages for one Debian release, in dist/SUITE.
+$(addprefix debs-,$(SUITES)): debs-%:
+	$(call build_debs,build/$*,,dist/$*,$(call in_suite,$*))
+	@ls -1 dist/$*/*.deb
 
 # Debian's dovecot source with dovecot/instant-idle.patch, built once per source version
 # and patch (about 28 minutes on 2 cores), then copied from the cache.
@@ -74,14 +84,8 @@ dovecot:
 	dovecot/build-deb.sh dist/dovecot
 
 repo:
-	repo/build-repo.sh repo dist/repo dist/*.deb dist/dovecot/*.deb
-
-# Our packages built in Debian 13 (tests/chroot.sh) and their repository (suite trixie),
-# for the system tests on Debian 13. Dovecot there is Debian's own 2.4: our patched 2.4
-# build for Debian 13 is not made yet.
-debs-trixie:
-	$(call build_debs,build/trixie,,dist/trixie,tests/chroot.sh)
-	REPO_SUITE=trixie repo/build-repo.sh repo dist/repo-trixie dist/trixie/*.deb
+	repo/build-repo.sh repo dist/repo --suite bookworm dist/bookworm/*.deb dist/dovecot/*.deb \
+		--suite trixie dist/trixie/*.deb
 
 # Our patched Dovecot 2.4 for Debian 13, built in the Debian 13 chroot like `make dovecot`
 # (about 30 minutes on 2 cores, cached in build/dovecot-cache-trixie). Not part of `make
@@ -100,11 +104,11 @@ apk:
 # (dist/repo-previous, dated a day back as if published before dist/repo), for the
 # system tests' upgrade path.
 build-previous: build
-	$(call build_debs,build/previous,~previous,dist/previous)
+	$(call build_debs,build/previous,~previous,dist/previous,$(call in_suite,bookworm))
 	rm -rf dist/previous/dovecot
 	dovecot/repack-version.sh '~previous' dist/previous/dovecot dist/dovecot/*.deb
-	REPO_DATE="$$(date -u -R -d '1 day ago')" \
-		repo/build-repo.sh repo dist/repo-previous dist/previous/*.deb dist/previous/dovecot/*.deb
+	REPO_DATE="$$(date -u -R -d '1 day ago')" repo/build-repo.sh repo dist/repo-previous \
+		--suite bookworm dist/previous/*.deb dist/previous/dovecot/*.deb
 
 test: test-unit test-config test-dovecot24 test-package test-openrc test-system test-py313
 
@@ -138,7 +142,7 @@ test-openrc: debs-trixie
 
 # Installs dist/ in a fresh Debian 12 booted with systemd-nspawn (root file system cached
 # outside the checkout by tests/system/rootfs.sh) and uses the relay like its users.
-test-system: build build-previous debs-trixie
+test-system: build build-previous
 	$(PYTEST) tests/system
 
 test-py313:

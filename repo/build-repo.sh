@@ -1,8 +1,13 @@
 #!/bin/sh
 # chatmail-relay's signed apt repository.
 #   repo/build-repo.sh key FILE             export the signing key's public part (binary)
-#   repo/build-repo.sh repo DIR DEB...      write a signed repository for this machine's
-#                                           Debian release into DIR (replaced as a whole)
+#   repo/build-repo.sh repo DIR [--suite SUITE] DEB... [--suite SUITE DEB...]...
+#                                           write a signed repository into DIR (replaced
+#                                           as a whole): the DEBs after --suite SUITE go
+#                                           into suite SUITE (default: $REPO_SUITE, else
+#                                           this machine's Debian release); for each suite
+#                                           chatmail-relay-SUITE.sources, the file admins
+#                                           download
 # The key is $SIGNING_KEY (a fingerprint in the caller's GNUPGHOME) when set; otherwise a
 # throw-away key made once and kept outside the checkout, for local and test repositories.
 # The repository's address for the published .sources file is $CHATMAIL_REPO_URL.
@@ -17,7 +22,7 @@ cache=${CHATMAIL_BUILD_CACHE:-/var/cache/chatmail-relay-build}
 ORIGIN=${REPO_ORIGIN:-chatmail-relay}
 LABEL=${REPO_LABEL:-chatmail-relay}
 # shellcheck disable=SC1091 # the host's
-suite=${REPO_SUITE:-$(. /etc/os-release && echo "$VERSION_CODENAME")}
+default_suite=${REPO_SUITE:-$(. /etc/os-release && echo "$VERSION_CODENAME")}
 arch=$(dpkg --print-architecture)
 repo_url=${CHATMAIL_REPO_URL:-file:///srv/chatmail-relay}
 
@@ -46,8 +51,10 @@ export_key() {
 	mv "$1.tmp" "$1"
 }
 
+# write_indexes DIR SUITE
 write_indexes() {
 	dir=$1
+	suite=$2
 	mkdir -p "$dir/dists/$suite/main/binary-$arch"
 	(cd "$dir" && apt-ftparchive packages "pool/$suite") >"$dir/dists/$suite/main/binary-$arch/Packages"
 	gzip -9 -n -k "$dir/dists/$suite/main/binary-$arch/Packages"
@@ -64,8 +71,9 @@ write_indexes() {
 	mv "$dir/dists/$suite/Release.tmp" "$dir/dists/$suite/Release"
 }
 
+# sign_release DIR SUITE
 sign_release() {
-	release=$1/dists/$suite/Release
+	release=$1/dists/$2/Release
 	gpg --batch --yes --local-user "$key" --digest-algo SHA512 --clearsign -o "${release%Release}InRelease" "$release"
 	gpg --batch --yes --local-user "$key" --digest-algo SHA512 -abs -o "$release.gpg" "$release"
 }
@@ -75,15 +83,32 @@ build_repo() {
 	shift
 	use_signing_key
 	tmp=$out.tmp
-	rm -rf "$tmp" && mkdir -p "$tmp/pool/$suite/main"
-	cp "$@" "$tmp/pool/$suite/main/"
-	write_indexes "$tmp"
-	sign_release "$tmp"
+	rm -rf "$tmp" && mkdir -p "$tmp"
+	suite=$default_suite
+	suites=""
+	count=0
+	while [ $# -gt 0 ]; do
+		if [ "$1" = --suite ]; then
+			suite=${2:?--suite needs a name}
+			shift 2
+			continue
+		fi
+		mkdir -p "$tmp/pool/$suite/main"
+		cp "$1" "$tmp/pool/$suite/main/"
+		case " $suites " in *" $suite "*) ;; *) suites="$suites $suite" ;; esac
+		count=$((count + 1))
+		shift
+	done
+	[ -n "$suites" ] || { echo "repository: no packages given" >&2; exit 2; }
+	for suite in $suites; do
+		write_indexes "$tmp" "$suite"
+		sign_release "$tmp" "$suite"
+		sed -e "s|@REPO_URL@|$repo_url|" -e "s|@SUITE@|$suite|" \
+			"$here/../apt/chatmail-relay.sources.in" >"$tmp/chatmail-relay-$suite.sources"
+	done
 	gpg --batch --export "$key" >"$tmp/chatmail-archive-keyring.pgp"
-	sed -e "s|@REPO_URL@|$repo_url|" -e "s|@SUITE@|$suite|" \
-		"$here/../apt/chatmail-relay.sources.in" >"$tmp/chatmail-relay.sources"
 	rm -rf "$out" && mv "$tmp" "$out"
-	echo "repository: $out ($suite, $# packages, key $key)" >&2
+	echo "repository: $out (suites$suites; $count packages, key $key)" >&2
 }
 
 case "${1:-}" in
@@ -93,7 +118,7 @@ repo)
 	build_repo "$@"
 	;;
 *)
-	echo "usage: $0 key FILE | repo DIR DEB..." >&2
+	echo "usage: $0 key FILE | repo DIR [--suite SUITE] DEB..." >&2
 	exit 2
 	;;
 esac

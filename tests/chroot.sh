@@ -10,15 +10,22 @@
 # run gets a throw-away overlay on it, with the checkout mounted at /src.
 # --dovecot-from SUITE: with that Debian suite's Dovecot instead (e.g. forky's 2.4.5, the
 # release Alpine 3.23 ships), from a second cached layer on top of the chroot.
-# Usage: tests/chroot.sh [--dovecot-from SUITE] COMMAND...   (run from anywhere, as root)
+# --suite SUITE: another Debian release than 13 (bookworm: to build Debian 12's packages
+# on a Debian 13 host).
+# Usage: tests/chroot.sh [--suite SUITE] [--dovecot-from SUITE] COMMAND...
+# (run from anywhere, as root)
 set -eu
 suite=trixie
 dovecot_suite=
+if [ "${1:-}" = "--suite" ]; then
+	suite=${2:?--suite needs a suite}
+	shift 2
+fi
 if [ "${1:-}" = "--dovecot-from" ]; then
 	dovecot_suite=${2:?--dovecot-from needs a suite}
 	shift 2
 fi
-[ $# -gt 0 ] || { echo "usage: $0 [--dovecot-from SUITE] COMMAND..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 [--suite SUITE] [--dovecot-from SUITE] COMMAND..." >&2; exit 2; }
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
 cache=${CHATMAIL_TEST_CACHE:-/var/cache/chatmail-relay-test}

@@ -18,6 +18,13 @@ os.environ.setdefault("CHATMAIL_DATA_DIR", str(REPO))
 from chatmaild.config import default_config_text, read_config  # noqa: E402
 
 
+def host_suite():
+    """The codename of the Debian release this machine runs (bookworm, trixie)."""
+    with open("/etc/os-release", encoding="utf-8") as f:
+        fields = dict(line.rstrip("\n").split("=", 1) for line in f if "=" in line)
+    return fields["VERSION_CODENAME"].strip('"')
+
+
 @pytest.fixture
 def make_ini(tmp_path):
     """make_ini(domain="chat.example.org", **settings) -> path of a chatmail.ini whose

@@ -28,6 +28,7 @@ from tests.package.conftest import (
     load_mkapk,
     write_relay_services,
 )
+from tests.package.test_deb import DIST as DEBS_DIR
 from tests.package.test_deb import SERVICE_PROGRAMS
 from tests.package.apk_format import (
     CHECKSUM_PAX_KEY,
@@ -306,10 +307,10 @@ def test_dependencies_match_debians(parsed, debian_name, alpine_name):
 
 
 def deb_files(package):
-    """Paths of the files and symlinks (not directories) in dist/PACKAGE_*.deb."""
-    found = sorted(DIST.glob(f"{package}_*.deb"))
+    """Paths of the files and symlinks (not directories) in the host release's .deb."""
+    found = sorted(DEBS_DIR.glob(f"{package}_*.deb"))
     if not found:
-        pytest.fail(f"no {package} .deb in {DIST}: run `make debs` to compare the Alpine "
+        pytest.fail(f"no {package} .deb in {DEBS_DIR}: run `make debs` to compare the Alpine "
                     "packages' files with Debian's")
     out = subprocess.run(["dpkg-deb", "--contents", str(found[-1])], capture_output=True,
                          text=True, check=True).stdout

@@ -6,15 +6,16 @@ import pytest
 
 from chatmaild.admin.platform import load_platform
 from chatmaild.admin.services import relay_services, systemd_units
-from tests.conftest import REPO
+from tests.conftest import REPO, host_suite
 
-DIST = REPO / "dist"
+# Our packages for the Debian release this machine runs.
+DIST = REPO / "dist" / host_suite()
 
 
 def debs():
     found = sorted(DIST.glob("*.deb"))
     if not found:
-        pytest.fail("no packages in dist/: run `make build` first")
+        pytest.fail(f"no packages in {DIST}: run `make build` first")
     return found
 
 

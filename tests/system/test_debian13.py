@@ -28,12 +28,12 @@ DOVECOT_PACKAGES = ["dovecot-core", "dovecot-imapd", "dovecot-lmtpd", "dovecot-a
 
 @contextlib.contextmanager
 def debian13_container(binds=()):
-    """A booted fresh Debian 13 with our Debian 13 repository at REPO_MOUNT and a stand-in
+    """A booted fresh Debian 13 with our repository (its suite trixie) at REPO_MOUNT and a stand-in
     for Debian's archive with Debian's Dovecot (its `dovecot_version` attribute) at
     DEBIAN_MOUNT, configured in apt; nothing installed yet."""
-    ours = REPO / "dist" / "repo-trixie"
+    ours = REPO / "dist" / "repo"
     if not (ours / "dists" / SUITE).is_dir():
-        raise RuntimeError("no Debian 13 repository: run `make debs-trixie`")
+        raise RuntimeError("no Debian 13 suite in dist/repo: run `make build`")
     workdir = tempfile.mkdtemp(prefix="chatmail-debian13-", dir="/var/tmp")
     version, debs = debian_release_dovecot(SUITE, DOVECOT_PACKAGES)
     debian = build_repo(os.path.join(workdir, "debian"), debs, origin="Debian",

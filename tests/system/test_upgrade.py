@@ -124,7 +124,7 @@ def test_our_repository_cannot_replace_other_packages(upgraded):
     a candidate: the keyring package's pin gives it priority -1."""
     stray = package_without_files(upgraded.security_dir, "nginx", "99:1.0")
     hijack = build_repo(upgraded.security_dir + "/hijack",
-                        [*sorted((REPO / "dist" / "repo").glob("pool/*/main/*.deb")), stray])
+                        [*sorted((REPO / "dist" / "repo").glob("pool/bookworm/main/*.deb")), stray])
     upgraded.publish(REPO_MOUNT, hijack)
     try:
         upgraded.run("apt-get update -q")
