@@ -69,7 +69,8 @@ def test_packages_lists_ours_and_the_dovecot_rebuild(repo):
         fields = dict(line.split(": ", 1) for line in stanza.splitlines() if ": " in line)
         versions[fields["Package"]] = fields["Version"]
         assert (repo / fields["Filename"]).is_file()
-    for ours in ("chatmail-relay", "python3-chatmaild", "chatmail-archive-keyring"):
+    for ours in ("chatmail-relay", "python3-chatmaild", "chatmail-archive-keyring",
+                 "dovecot-chatmail-instant-idle"):
         assert ours in versions
     for dovecot in ("dovecot-core", "dovecot-imapd", "dovecot-lmtpd"):
         assert "+chatmail" in versions[dovecot], versions
