@@ -415,6 +415,9 @@ def imap_mail_plugins(platform, probes):
 def instant_idle_finding(platform, probes, label, package):
     """Which mechanism tells IDLE-ing clients about new mail at once: the plugin
     (installed and in Dovecot's configuration), our patched Dovecot, or none."""
+    patched = is_patched_dovecot(platform, probes, package)
+    if patched:
+        label += " (chatmail build)"
     plugin = probes.dovecot_instant_idle_plugin or platform.dovecot_instant_idle_plugin
     if Path(plugin).exists():
         if INSTANT_IDLE_PLUGIN in imap_mail_plugins(platform, probes):
@@ -422,9 +425,8 @@ def instant_idle_finding(platform, probes, label, package):
         return Finding("Mail", "Dovecot", WARN,
                        f"{label}: the instant-IDLE plugin is installed but not configured",
                        "run 'chatmail configure'")
-    if is_patched_dovecot(platform, probes, package):
-        return Finding("Mail", "Dovecot", INFO,
-                       f"{label} (chatmail build), instant IDLE: patched build")
+    if patched:
+        return Finding("Mail", "Dovecot", INFO, f"{label}, instant IDLE: patched build")
     return Finding(
         "Mail", "Dovecot", WARN,
         f"{label}: without the chatmail patch or the instant-IDLE plugin",
