@@ -7,6 +7,7 @@ checks every package in dist/, this one among them.)"""
 import re
 import subprocess
 from pathlib import Path
+from statistics import median
 
 import pytest
 
@@ -103,4 +104,5 @@ def test_packaged_module_loads_into_dovecot(push, scratch_dir):  # noqa: F811
                    check=True)
     run = run_idle_relay(push, scratch_dir / "deb" / MODULE.lstrip("/"), scratch_dir / "modules")
     assert run.loads_plugin and run.problems == []
-    assert max(run.waits) < STOCK_DELAY / 2, run.waits
+    assert median(run.waits) < STOCK_DELAY / 10, run.waits
+    assert max(run.waits) < STOCK_DELAY * 1.2, run.waits
