@@ -98,6 +98,27 @@ def test_idle_wakes_at_once_with_debians_dovecot_and_the_plugin(relay):
     assert waits[4] < 0.05 and waits[-1] < 0.6, waits
 
 
+def test_removing_and_reinstalling_the_plugin_reconfigures_dovecot(relay):
+    """chatmail-relay's dpkg trigger on the plugin's file: removed, Dovecot's configuration
+    drops it (logins keep working, IDLE waits Dovecot's 500 ms again, status warns);
+    installed again, it is loaded again."""
+    from bench.common import idle_wakeups
+
+    imap_plugins = ("doveconf -c /etc/dovecot/chatmail/dovecot.conf -f protocol=imap "
+                    "-h mail_plugins")
+    relay.run("apt-get remove -y -q dovecot-chatmail-instant-idle")
+    try:
+        assert "chatmail_instant_idle" not in relay.run(imap_plugins).stdout
+        assert "without the chatmail patch or the instant-IDLE plugin" in relay.run(
+            "chatmail status", check=False).stdout
+        assert min(idle_wakeups(relay, DOMAIN, 3)) > 0.45
+    finally:
+        relay.run("apt-get install -y -q dovecot-chatmail-instant-idle")
+    assert "chatmail_instant_idle = yes" in relay.run(imap_plugins).stdout.splitlines()
+    assert "instant IDLE: plugin" in relay.run("chatmail status", check=False).stdout
+    assert sorted(idle_wakeups(relay, DOMAIN, 3))[1] < 0.05
+
+
 def test_systemd_tracks_postfix_master(relay):
     """Our drop-in on Debian 13's postfix.service names the master's pid file, so a dead
     master is noticed (and restarted) at once."""
