@@ -10,7 +10,7 @@ SYSTEM_PATH = /usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin
 DEPS = python3 python3-aiosmtpd python3-dkim python3-dnspython python3-filelock \
        python3-jinja2 python3-psutil python3-pytest python3-setuptools \
        python3-venv python3-pip python3-build gpg sqop shellcheck fcgiwrap coturn openssl \
-       ca-certificates dovecot-core \
+       ca-certificates dovecot-core dovecot-dev \
        debhelper dh-python pybuild-plugin-pyproject python3-all help2man lintian \
        fakeroot dpkg-dev po-debconf \
        postfix postfix-lmdb dovecot-core dovecot-imapd dovecot-lmtpd nginx libnginx-mod-stream \
@@ -61,9 +61,22 @@ define build_debs
 		-cf - . | tar -xf - -C $(1)/src
 	repo/build-repo.sh key $(1)/src/apt/chatmail-archive-keyring.pgp
 	[ -z "$(2)" ] || sed -i '1s/(\([^)]*\))/(\1$(2))/' $(1)/src/debian/changelog
-	$(4) sh -c 'cd $(1)/src && PATH=$(SYSTEM_PATH) dpkg-buildpackage -b -us -uc --no-sign' \
-		>$(1)/build.log 2>&1 || { tail -40 $(1)/build.log; exit 1; }
+	$(call dpkg_buildpackage,$(1)/src,$(1)/build.log,$(4))
 	rm -f $(3)/*.deb && mv $(1)/*.deb $(3)/
+endef
+
+# dpkg_buildpackage SOURCE-DIR LOG [WRAPPER]: binary packages into SOURCE-DIR's parent.
+define dpkg_buildpackage
+	$(3) sh -c 'cd $(1) && PATH=$(SYSTEM_PATH) dpkg-buildpackage -b -us -uc --no-sign' \
+		>$(2) 2>&1 || { tail -40 $(2); exit 1; }
+endef
+
+# The instant-IDLE Dovecot plugin's package (dovecot/plugin/debian), built against this
+# release's dovecot-dev from the tree build_debs copied into DIR:
+# build_plugin_deb DIR OUTDIR [WRAPPER]
+define build_plugin_deb
+	$(call dpkg_buildpackage,$(1)/src/dovecot/plugin,$(1)/plugin-build.log,$(3))
+	mv $(1)/src/dovecot/*.deb $(2)/
 endef
 
 # Our packages for both Debian releases, the patched dovecot and the signed repository
@@ -73,9 +86,10 @@ build: debs dovecot repo apk
 
 debs: $(addprefix debs-,$(SUITES))
 
-# Our packages for one Debian release, in dist/SUITE.
+# Our packages and the instant-IDLE plugin for one Debian release, in dist/SUITE.
 $(addprefix debs-,$(SUITES)): debs-%:
 	$(call build_debs,build/$*,,dist/$*,$(call in_suite,$*))
+	$(call build_plugin_deb,build/$*,dist/$*,$(call in_suite,$*))
 	@ls -1 dist/$*/*.deb
 
 # Debian's dovecot source with dovecot/instant-idle.patch, built once per source version

@@ -48,11 +48,13 @@ def lmtp_deliver(address, number, socket_path=LMTP_SOCKET, timeout=None):
         return time.monotonic()
 
 
-def idle_wakeup(imap, address, number):
+def idle_wakeup(imap, address, number, socket_path=LMTP_SOCKET):
+    """Seconds from the end of one LMTP delivery to the EXISTS the IDLE-ing `imap` (its
+    INBOX selected) gets (tests/config/test_dovecot.py uses it too)."""
     tag = imap._new_tag()
     imap.send(tag + b" IDLE\r\n")
     imap.readline()  # "+ idling"
-    delivered = imap_exists_after(imap, lmtp_deliver(address, number))
+    delivered = imap_exists_after(imap, lmtp_deliver(address, number, socket_path))
     imap.send(b"DONE\r\n")
     while not imap.readline().startswith(tag):
         pass

@@ -36,7 +36,7 @@ python3 python3-pytest python3-jinja2 python3-aiosmtpd python3-dkim python3-dnsp
 python3-filelock python3-psutil python3-qrcode dovecot-auth-lua lua-socket lua-cjson \
 debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools help2man \
 po-debconf dpkg-dev fakeroot build-essential openrc iproute2 nginx fcgiwrap postfix-lmdb \
-opendkim opendkim-tools nsd"
+opendkim opendkim-tools nsd dovecot-dev"
 
 # quietly LOG COMMAND...: run COMMAND with its output in LOG; on failure show LOG's end.
 quietly() {
@@ -86,7 +86,7 @@ build_dovecot_layer() {
 	quietly "$tmp.log" chroot "$tmp/root" sh -c "apt-get -o Acquire::Check-Valid-Until=false \
 		update -qq && DEBIAN_FRONTEND=noninteractive apt-get \
 		-o Acquire::Check-Valid-Until=false install -y -qq --no-install-recommends \
-		-t $dovecot_suite dovecot-core dovecot-imapd dovecot-lmtpd dovecot-auth-lua \
+		-t $dovecot_suite dovecot-core dovecot-imapd dovecot-lmtpd dovecot-auth-lua dovecot-dev \
 		>/dev/null && apt-get clean"
 	umount "$tmp/root/proc" "$tmp/root"
 	rm -f "$tmp.log"

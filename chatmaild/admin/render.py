@@ -22,7 +22,8 @@ conf/<component>/    Jinja2 templates, plus targets.toml listing what they becom
 Templates see `config` (chatmaild.config.Config), `platform` (the platform's facts as an
 object: platform.postfix_map_type), `component` (the folder name) and `read_text(path)`
 (a file's content without surrounding white space, "" if it does not exist: for secrets
-generated at install, such as coturn's). Rendering never
+generated at install, such as coturn's) and `exists(path)` (for what an optional package
+installs, such as a Dovecot plugin). Rendering never
 touches the system: it returns RenderedFile objects; chatmaild.admin.apply writes them.
 """
 
@@ -74,6 +75,10 @@ def read_text(path):
         return ""
 
 
+def exists(path):
+    return Path(path).exists()
+
+
 def _read_targets(folder):
     try:
         with open(folder / "targets.toml", "rb") as f:
@@ -94,7 +99,7 @@ def render_component(component, config, platform):
     folder = conf_dir() / component
     env = _jinja_environment(folder)
     context = {"config": config, "platform": platform, "component": component,
-               "read_text": read_text}
+               "read_text": read_text, "exists": exists}
     rendered = []
     for target in _read_targets(folder):
         when = target.get("when")

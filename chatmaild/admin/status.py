@@ -56,6 +56,8 @@ class Probes:
     proc_dir: str = "/proc"
     dovecot_pid_file: str = "/run/dovecot/master.pid"
     dovecot_patch_marker: str = ""  # default: the platform's
+    dovecot_instant_idle_plugin: str = ""  # default: the platform's
+    dovecot_config: str = ""  # the file Dovecot runs with; default: the platform's
     postfix_pid_file: str = ""  # default: in the platform's Postfix queue directory
     now: object = time.time
     manager: object = None  # a servicemanager; default: the platform's
@@ -369,14 +371,17 @@ def dovecot_package_version(platform, run):
     return None
 
 
-PATCHED_DOVECOT_HINTS = {
-    "dpkg": "From the chatmail repository apt installs the patched build; a Debian "
-            "security update newer than it is installed first, and replaced by the "
-            "rebuild of it when that is published",
+# what `chatmail status` suggests when neither the plugin nor the patched build gives
+# instant IDLE
+NO_INSTANT_IDLE_HINTS = {
+    "dpkg": "Install the instant-IDLE plugin, 'apt install dovecot-chatmail-instant-idle' "
+            "(from the chatmail repository; the relay then loads it by itself)",
     "apk": "apk takes the patched build from the chatmail repository where that is listed "
            "before Alpine's in /etc/apk/repositories; an Alpine update newer than it is "
            "installed first, and stays (docs/alpine.md, Patched Dovecot on Alpine)",
 }
+# the instant-IDLE plugin's name in mail_plugins (dovecot/plugin)
+INSTANT_IDLE_PLUGIN = "chatmail_instant_idle"
 
 
 def is_patched_dovecot(platform, probes, package):
@@ -386,23 +391,51 @@ def is_patched_dovecot(platform, probes, package):
     return bool(package) and "chatmail" in package
 
 
+def imap_mail_plugins(platform, probes):
+    """The plugins Dovecot's configuration loads for IMAP, by name ([] if doveconf fails).
+    doveconf prints 2.3's list as words, 2.4's boolean list as "NAME = yes" lines."""
+    config = probes.dovecot_config or platform.dovecot_main_config
+    result = probes.run(["doveconf", "-c", config, "-f", "protocol=imap", "-h",
+                         "mail_plugins"])
+    if result.returncode != 0:
+        return []
+    names = []
+    for line in result.stdout.splitlines():
+        name, equals, value = line.partition(" = ")
+        names += ([name] if value.strip() == "yes" else []) if equals else line.split()
+    return names
+
+
+def instant_idle_finding(platform, probes, label, package):
+    """Which mechanism tells IDLE-ing clients about new mail at once: the plugin
+    (installed and in Dovecot's configuration), our patched Dovecot, or none."""
+    patched = is_patched_dovecot(platform, probes, package)
+    if patched:
+        label += " (chatmail build)"
+    plugin = probes.dovecot_instant_idle_plugin or platform.dovecot_instant_idle_plugin
+    if Path(plugin).exists():
+        if INSTANT_IDLE_PLUGIN in imap_mail_plugins(platform, probes):
+            return Finding("Mail", "Dovecot", INFO, f"{label}, instant IDLE: plugin")
+        return Finding("Mail", "Dovecot", WARN,
+                       f"{label}: the instant-IDLE plugin is installed but not configured",
+                       "run 'chatmail configure'")
+    if patched:
+        return Finding("Mail", "Dovecot", INFO, f"{label}, instant IDLE: patched build")
+    return Finding(
+        "Mail", "Dovecot", WARN,
+        f"{label}: without the chatmail patch or the instant-IDLE plugin",
+        "IMAP IDLE notifications come 0.5 s late. "
+        + NO_INSTANT_IDLE_HINTS[platform.package_manager])
+
+
 def check_dovecot_build(platform, probes):
     result = probes.run(["dovecot", "--version"])
     if result.returncode != 0:
         return [Finding("Mail", "Dovecot", FAIL, "dovecot --version failed: "
                         + (result.stderr.strip() or "not installed"))]
-    version = result.stdout.strip()
     package = dovecot_package_version(platform, probes.run)
-    findings = []
-    if is_patched_dovecot(platform, probes, package):
-        findings.append(Finding("Mail", "Dovecot", INFO,
-                                f"{version}, package {package} (chatmail build)"))
-    else:
-        findings.append(Finding(
-            "Mail", "Dovecot", WARN,
-            f"{version}, package {package or 'unknown'}: without the chatmail patch",
-            "IMAP IDLE notifications come 0.5 s late. " + PATCHED_DOVECOT_HINTS[
-                platform.package_manager]))
+    label = f"{result.stdout.strip()}, package {package or 'unknown'}"
+    findings = [instant_idle_finding(platform, probes, label, package)]
     stale = check_dovecot_binary(probes, platform.dovecot_service)
     if stale:
         findings.append(stale)

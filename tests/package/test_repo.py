@@ -13,7 +13,8 @@ from tests.package.test_deb import contents, deb_named
 
 DIST_REPO = REPO / "dist" / "repo"
 SUITES = ["bookworm", "trixie"]
-OURS = ("chatmail-relay", "python3-chatmaild", "chatmail-archive-keyring")
+OURS = ("chatmail-relay", "python3-chatmaild", "chatmail-archive-keyring",
+        "dovecot-chatmail-instant-idle")
 
 
 @pytest.fixture(scope="module")

@@ -26,15 +26,16 @@ debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,iproute2,ca-ce
 # Nothing may start in the chroot: it shares the host's network.
 printf '#!/bin/sh\nexit 101\n' >"$tmp/usr/sbin/policy-rc.d"
 chmod 755 "$tmp/usr/sbin/policy-rc.d"
-# The Depends of our packages, and what the tests use inside the container. Those our
-# rules add for Dovecot 2.4 (${chatmail:Dovecot-Depends}) are listed below; Dovecot's own
-# packages are removed again.
+# The Depends of our packages (not our own, which come from our repository), and what the
+# tests use inside the container. Those our rules add for Dovecot 2.4
+# (${chatmail:Dovecot-Depends}) are listed below; Dovecot's own packages are removed again.
 deps=$(awk '
 	/^Package:/ { ours = ($2 == "chatmail-relay" || $2 == "python3-chatmaild") }
 	/^[A-Za-z-]+:/ { field = $1 }
 	ours && (field == "Depends:" || field == "Recommends:") { sub(/^[A-Za-z-]+:/, ""); print }
 ' "$repo/debian/control" | tr ',' '\n' |
-	sed -n 's/^[[:space:]]*\([a-z0-9][a-z0-9.+-]*\).*/\1/p' | grep -vx -e python3-chatmaild -e chatmail-archive-keyring | sort -u | tr '\n' ' ')
+	sed -n 's/^[[:space:]]*\([a-z0-9][a-z0-9.+-]*\).*/\1/p' | grep -vx -e python3-chatmaild -e chatmail-archive-keyring \
+		-e dovecot-chatmail-instant-idle | sort -u | tr '\n' ' ')
 mount -t proc proc "$tmp/proc"
 echo "postfix postfix/main_mailer_type select No configuration" | chroot "$tmp" debconf-set-selections
 # shellcheck disable=SC2086 # one package per word

@@ -78,7 +78,45 @@ def test_debian_13_with_its_dovecot_24_and_our_lua_passdb(relay):
     assert lua_file == "/etc/dovecot/chatmail/auth.lua"
     relay.run("grep -qx 'dovecot_config_version = 2.4.1' /etc/dovecot/chatmail/dovecot.conf")
     status = relay.run("chatmail status", check=False).stdout
-    assert "without the chatmail patch" in status, status  # Debian's own build
+    # Debian's own build, with the instant-IDLE plugin chatmail-relay recommends
+    assert "instant IDLE: plugin" in status, status
+
+
+def test_idle_wakes_at_once_with_debians_dovecot_and_the_plugin(relay):
+    """apt installed dovecot-chatmail-instant-idle with the relay (Recommends), built for
+    Debian 13's Dovecot ABI, and the relay's Dovecot loads it: an IDLE-ing client hears
+    of a delivery at once instead of after Debian's Dovecot's 500 ms."""
+    from bench.common import idle_wakeups
+
+    abi = relay.run("dpkg-query -W -f '${Provides}' dovecot-core").stdout
+    depends = relay.run("dpkg-query -W -f '${Depends}' dovecot-chatmail-instant-idle").stdout
+    assert depends.split(",")[0] in abi.split(", "), (depends, abi)
+    plugins = relay.run("doveconf -c /etc/dovecot/chatmail/dovecot.conf -f protocol=imap "
+                        "-h mail_plugins").stdout
+    assert "chatmail_instant_idle = yes" in plugins.splitlines(), plugins
+    waits = sorted(idle_wakeups(relay, DOMAIN, 9))
+    assert waits[4] < 0.05 and waits[-1] < 0.6, waits
+
+
+def test_removing_and_reinstalling_the_plugin_reconfigures_dovecot(relay):
+    """chatmail-relay's dpkg trigger on the plugin's file: removed, Dovecot's configuration
+    drops it (logins keep working, IDLE waits Dovecot's 500 ms again, status warns);
+    installed again, it is loaded again."""
+    from bench.common import idle_wakeups
+
+    imap_plugins = ("doveconf -c /etc/dovecot/chatmail/dovecot.conf -f protocol=imap "
+                    "-h mail_plugins")
+    relay.run("apt-get remove -y -q dovecot-chatmail-instant-idle")
+    try:
+        assert "chatmail_instant_idle" not in relay.run(imap_plugins).stdout
+        assert "without the chatmail patch or the instant-IDLE plugin" in relay.run(
+            "chatmail status", check=False).stdout
+        assert min(idle_wakeups(relay, DOMAIN, 3)) > 0.45
+    finally:
+        relay.run("apt-get install -y -q dovecot-chatmail-instant-idle")
+    assert "chatmail_instant_idle = yes" in relay.run(imap_plugins).stdout.splitlines()
+    assert "instant IDLE: plugin" in relay.run("chatmail status", check=False).stdout
+    assert sorted(idle_wakeups(relay, DOMAIN, 3))[1] < 0.05
 
 
 def test_systemd_tracks_postfix_master(relay):

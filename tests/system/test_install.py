@@ -98,6 +98,9 @@ def test_installed_from_the_repository_with_our_dovecot(relay):
     assert "chatmail-archive-keyring" in versions
     status = relay.run("chatmail status", check=False).stdout
     assert "(chatmail build)" in status, status
+    # chatmail-relay recommends the instant-IDLE plugin, built for Debian 12's Dovecot ABI
+    relay.run("dpkg-query -W dovecot-chatmail-instant-idle")
+    assert "instant IDLE: plugin" in status, status
 
 
 def test_the_keyring_package_took_over_the_apt_configuration(relay):

@@ -151,7 +151,15 @@ def test_a_newer_debian_security_update_wins_and_is_reported(upgraded):
     assert set(versions.values()) == {version}, versions
     status = upgraded.run("chatmail status", check=False)
     assert status.returncode == 0, status.stdout  # the relay works, without the patch
-    assert "without the chatmail patch" in status.stdout, status.stdout
-    assert "without the chatmail patch" in upgraded.run(f"cat {DPKG_LOG}").stdout
+    plugin = upgraded.run("test -e /usr/lib/dovecot/modules/"
+                          "lib20_chatmail_instant_idle_plugin.so", check=False).returncode == 0
+    # chatmail-relay recommends the plugin, but unattended-upgrades installs no newly
+    # recommended package on an upgrade (the relay came from the previous build): today
+    # the plugin is not there, and the patch's loss is reported (docs/decisions.md)
+    if plugin:  # instant IDLE is not lost
+        assert "instant IDLE: plugin" in status.stdout, status.stdout
+    else:
+        assert "without the chatmail patch" in status.stdout, status.stdout
+        assert "without the chatmail patch" in upgraded.run(f"cat {DPKG_LOG}").stdout
     inbox = upgraded.run(f"python3 - {DOMAIN}", input=READ_INBOX).stdout
     assert "this message survives upgrades" in inbox

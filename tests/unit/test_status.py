@@ -7,10 +7,13 @@ import shutil
 import socket
 import subprocess
 import time
+from types import SimpleNamespace
 
 import pytest
 
 from chatmaild.admin import status
+from chatmaild.admin.components import dovecot
+from chatmaild.admin.render import render_component
 from chatmaild.admin.platform import load_platform
 from chatmaild.admin.host import Completed, run_command
 from chatmaild.admin.servicemanager import OpenRC, Systemd, UnitState
@@ -426,7 +429,7 @@ def test_dovecot_build_of_this_host():
     version = subprocess.run(["dovecot", "--version"], capture_output=True, text=True).stdout
     platform = load_platform("debian12")
     [finding] = status.check_dovecot_build(platform, status.Probes(
-        dovecot_pid_file="/nonexistent"))
+        dovecot_pid_file="/nonexistent", dovecot_instant_idle_plugin=NO_PLUGIN))
     assert finding.detail.startswith(version.strip() + ", package 1:2.3")
     expected = status.WARN if "+chatmail" not in finding.detail else status.INFO
     assert finding.level == expected
@@ -440,10 +443,11 @@ def test_dovecot_patched_build():
         return Completed(0, "1:2.3.19.1+dfsg1-2.1+deb12u7+chatmail1")
 
     [finding] = status.check_dovecot_build(load_platform("debian12"), status.Probes(
-        run=run, dovecot_pid_file="/nonexistent"))
+        run=run, dovecot_pid_file="/nonexistent", dovecot_instant_idle_plugin=NO_PLUGIN))
     assert finding.level == status.INFO
     assert finding.detail == ("2.3.19.1 (9b53102964), package "
-                              "1:2.3.19.1+dfsg1-2.1+deb12u7+chatmail1 (chatmail build)")
+                              "1:2.3.19.1+dfsg1-2.1+deb12u7+chatmail1 (chatmail build), "
+                              "instant IDLE: patched build")
 
 
 @pytest.mark.parametrize("ours", [True, False])
@@ -466,10 +470,62 @@ def test_dovecot_build_on_alpine_is_told_by_our_packages_file(tmp_path, ours):
         run=run, dovecot_pid_file="/nonexistent", dovecot_patch_marker=str(marker)))
     assert finding.detail.startswith("2.4.5 (5a2bc7b0f6), package 2.4.5-r0")
     if ours:
-        assert finding.level == status.INFO and finding.detail.endswith("(chatmail build)")
+        assert finding.level == status.INFO
+        assert finding.detail.endswith("(chatmail build), instant IDLE: patched build")
     else:
         assert finding.level == status.WARN and "without the chatmail patch" in finding.detail
         assert "/etc/apk/repositories" in finding.hint
+
+
+NO_PLUGIN = "/nonexistent/lib20_chatmail_instant_idle_plugin.so"
+DEBIANS_DOVECOT = "1:2.3.19.1+dfsg1-2.1+deb12u7"
+
+
+def debians_dovecot(argv):
+    """Debian's own Dovecot build; doveconf is the real one."""
+    if argv[0] == "dovecot":
+        return Completed(0, "2.3.19.1 (9b53102964)\n")
+    if argv[0] == "dpkg-query":
+        return Completed(0, DEBIANS_DOVECOT)
+    return run_command(argv)
+
+
+def rendered_dovecot_config(config, platform, folder):
+    """The relay's Dovecot files rendered for `platform`, written below `folder`; the
+    path of the main file."""
+    items = dovecot.dovecot_config_files(render_component("dovecot", config, platform),
+                                         platform)
+    copies = dovecot.write_scratch_copies(items, folder)
+    return copies[dovecot.main_config(items).path]
+
+
+@pytest.mark.parametrize("state", ["configured", "installed-only", "absent"])
+def test_instant_idle_plugin_in_dovecots_configuration(make_config, tmp_path, state):
+    """The plugin counts once it is installed and Dovecot's configuration (asked with the
+    real doveconf) loads it for IMAP; Debian's Dovecot without it gets the warning that
+    names the package."""
+    if not shutil.which("doveconf"):
+        pytest.skip("needs dovecot-core")
+    module = tmp_path / "lib20_chatmail_instant_idle_plugin.so"
+    platform = SimpleNamespace(**{**vars(load_platform()),
+                                  "dovecot_instant_idle_plugin": str(module)})
+    if state == "configured":
+        module.write_bytes(b"")  # rendered while installed
+    main = rendered_dovecot_config(make_config(), platform, tmp_path / "etc")
+    if state == "installed-only":
+        module.write_bytes(b"")  # installed after the last `chatmail configure`
+    [finding] = status.check_dovecot_build(platform, status.Probes(
+        run=debians_dovecot, dovecot_pid_file="/nonexistent", dovecot_config=main))
+    label = f"2.3.19.1 (9b53102964), package {DEBIANS_DOVECOT}"
+    if state == "configured":
+        assert (finding.level, finding.detail) == (status.INFO, label + ", instant IDLE: plugin")
+    elif state == "installed-only":
+        assert finding.level == status.WARN and "installed but not configured" in finding.detail
+        assert finding.hint == "run 'chatmail configure'"
+    else:
+        assert finding.level == status.WARN
+        assert finding.detail == label + ": without the chatmail patch or the instant-IDLE plugin"
+        assert "apt install dovecot-chatmail-instant-idle" in finding.hint
 
 
 def test_a_running_replaced_binary_is_found(tmp_path):
