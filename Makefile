@@ -53,12 +53,13 @@ in_suite = $(if $(filter $(1),$(HOST_SUITE)),,tests/chroot.sh --suite $(1))
 
 # Packages are built from a copy of the tree, so the checkout stays clean. The repository's
 # public key goes into the copy for chatmail-archive-keyring.
-# build_debs DIR VERSION-SUFFIX OUTDIR [WRAPPER]: WRAPPER runs the build elsewhere
-# (tests/chroot.sh: in another Debian release); DIR must then be inside the checkout.
+# build_debs DIR VERSION-SUFFIX OUTDIR [WRAPPER] [REF]: WRAPPER runs the build elsewhere
+# (tests/chroot.sh: in another Debian release); DIR must then be inside the checkout. REF:
+# the tree of that git commit instead of the working tree.
 define build_debs
 	rm -rf $(1) && mkdir -p $(1)/src $(3)
-	tar --exclude=./.git --exclude=./build --exclude=./dist --exclude='*/__pycache__' \
-		-cf - . | tar -xf - -C $(1)/src
+	$(if $(5),git archive $(5),tar --exclude=./.git --exclude=./build --exclude=./dist \
+		--exclude='*/__pycache__' -cf - .) | tar -xf - -C $(1)/src
 	repo/build-repo.sh key $(1)/src/apt/chatmail-archive-keyring.pgp
 	[ -z "$(2)" ] || sed -i '1s/(\([^)]*\))/(\1$(2))/' $(1)/src/debian/changelog
 	$(call dpkg_buildpackage,$(1)/src,$(1)/build.log,$(4))
@@ -79,10 +80,10 @@ define build_plugin_deb
 	mv $(1)/src/dovecot/*.deb $(2)/
 endef
 
-# Our packages for both Debian releases, the patched dovecot and the signed repository
-# with all of them (dist/repo, a suite per release); the Alpine packages and their
-# repository (dist/alpine).
-build: debs dovecot repo apk
+# Our packages for both Debian releases (the instant-IDLE plugin among them) and the signed
+# repository with all of them (dist/repo, a suite per release); the Alpine packages and
+# their repository (dist/alpine).
+build: debs repo apk
 
 debs: $(addprefix debs-,$(SUITES))
 
@@ -93,12 +94,14 @@ $(addprefix debs-,$(SUITES)): debs-%:
 	@ls -1 dist/$*/*.deb
 
 # Debian's dovecot source with dovecot/instant-idle.patch, built once per source version
-# and patch (about 28 minutes on 2 cores), then copied from the cache.
+# and patch (about 28 minutes on 2 cores), then copied from the cache. Not part of `make
+# build` since the plugin gives Debian's own Dovecot instant IDLE; the system tests'
+# previous release shipped it.
 dovecot:
 	dovecot/build-deb.sh dist/dovecot
 
 repo:
-	repo/build-repo.sh repo dist/repo --suite bookworm dist/bookworm/*.deb dist/dovecot/*.deb \
+	repo/build-repo.sh repo dist/repo --suite bookworm dist/bookworm/*.deb \
 		--suite trixie dist/trixie/*.deb
 
 # Our patched Dovecot 2.4 for Debian 13, built in the Debian 13 chroot like `make dovecot`
@@ -114,11 +117,15 @@ dovecot-trixie:
 apk:
 	$(PYTHON) alpine/mkapk.py --out dist/alpine $(if $(APK_KEY),--key $(APK_KEY))
 
-# The same tree and dovecot build with a lower version, in their own repository
-# (dist/repo-previous, dated a day back as if published before dist/repo), for the
-# system tests' upgrade path.
-build-previous: build
-	$(call build_debs,build/previous,~previous,dist/previous,$(call in_suite,bookworm))
+# The release before this one, for the system tests' upgrade path: the tree of
+# PREVIOUS_REF (the last one that shipped our patched Dovecot instead of the plugin, and
+# the numbered shell steps) with a lower version, and that patched Dovecot, in their own
+# repository (dist/repo-previous, dated a day back as if published before dist/repo).
+PREVIOUS_REF = 80b93e9
+build-previous: build dovecot
+	@git cat-file -e $(PREVIOUS_REF)^{commit} 2>/dev/null || { echo "build-previous needs \
+		the git history up to $(PREVIOUS_REF) (not a shallow clone)" >&2; exit 1; }
+	$(call build_debs,build/previous,~previous,dist/previous,$(call in_suite,bookworm),$(PREVIOUS_REF))
 	rm -rf dist/previous/dovecot
 	dovecot/repack-version.sh '~previous' dist/previous/dovecot dist/dovecot/*.deb
 	REPO_DATE="$$(date -u -R -d '1 day ago')" repo/build-repo.sh repo dist/repo-previous \

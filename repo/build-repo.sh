@@ -65,7 +65,7 @@ write_indexes() {
 		-o APT::FTPArchive::Release::Codename="$suite" \
 		-o APT::FTPArchive::Release::Architectures="$arch" \
 		-o APT::FTPArchive::Release::Components=main \
-		-o APT::FTPArchive::Release::Description="chatmail-relay and its dovecot rebuild" \
+		-o APT::FTPArchive::Release::Description="chatmail-relay and its instant-IDLE Dovecot plugin" \
 		${REPO_DATE:+-o APT::FTPArchive::Release::Date="$REPO_DATE"} \
 		release "dists/$suite") >"$dir/dists/$suite/Release.tmp"
 	mv "$dir/dists/$suite/Release.tmp" "$dir/dists/$suite/Release"

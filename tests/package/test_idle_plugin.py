@@ -85,15 +85,16 @@ def test_debian13_build_depends_on_dovecot_24():
     assert len(abis) == 1 and abis[0].startswith(f"dovecot-abi-{version}.abiv"), abis
 
 
-def test_relay_recommends_it_and_reconfigures_when_it_comes_or_goes():
-    """Recommends (docs/decisions.md): apt installs it with the relay, and a plugin that
-    cannot be installed never keeps the relay from installing or upgrading. dpkg runs the
-    relay's postinst (triggered) whenever the module file is installed or removed."""
+def test_relay_depends_on_it_and_reconfigures_when_it_changes():
+    """Depends (docs/decisions.md): unattended-upgrades installs a new dependency, never a
+    new Recommends. dpkg runs the relay's postinst (triggered) whenever the module file is
+    installed, upgraded or removed; Dovecot's binary no longer concerns it."""
     relay = deb_named("chatmail-relay")
-    assert PACKAGE in relations(relay, "Recommends")
-    assert PACKAGE not in field(relay, "Depends")
+    assert PACKAGE in relations(relay, "Depends")
+    assert PACKAGE not in field(relay, "Recommends")
     triggers = maintainer_script(relay, "triggers").splitlines()
-    assert f"interest-noawait {MODULE}" in triggers
+    assert [line for line in triggers if line.startswith("interest")] == \
+        [f"interest-noawait {MODULE}"]
     postinst = maintainer_script(relay, "postinst")
     assert f"\nINSTANT_IDLE_PLUGIN={MODULE}\n" in postinst
 

@@ -1,7 +1,8 @@
 """A throw-away Debian with a real systemd, booted with systemd-nspawn (see
 ../shared/spec/testing.md): an overlay on the cached root file system (rootfs.sh), its own
 network namespace with only loopback, our signed repository (dist/repo) published at
-file:///srv/chatmail-relay, the address chatmail-archive-keyring's .sources file names."""
+file:///srv/chatmail-relay, the address chatmail-archive-keyring's .sources file names,
+and a stand-in for Debian's archive with Debian's Dovecot (repos.debian_stand_in)."""
 
 import os
 import shutil
@@ -50,16 +51,20 @@ REPO_MOUNT = "/srv/chatmail-relay"
 
 class Container:
     def __init__(self, name, rootfs, workdir, binds=(), private_network=True,
-                 repos=None, netns=None, resolv_conf=None):
+                 repos=None, netns=None, resolv_conf=None, suite="bookworm"):
         """`binds`: (host path, container path) pairs mounted read-only. `repos`: container
         path -> host directory of an apt repository, published there (a copy, so publish()
-        can replace it while the container runs); default: dist/repo at REPO_MOUNT.
+        can replace it while the container runs); default: dist/repo at REPO_MOUNT and,
+        configured in apt, the stand-in for Debian's archive of `suite` (the rootfs's
+        release) with Debian's Dovecot (its version in .dovecot_version).
         private_network=False shares the host's network (for the demo). `netns`: boot in
         the existing network namespace /run/netns/<netns> instead (internet.py), with
         `resolv_conf` (text) as /etc/resolv.conf."""
         self.name = name
         self.binds = list(binds)
-        self.repos = {REPO_MOUNT: REPO / "dist" / "repo"} if repos is None else dict(repos)
+        self.suite = suite
+        self.repos = None if repos is None else dict(repos)
+        self.dovecot_version = None
         self.private_network = private_network
         self.netns = netns
         self.resolv_conf = resolv_conf
@@ -81,6 +86,9 @@ class Container:
         if self.resolv_conf is not None:
             (self.root / "etc/resolv.conf").unlink(missing_ok=True)
             (self.root / "etc/resolv.conf").write_text(self.resolv_conf)
+        debian_stand_in = self.repos is None
+        if debian_stand_in:
+            self.repos = self._default_repos()
         for inside, source in self.repos.items():
             self.publish(inside, source)
         Path("/run/systemd/nspawn").mkdir(parents=True, exist_ok=True)
@@ -99,6 +107,16 @@ class Container:
         self._wait_until_running(timeout)
         if self.private_network and not self.netns:
             self.run(PUBLIC_ADDRESS)
+        if debian_stand_in:
+            from .repos import DEBIAN_MOUNT, stand_in_sources
+
+            self.run(stand_in_sources("debian-stand-in", DEBIAN_MOUNT, self.suite))
+
+    def _default_repos(self):
+        from .repos import DEBIAN_MOUNT, debian_stand_in
+
+        debian, self.dovecot_version = debian_stand_in(self.workdir / "debian", self.suite)
+        return {REPO_MOUNT: REPO / "dist" / "repo", DEBIAN_MOUNT: debian}
 
     def _wait_for_leader(self, timeout):
         deadline = time.monotonic() + timeout

@@ -9,6 +9,13 @@ from .container import REPO
 
 CACHE = Path(os.environ.get("CHATMAIL_TEST_CACHE", "/var/cache/chatmail-relay-test"))
 DOVECOT_PACKAGES = ("dovecot-core", "dovecot-imapd", "dovecot-lmtpd")
+# Where a container finds its stand-in for Debian's archive (Debian's own Dovecot).
+DEBIAN_MOUNT = "/srv/debian-stand-in"
+# What the relay needs of Dovecot on each release (Debian 13: the Lua passdb, and
+# dovecot-sieve, which Debian 13's dovecot-core recommends).
+DEBIAN_DOVECOT = {"bookworm": DOVECOT_PACKAGES,
+                  "trixie": (*DOVECOT_PACKAGES, "dovecot-auth-lua", "dovecot-sieve")}
+HOST_SUITE = "bookworm"
 
 
 def build_repo(directory, debs, **release):
@@ -119,3 +126,17 @@ def debian_release_dovecot(suite, packages):
                             capture_output=True, text=True).stdout
     version = policy.split("Candidate:")[1].split()[0]
     return version, download_once(f"debian-dovecot-{suite}", packages, version, options)
+
+
+def debian_stand_in(directory, suite):
+    """A stand-in for Debian's archive of `suite` (its origin, label and suite) holding
+    Debian's own newest Dovecot, the one a fresh server installs with the relay: the
+    containers reach no archive. Returns (repository, Dovecot's version)."""
+    packages = DEBIAN_DOVECOT[suite]
+    if suite == HOST_SUITE:
+        version = newest_debian_version(packages[0])
+        debs = debian_dovecot_debs(version)
+    else:
+        version, debs = debian_release_dovecot(suite, packages)
+    repo = build_repo(directory, debs, origin="Debian", label="Debian", suite=suite)
+    return repo, version

@@ -1,8 +1,10 @@
-"""Upgrades as a relay gets them: installed from our repository as README says, then
-unattended-upgrades takes a newer chatmail-relay and a newer patched dovecot from it with no
-prompt, losing nothing and keeping an admin's edit. Also: our repository cannot replace
-other packages (the pin), and a Debian security update of dovecot that is newer than our
-rebuild is installed at once, with `chatmail status` saying that the patch is gone."""
+"""Upgrades as a relay gets them: installed from our repository as README says when it
+held the previous release (make build-previous: the tree of the last release that shipped
+our patched Dovecot and the numbered shell steps), then unattended-upgrades takes the
+current chatmail-relay and the instant-IDLE plugin it now depends on, with no prompt,
+losing nothing and keeping an admin's edit. Also: our repository cannot replace other
+packages (the pin), and Debian's Dovecot security update replaces our patched build at
+once while the plugin keeps IDLE instant."""
 
 import os
 import subprocess
@@ -82,14 +84,18 @@ def test_previous_build_came_from_the_repository(upgraded):
     assert upgraded.previous["dovecot-core"].endswith("+chatmail1~previous")
 
 
-def test_unattended_upgrades_takes_relay_and_dovecot(upgraded):
+def test_unattended_upgrades_takes_the_relay_and_installs_the_plugin(upgraded):
+    """The plugin is a new dependency from an allowed origin: unattended-upgrades installs
+    it (a new Recommends it would not). Our patched Dovecot stays until Debian's next
+    update: the repository no longer offers one."""
     assert upgraded.upgrade.returncode == 0, upgraded.upgrade.stdout[-4000:]
     versions = installed_versions(upgraded, "chatmail-relay", "python3-chatmaild",
-                                  "chatmail-archive-keyring", "dovecot-core",
-                                  "dovecot-imapd", "dovecot-lmtpd")
-    for package, version in versions.items():
-        assert "~previous" not in version, (package, version)
-    assert versions["dovecot-core"].endswith("+chatmail1")
+                                  "chatmail-archive-keyring", "dovecot-chatmail-instant-idle",
+                                  "dovecot-core")
+    for package in ("chatmail-relay", "python3-chatmaild", "chatmail-archive-keyring"):
+        assert "~previous" not in versions[package], versions
+    assert versions["dovecot-chatmail-instant-idle"].endswith("+deb12"), versions
+    assert versions["dovecot-core"] == upgraded.previous["dovecot-core"]
 
 
 def test_nothing_is_lost(upgraded):
@@ -113,10 +119,18 @@ def test_an_edited_pin_is_kept_and_reported(upgraded):
     assert f"kept your changes to {PIN}" in upgraded.run(f"cat {DPKG_LOG}").stdout
 
 
-def test_relay_runs_the_new_dovecot_after_the_upgrade(upgraded):
+def test_relay_loads_the_plugin_after_the_upgrade(upgraded):
     status = upgraded.run("chatmail status", check=False)
     assert status.returncode == 0, status.stdout  # also fails on a stale Dovecot binary
-    assert "(chatmail build)" in status.stdout
+    assert "(chatmail build), instant IDLE: plugin" in status.stdout, status.stdout
+
+
+def test_state_of_the_shell_steps_is_taken_over(upgraded):
+    """The previous release's `chatmail configure` kept its state in two files; the
+    current one took them over into one."""
+    state = upgraded.run("ls /var/lib/chatmail-relay").stdout.split()
+    assert "configure-state.json" in state and "mailboxes-dir" in state, state
+    assert "pending-restarts" not in state and "chatmail.ini.sha256" not in state, state
 
 
 def test_our_repository_cannot_replace_other_packages(upgraded):
@@ -136,10 +150,10 @@ def test_our_repository_cannot_replace_other_packages(upgraded):
         upgraded.run("apt-get update -q")
 
 
-def test_a_newer_debian_security_update_wins_and_is_reported(upgraded):
-    """Debian publishes a dovecot security update before we rebuilt it: unattended-upgrades
-    installs Debian's at once (the security fix is never held back), and `chatmail status`
-    says the patch is gone until our rebuild arrives."""
+def test_debians_security_update_replaces_the_patched_build_and_idle_stays_instant(upgraded):
+    """Debian publishes a dovecot security update: unattended-upgrades installs Debian's at
+    once (the security fix is never held back), and the plugin, built for the same ABI,
+    keeps IDLE instant."""
     ours = installed_versions(upgraded, "dovecot-core")["dovecot-core"]
     security_repo, version = debian_security_dovecot(upgraded.security_dir, ours)
     upgraded.publish(SECURITY_MOUNT, security_repo)
@@ -151,15 +165,7 @@ def test_a_newer_debian_security_update_wins_and_is_reported(upgraded):
     assert set(versions.values()) == {version}, versions
     status = upgraded.run("chatmail status", check=False)
     assert status.returncode == 0, status.stdout  # the relay works, without the patch
-    plugin = upgraded.run("test -e /usr/lib/dovecot/modules/"
-                          "lib20_chatmail_instant_idle_plugin.so", check=False).returncode == 0
-    # chatmail-relay recommends the plugin, but unattended-upgrades installs no newly
-    # recommended package on an upgrade (the relay came from the previous build): today
-    # the plugin is not there, and the patch's loss is reported (docs/decisions.md)
-    if plugin:  # instant IDLE is not lost
-        assert "instant IDLE: plugin" in status.stdout, status.stdout
-    else:
-        assert "without the chatmail patch" in status.stdout, status.stdout
-        assert "without the chatmail patch" in upgraded.run(f"cat {DPKG_LOG}").stdout
+    assert "instant IDLE: plugin" in status.stdout, status.stdout
+    assert "(chatmail build)" not in status.stdout, status.stdout
     inbox = upgraded.run(f"python3 - {DOMAIN}", input=READ_INBOX).stdout
     assert "this message survives upgrades" in inbox
