@@ -62,6 +62,9 @@ DEBIAN_TO_ALPINE = {
     "adduser": None,                   # busybox adduser/addgroup
     "ca-certificates": ["ca-certificates-bundle"],  # the bundle file (platform ca_file)
     "dovecot-core": ["dovecot"],
+    # Alpine's relay runs our patched Dovecot build (alpine/dovecot) until the plugin has
+    # an APKBUILD
+    "dovecot-chatmail-instant-idle": None,
     "dovecot-imapd": ["dovecot"],      # IMAP is in Alpine's main dovecot package
     "dovecot-lmtpd": ["dovecot-lmtpd"],
     "fcgiwrap": ["fcgiwrap"],
