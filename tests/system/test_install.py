@@ -108,7 +108,7 @@ def test_the_keyring_package_took_over_the_apt_configuration(relay):
     unattended-upgrades drop-in are in place."""
     relay.run("test -f /etc/apt/preferences.d/chatmail-relay.pref")
     relay.run("test -f /etc/apt/apt.conf.d/51chatmail-relay-unattended-upgrades")
-    sources = relay.run("grep -l chatmail-archive-keyring /etc/apt/sources.list.d/*").stdout
+    sources = relay.run(f"grep -l 'URIs: file://{REPO_MOUNT}$' /etc/apt/sources.list.d/*").stdout
     assert sources.split() == ["/etc/apt/sources.list.d/chatmail-relay.sources"]
     patterns = relay.run("apt-config dump Unattended-Upgrade::Origins-Pattern").stdout
     assert "origin=chatmail-relay,label=chatmail-relay" in patterns
