@@ -4,6 +4,8 @@
     chatmail configure         apply chatmail.ini to the mail server
     chatmail status            show the state of the relay's services
     chatmail dns               show (or --check) the DNS records the relay needs
+    chatmail dkim rotate       replace the DKIM key (chatmail dkim status: the keys)
+    chatmail backup FILE       save what a relay cannot regenerate (restore FILE: back)
 
 Exit codes: 0 success, 1 failure, 2 wrong usage, 3 not available in this version.
 """
@@ -72,6 +74,22 @@ CAA) as a zone file, to be entered at the domain's DNS provider. With --check, l
 one up and report it as OK, MISSING or WRONG with the record to publish. Reading the DKIM
 key needs root. A relay whose mail domain is an IPv4 address needs no DNS."""
 
+DKIM_HELP = """\
+The relay's DKIM keys: the one it signs with, a new one waiting for its DNS record, and
+replaced ones whose records may be removed after a grace period of 7 days."""
+
+DKIM_ROTATE_HELP = """\
+Replace the DKIM key. The first run makes a new key under a new selector (dkimYYYYMMDD)
+and prints its TXT record, to be published at the domain's DNS provider; the relay goes
+on signing with the old key. A later run (or 'chatmail configure') looks the record up
+at the domain's authoritative servers and, once they serve it, switches to the new key.
+The old key's record must stay published for 7 more days: 'chatmail dns' and 'chatmail
+dkim status' say when it may go. Needs root."""
+
+DKIM_STATUS_HELP = """\
+Show the selector the relay signs with, a pending rotation, and which old DKIM records
+may be removed when."""
+
 
 def build_parser():
     parser = argparse.ArgumentParser(
@@ -129,15 +147,35 @@ def build_parser():
     dns.add_argument("--ipv6", metavar="ADDRESS", action="append", type=ipv6_address,
                      help="the relay's IPv6 address (default: the host's stable global "
                      "addresses); may be repeated")
-    dns.add_argument("--nameserver", metavar="IP", action="append", type=ip_address,
-                     help="ask this DNS server (default: the domain's authoritative "
-                     "servers); may be repeated")
-    dns.add_argument("--nameserver-port", metavar="PORT", type=int, default=53,
-                     help="the port of --nameserver (default: 53)")
+    add_nameserver_options(dns)
     dns.add_argument("--dkim-key", metavar="FILE", default=None,
                      help="OpenDKIM's private key (default: DOMAIN.private in the "
                      "platform's DKIM key directory, /etc/dkimkeys on Debian)")
+    dkim = add_command("dkim", "show or rotate the DKIM keys", DKIM_HELP, cmd_dkim_status)
+    dkim_commands = dkim.add_subparsers(dest="dkim_command", metavar="COMMAND")
+    rotate = dkim_commands.add_parser(
+        "rotate", help="replace the DKIM key", description=DKIM_ROTATE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    rotate.set_defaults(handler=cmd_dkim_rotate)
+    rotate.add_argument("--now", action="store_true",
+                        help="switch to the new key at once, without waiting for its "
+                        "DNS record (receivers reject the relay's mail until they see it)")
+    rotate.add_argument("--dry-run", action="store_true",
+                        help="say what would be done, change nothing")
+    add_nameserver_options(rotate)
+    dkim_commands.add_parser(
+        "status", help="show the DKIM keys", description=DKIM_STATUS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    ).set_defaults(handler=cmd_dkim_status)
     return parser
+
+
+def add_nameserver_options(command):
+    command.add_argument("--nameserver", metavar="IP", action="append", type=ip_address,
+                         help="ask this DNS server (default: the domain's authoritative "
+                         "servers); may be repeated")
+    command.add_argument("--nameserver-port", metavar="PORT", type=int, default=53,
+                         help="the port of --nameserver (default: 53)")
 
 
 def ip_address(text, version=None):
@@ -331,14 +369,17 @@ def cmd_status(args):
 def cmd_dns(args):
     from . import dns
 
-    dkim_key = args.dkim_key
+    from .dkimrotate import DomainKeys
+    from .host import Host
+
+    dkim_key, dkim_keys = args.dkim_key, None
     if dkim_key is None:
         loaded = load_config_and_platform(args.config)
         if loaded is None:
             return EXIT_FAILURE
         config, platform = loaded
-        # steps/dkim-key keeps one key per mail domain
-        dkim_key = f"{platform.dkim_key_dir}/{config.mail_domain_bare}.private"
+        dkim_keys = DomainKeys.load(config, platform, Host())
+        dkim_key = dkim_keys.active.path
     else:
         config = load_config_or_error(args.config)
         if config is None:
@@ -346,10 +387,54 @@ def cmd_dns(args):
     try:
         return dns.run(config, check=args.check, zonefile=args.zonefile, ipv4=args.ipv4,
                        ipv6=args.ipv6, nameservers=args.nameserver,
-                       port=args.nameserver_port, dkim_key=dkim_key)
+                       port=args.nameserver_port, dkim_key=dkim_key, dkim_keys=dkim_keys)
     except OSError as exc:
         error(str(exc))
         return EXIT_FAILURE
+
+
+def cmd_dkim_status(args):
+    import time
+
+    from .dkimrotate import DomainKeys, status_lines
+    from .host import Host
+
+    loaded = load_config_and_platform(args.config)
+    if loaded is None:
+        return EXIT_FAILURE
+    config, platform = loaded
+    if config.ipv4_relay:
+        print("This relay's mail domain is an IPv4 address: it has no DKIM key.")
+        return EXIT_OK
+    for line in status_lines(DomainKeys.load(config, platform, Host()), time.time()):
+        print(line)
+    return EXIT_OK
+
+
+def cmd_dkim_rotate(args):
+    from .configure import ConfigureFailed, configure
+    from .dkimrotate import Rotation, RotationError, default_resolver
+    from .host import CommandFailed, Host
+
+    if os.geteuid() != 0 and not args.dry_run:
+        error("dkim rotate makes and switches keys: run it as root")
+        return EXIT_FAILURE
+    loaded = load_config_and_platform(args.config)
+    if loaded is None:
+        return EXIT_FAILURE
+    config, platform = loaded
+    rotation = Rotation(config, platform, Host(),
+                        default_resolver(config, args.nameserver, args.nameserver_port),
+                        dry_run=args.dry_run)
+    try:
+        if not rotation.rotate(now_switch=args.now):
+            return EXIT_OK
+        # OpenDKIM's tables name the new key: write them and reload it.
+        configure(config, platform, steps=["files", "services"])
+    except (RotationError, CommandFailed, ConfigureFailed, OSError) as exc:
+        error(str(exc))
+        return EXIT_FAILURE
+    return EXIT_OK
 
 
 def cmd_not_available(args):
