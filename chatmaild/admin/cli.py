@@ -90,6 +90,20 @@ DKIM_STATUS_HELP = """\
 Show the selector the relay signs with, a pending rotation, and which old DKIM records
 may be removed when."""
 
+BACKUP_HELP = """\
+Write one archive FILE (tar, gzip-compressed, readable by root only) of what the relay
+cannot make again: chatmail.ini, the DKIM keys, the certificate (certbot's account and
+certificates, or your external files), the TURN secret, and every account's password and
+push tokens; with --with-mail also the mail. The relay keeps running meanwhile. Copy the
+file off the host. With --daily (the daily timer), write it into backup_dir of
+chatmail.ini, keeping the last 7; nothing when backup_dir is not set."""
+
+RESTORE_HELP = """\
+Put a backup made by 'chatmail backup' back, on a fresh install of chatmail-relay (this
+host or a new one; the mail domain's DNS must then point here), with the right owners and
+modes, then run 'chatmail configure'. Refuses to replace a different relay (another mail
+domain, or accounts here that the backup does not have) unless --force is given."""
+
 
 def build_parser():
     parser = argparse.ArgumentParser(
@@ -167,6 +181,24 @@ def build_parser():
         "status", help="show the DKIM keys", description=DKIM_STATUS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     ).set_defaults(handler=cmd_dkim_status)
+    backup = add_command("backup", "save what the relay cannot make again", BACKUP_HELP,
+                         cmd_backup)
+    backup.add_argument("file", metavar="FILE", nargs="?",
+                        help="the archive to write (a new file)")
+    backup.add_argument("--with-mail", action="store_true",
+                        help="also save the mail in the mailboxes")
+    backup.add_argument("--daily", action="store_true",
+                        help="write into backup_dir of chatmail.ini, keep the last 7")
+    backup.add_argument("--dry-run", action="store_true",
+                        help="say what would be saved, write nothing")
+    restore = add_command("restore", "put a backup back and configure the relay",
+                          RESTORE_HELP, cmd_restore)
+    restore.add_argument("file", metavar="FILE", help="an archive of 'chatmail backup'")
+    restore.add_argument("--force", action="store_true",
+                         help="replace this host's relay even if it is a different one")
+    restore.add_argument("--dry-run", action="store_true",
+                         help="check the archive and say what would be restored, change "
+                         "nothing")
     return parser
 
 
@@ -434,6 +466,70 @@ def cmd_dkim_rotate(args):
     except (RotationError, CommandFailed, ConfigureFailed, OSError) as exc:
         error(str(exc))
         return EXIT_FAILURE
+    return EXIT_OK
+
+
+def cmd_backup(args):
+    from . import backup
+
+    if (args.file is None) == (not args.daily):
+        error("give FILE, or --daily")
+        return EXIT_USAGE
+    if os.geteuid() != 0:
+        error("backup reads keys only root may read: run it as root")
+        return EXIT_FAILURE
+    loaded = load_config_and_platform(args.config)
+    if loaded is None:
+        return EXIT_FAILURE
+    try:
+        if args.dry_run:
+            counts = backup.count_backup(*loaded, with_mail=args.with_mail)
+            print(f"Would save {backup.summary(counts)}; nothing written (--dry-run).")
+        elif args.daily:
+            done = backup.daily_backup(*loaded)
+            if done is None:
+                print("Daily backups are off (backup_dir in chatmail.ini is not set).")
+            else:
+                print(f"Wrote {done[0]}: {backup.summary(done[1])}.")
+        else:
+            counts = backup.write_backup(*loaded, args.file, with_mail=args.with_mail)
+            print(f"Wrote {args.file}: {backup.summary(counts)}.")
+    except (backup.BackupError, OSError) as exc:
+        error(str(exc))
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def cmd_restore(args):
+    from . import backup
+    from .configure import ConfigureFailed, configure
+    from .platform import PlatformError, load_platform
+
+    if os.geteuid() != 0:
+        error("restore writes system files: run it as root")
+        return EXIT_FAILURE
+    try:
+        platform = load_platform()
+        archive = backup.open_backup(args.file, args.config)
+        backup.check_restore(archive, platform, args.config, args.force)
+    except (backup.BackupError, PlatformError, OSError) as exc:
+        error(str(exc))
+        return EXIT_FAILURE
+    if args.dry_run:
+        print(f"Would restore {len(archive.members)} files of "
+              f"{archive.config.mail_domain_bare} and configure the relay; nothing "
+              "changed (--dry-run).")
+        return EXIT_OK
+    try:
+        backup.restore(archive, args.config)
+        # The keys and certificates changed under the same file names: the daemons that
+        # hold them must read them again.
+        configure(archive.config, platform,
+                  reload=backup.reloaded_after_restore(archive.config))
+    except (backup.BackupError, ConfigureFailed, OSError) as exc:
+        error(str(exc))
+        return EXIT_FAILURE
+    print("chatmail restore: done")
     return EXIT_OK
 
 
