@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 
 import pytest
 
@@ -102,7 +103,9 @@ def test_accounts_move_to_a_new_host_with_backup_and_restore(relays):
     a, b = relays
     talk(a, "setup")
     # a push token, as chatmail-metadata keeps it for alice's phone
-    a.run(f"echo '{{\"devicetoken\": \"phone-token\"}}' >{MAILBOXES}/{ALICE}/metadata.json")
+    a.run("cat >/tmp/metadata.json",
+          input=json.dumps({"devicetoken": {"phone-token": int(time.time())}}))
+    a.run(f"install -o vmail -g vmail -m 600 /tmp/metadata.json {MAILBOXES}/{ALICE}/")
     out = a.run(f"chatmail backup {ARCHIVE}").stdout
     assert out.startswith(f"Wrote {ARCHIVE}: 1 chatmail.ini, "), out
     assert a.run(f"stat -c '%U %a' {ARCHIVE}").stdout.split() == ["root", "600"]
@@ -128,7 +131,7 @@ def test_accounts_move_to_a_new_host_with_backup_and_restore(relays):
         b, ALICE, "not-alices-password")
     assert b.run("chatmail status", check=False).returncode == 0
 
-    talk(b, "after the move")
+    talk(b, "moved")
 
     # b now has an account the backup does not: restoring again would drop it
     assert login(b, f"carol0003@{DOMAIN}", "carols-password") == "OK"
