@@ -247,7 +247,6 @@ def test_backup_runs_the_admin_command_as_root_writing_nowhere_but_backup_dir(un
     assert dropin.path == f"/etc/systemd/system/{BACKUP_UNIT}.d/chatmail.conf"
     lines = dropin.content.splitlines()
     assert "ReadWritePaths=/srv/backups" in lines
-    assert "ExecStartPre=+/bin/mkdir -p -m 0700 /srv/backups" in lines
     assert render_component("backup", make_config(backup_dir="/srv/backups"),
                             load_platform("alpine")) == []
 

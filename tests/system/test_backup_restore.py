@@ -147,7 +147,9 @@ def test_daily_backup_job_writes_into_backup_dir(relays):
     assert "Daily backups are off" in b.run(
         "journalctl --no-pager -o cat -u chatmail-backup.service").stdout
     b.run("chatmail set backup_dir=/var/backups/chatmail && chatmail configure >/dev/null")
-    b.run("systemctl start chatmail-backup.service")
+    started = b.run("systemctl start chatmail-backup.service", check=False)
+    assert started.returncode == 0, b.run(
+        "journalctl --no-pager -o cat -u chatmail-backup.service").stdout
     listing = b.run("stat -c '%U %a %n' /var/backups/chatmail /var/backups/chatmail/*"
                     ).stdout.splitlines()
     assert listing[0] == "root 700 /var/backups/chatmail", listing
