@@ -148,13 +148,15 @@ def test_a_second_rotation_switches_through_the_command(published, internet):
     OpenDKIM's tables and reloads it."""
     a, b = published["a"], published["b"]
     out = a.run("chatmail dkim rotate").stdout
-    selector = re.search(r"selector (dkim\d{8}-2)", out).group(1)
+    selector = re.search(r"selector (dkim\d{8}(-\d+)?)", out).group(1)
     publish_dns({"a": a}, internet)
     out = a.run("chatmail dkim rotate").stdout
     assert f"Switched: mail is signed with {selector} from now on." in out, out
     assert key_table(a)[0] == f"{selector}._domainkey.relay-a.test"
     sender = account(a, "rotsend02")
     assert sent_and_signed(a, sender, account(b, "second001")) == selector
-    # both replaced keys are listed with the date their records may go
+    # the replaced key is listed with the date its record may go (after the first test:
+    # both replaced keys)
     status = a.run("chatmail dkim status").stdout
-    assert len(re.findall(r"^retired: selector \S+: keep its record", status, re.M)) == 2, status
+    assert re.search(rf"^signing with selector {selector} ", status, re.M), status
+    assert re.findall(r"^retired: selector \S+: keep its record", status, re.M), status
