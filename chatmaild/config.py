@@ -300,6 +300,9 @@ SETTINGS = {
     "turn_socket_path": Setting("/run/chatmail-turn/turn.socket", absolute_path),
     # Ours: coturn's use-auth-secret shared secret, generated per relay at install.
     "turn_secret_path": Setting("/etc/chatmail/turn-secret", absolute_path),
+    # Ours: where the daily `chatmail backup --daily` keeps its archives (empty: no daily
+    # backup).
+    "backup_dir": Setting("", or_empty(absolute_path)),
     "mailboxes_dir": Setting("/home/vmail/mail/{mail_domain}", path_object),
     "passdb_path": Setting("/home/vmail/passdb.sqlite", path_object),
     "privacy_postal": Setting(None, contact_text, multiline=True),

@@ -4,6 +4,8 @@
     chatmail configure         apply chatmail.ini to the mail server
     chatmail status            show the state of the relay's services
     chatmail dns               show (or --check) the DNS records the relay needs
+    chatmail dkim rotate       replace the DKIM key (chatmail dkim status: the keys)
+    chatmail backup FILE       save what a relay cannot regenerate (restore FILE: back)
 
 Exit codes: 0 success, 1 failure, 2 wrong usage, 3 not available in this version.
 """
@@ -72,6 +74,36 @@ CAA) as a zone file, to be entered at the domain's DNS provider. With --check, l
 one up and report it as OK, MISSING or WRONG with the record to publish. Reading the DKIM
 key needs root. A relay whose mail domain is an IPv4 address needs no DNS."""
 
+DKIM_HELP = """\
+The relay's DKIM keys: the one it signs with, a new one waiting for its DNS record, and
+replaced ones whose records may be removed after a grace period of 7 days."""
+
+DKIM_ROTATE_HELP = """\
+Replace the DKIM key. The first run makes a new key under a new selector (dkimYYYYMMDD)
+and prints its TXT record, to be published at the domain's DNS provider; the relay goes
+on signing with the old key. A later run (or 'chatmail configure') looks the record up
+at the domain's authoritative servers and, once they serve it, switches to the new key.
+The old key's record must stay published for 7 more days: 'chatmail dns' and 'chatmail
+dkim status' say when it may go. Needs root."""
+
+DKIM_STATUS_HELP = """\
+Show the selector the relay signs with, a pending rotation, and which old DKIM records
+may be removed when."""
+
+BACKUP_HELP = """\
+Write one archive FILE (tar, gzip-compressed, readable by root only) of what the relay
+cannot make again: chatmail.ini, the DKIM keys, the certificate (certbot's account and
+certificates, or your external files), the TURN secret, and every account's password and
+push tokens; with --with-mail also the mail. The relay keeps running meanwhile. Copy the
+file off the host. With --daily (the daily timer), write it into backup_dir of
+chatmail.ini, keeping the last 7; nothing when backup_dir is not set."""
+
+RESTORE_HELP = """\
+Put a backup made by 'chatmail backup' back, on a fresh install of chatmail-relay (this
+host or a new one; the mail domain's DNS must then point here), with the right owners and
+modes, then run 'chatmail configure'. Refuses to replace a different relay (another mail
+domain, or accounts here that the backup does not have) unless --force is given."""
+
 
 def build_parser():
     parser = argparse.ArgumentParser(
@@ -129,15 +161,53 @@ def build_parser():
     dns.add_argument("--ipv6", metavar="ADDRESS", action="append", type=ipv6_address,
                      help="the relay's IPv6 address (default: the host's stable global "
                      "addresses); may be repeated")
-    dns.add_argument("--nameserver", metavar="IP", action="append", type=ip_address,
-                     help="ask this DNS server (default: the domain's authoritative "
-                     "servers); may be repeated")
-    dns.add_argument("--nameserver-port", metavar="PORT", type=int, default=53,
-                     help="the port of --nameserver (default: 53)")
+    add_nameserver_options(dns)
     dns.add_argument("--dkim-key", metavar="FILE", default=None,
                      help="OpenDKIM's private key (default: DOMAIN.private in the "
                      "platform's DKIM key directory, /etc/dkimkeys on Debian)")
+    dkim = add_command("dkim", "show or rotate the DKIM keys", DKIM_HELP, cmd_dkim_status)
+    dkim_commands = dkim.add_subparsers(dest="dkim_command", metavar="COMMAND")
+    rotate = dkim_commands.add_parser(
+        "rotate", help="replace the DKIM key", description=DKIM_ROTATE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    rotate.set_defaults(handler=cmd_dkim_rotate)
+    rotate.add_argument("--now", action="store_true",
+                        help="switch to the new key at once, without waiting for its "
+                        "DNS record (receivers reject the relay's mail until they see it)")
+    rotate.add_argument("--dry-run", action="store_true",
+                        help="say what would be done, change nothing")
+    add_nameserver_options(rotate)
+    dkim_commands.add_parser(
+        "status", help="show the DKIM keys", description=DKIM_STATUS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    ).set_defaults(handler=cmd_dkim_status)
+    backup = add_command("backup", "save what the relay cannot make again", BACKUP_HELP,
+                         cmd_backup)
+    backup.add_argument("file", metavar="FILE", nargs="?",
+                        help="the archive to write (a new file)")
+    backup.add_argument("--with-mail", action="store_true",
+                        help="also save the mail in the mailboxes")
+    backup.add_argument("--daily", action="store_true",
+                        help="write into backup_dir of chatmail.ini, keep the last 7")
+    backup.add_argument("--dry-run", action="store_true",
+                        help="say what would be saved, write nothing")
+    restore = add_command("restore", "put a backup back and configure the relay",
+                          RESTORE_HELP, cmd_restore)
+    restore.add_argument("file", metavar="FILE", help="an archive of 'chatmail backup'")
+    restore.add_argument("--force", action="store_true",
+                         help="replace this host's relay even if it is a different one")
+    restore.add_argument("--dry-run", action="store_true",
+                         help="check the archive and say what would be restored, change "
+                         "nothing")
     return parser
+
+
+def add_nameserver_options(command):
+    command.add_argument("--nameserver", metavar="IP", action="append", type=ip_address,
+                         help="ask this DNS server (default: the domain's authoritative "
+                         "servers); may be repeated")
+    command.add_argument("--nameserver-port", metavar="PORT", type=int, default=53,
+                         help="the port of --nameserver (default: 53)")
 
 
 def ip_address(text, version=None):
@@ -331,14 +401,17 @@ def cmd_status(args):
 def cmd_dns(args):
     from . import dns
 
-    dkim_key = args.dkim_key
+    from .dkimrotate import DomainKeys
+    from .host import Host
+
+    dkim_key, dkim_keys = args.dkim_key, None
     if dkim_key is None:
         loaded = load_config_and_platform(args.config)
         if loaded is None:
             return EXIT_FAILURE
         config, platform = loaded
-        # steps/dkim-key keeps one key per mail domain
-        dkim_key = f"{platform.dkim_key_dir}/{config.mail_domain_bare}.private"
+        dkim_keys = DomainKeys.load(config, platform, Host())
+        dkim_key = dkim_keys.active.path
     else:
         config = load_config_or_error(args.config)
         if config is None:
@@ -346,10 +419,118 @@ def cmd_dns(args):
     try:
         return dns.run(config, check=args.check, zonefile=args.zonefile, ipv4=args.ipv4,
                        ipv6=args.ipv6, nameservers=args.nameserver,
-                       port=args.nameserver_port, dkim_key=dkim_key)
+                       port=args.nameserver_port, dkim_key=dkim_key, dkim_keys=dkim_keys)
     except OSError as exc:
         error(str(exc))
         return EXIT_FAILURE
+
+
+def cmd_dkim_status(args):
+    import time
+
+    from .dkimrotate import DomainKeys, status_lines
+    from .host import Host
+
+    loaded = load_config_and_platform(args.config)
+    if loaded is None:
+        return EXIT_FAILURE
+    config, platform = loaded
+    if config.ipv4_relay:
+        print("This relay's mail domain is an IPv4 address: it has no DKIM key.")
+        return EXIT_OK
+    for line in status_lines(DomainKeys.load(config, platform, Host()), time.time()):
+        print(line)
+    return EXIT_OK
+
+
+def cmd_dkim_rotate(args):
+    from .configure import ConfigureFailed, configure
+    from .dkimrotate import Rotation, RotationError, default_resolver
+    from .host import CommandFailed, Host
+
+    if os.geteuid() != 0 and not args.dry_run:
+        error("dkim rotate makes and switches keys: run it as root")
+        return EXIT_FAILURE
+    loaded = load_config_and_platform(args.config)
+    if loaded is None:
+        return EXIT_FAILURE
+    config, platform = loaded
+    rotation = Rotation(config, platform, Host(),
+                        default_resolver(config, args.nameserver, args.nameserver_port),
+                        dry_run=args.dry_run)
+    try:
+        if not rotation.rotate(now_switch=args.now):
+            return EXIT_OK
+        # OpenDKIM's tables name the new key: write them and reload it.
+        configure(config, platform, steps=["files", "services"])
+    except (RotationError, CommandFailed, ConfigureFailed, OSError) as exc:
+        error(str(exc))
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def cmd_backup(args):
+    from . import backup
+
+    if (args.file is None) == (not args.daily):
+        error("give FILE, or --daily")
+        return EXIT_USAGE
+    if os.geteuid() != 0:
+        error("backup reads keys only root may read: run it as root")
+        return EXIT_FAILURE
+    loaded = load_config_and_platform(args.config)
+    if loaded is None:
+        return EXIT_FAILURE
+    try:
+        if args.dry_run:
+            counts = backup.count_backup(*loaded, with_mail=args.with_mail)
+            print(f"Would save {backup.summary(counts)}; nothing written (--dry-run).")
+        elif args.daily:
+            done = backup.daily_backup(*loaded)
+            if done is None:
+                print("Daily backups are off (backup_dir in chatmail.ini is not set).")
+            else:
+                print(f"Wrote {done[0]}: {backup.summary(done[1])}.")
+        else:
+            counts = backup.write_backup(*loaded, args.file, with_mail=args.with_mail)
+            print(f"Wrote {args.file}: {backup.summary(counts)}.")
+    except (backup.BackupError, OSError) as exc:
+        error(str(exc))
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def cmd_restore(args):
+    from . import backup
+    from .configure import ConfigureFailed, configure
+    from .platform import PlatformError, load_platform
+
+    if os.geteuid() != 0:
+        error("restore writes system files: run it as root")
+        return EXIT_FAILURE
+    try:
+        platform = load_platform()
+        archive = backup.open_backup(args.file, args.config)
+        backup.check_restore(archive, platform, args.config, args.force)
+    except (backup.BackupError, PlatformError, OSError) as exc:
+        error(str(exc))
+        return EXIT_FAILURE
+    if args.dry_run:
+        print(f"Would restore {len(archive.members)} files of "
+              f"{archive.config.mail_domain_bare} and configure the relay; nothing "
+              "changed (--dry-run).")
+        return EXIT_OK
+    try:
+        backup.restore(archive, args.config)
+        # The keys and certificates changed under the same file names: the daemons that
+        # hold them must read them again.
+        configure(archive.config, platform,
+                  reload=backup.reloaded_after_restore(archive.config))
+    except (backup.BackupError, ConfigureFailed, OSError) as exc:
+        error(str(exc))
+        return EXIT_FAILURE
+    print("chatmail restore: done")
+    return EXIT_OK
 
 
 def cmd_not_available(args):

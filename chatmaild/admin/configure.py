@@ -22,6 +22,7 @@ from .apply import NEW_SUFFIX, ApplyResult, apply_files, record_created
 from .components import component_module
 from .components.postfix import make_alias_database
 from .directories import make_directories
+from .dkimrotate import Rotation, default_resolver
 from .host import CommandFailed, Host, act
 from .kernellimits import raise_kernel_limits
 from .reloads import ServicesFailed, bring_up_services
@@ -98,6 +99,13 @@ def step_turn_secret(run):
     record_created(run.host.path(run.platform.state_dir), run.config.turn_secret_path)
 
 
+def step_dkim_rotation(run):
+    """Sign with the new key of `chatmail dkim rotate` once DNS serves its record. DNS
+    is asked only while a rotation is pending."""
+    Rotation(run.config, run.platform, run.host, default_resolver(run.config),
+             out=run.say).complete()
+
+
 def shell_step(name):
     """The step <data_dir>/steps/NAME."""
     def step(run):
@@ -150,6 +158,7 @@ STEPS = {
     "kernel-limits": step_kernel_limits,
     "turn-secret": step_turn_secret,
     "dkim-key": shell_step("dkim-key"),
+    "dkim-rotation": step_dkim_rotation,
     "tls-certificate": shell_step("tls-certificate"),
     "files": step_files,
     "aliases": step_aliases,

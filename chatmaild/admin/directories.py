@@ -30,6 +30,10 @@ def make_directories(config, platform, host):
     for path in (platform.state_dir, platform.web_root, platform.acme_webroot):
         install_dir(host, path, 0o755)
     install_dir(host, f"{platform.state_dir}/reports", 0o750, vmail)
+    if config.backup_dir:
+        # The daily backup's archives, root's alone; its sandbox may write only there
+        # (conf/backup), so the directory must exist before it starts.
+        install_dir(host, config.backup_dir, 0o700)
     # For the package's purge, which asks whether to delete the mailboxes, and may run
     # after python3-chatmaild, which reads chatmail.ini, is gone.
     host.path(f"{platform.state_dir}/{MAILBOXES_RECORD}").write_text(

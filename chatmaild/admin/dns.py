@@ -29,8 +29,10 @@ from .dnsrecords import (
 )
 
 def gather_facts(config, ipv4=None, ipv6=None, dkim_key=None,
-                 letsencrypt_dir=LETSENCRYPT_DIR, resolver=None, problems=None):
-    """The facts from options, the host and DNS; `problems` collects what is missing."""
+                 letsencrypt_dir=LETSENCRYPT_DIR, resolver=None, problems=None,
+                 dkim_keys=None):
+    """The facts from options, the host and DNS; `problems` collects what is missing.
+    dkim_keys: the relay's keys (dkimrotate.DomainKeys) when dkim_key is the active one's."""
     problems = problems if problems is not None else []
     facts = RelayFacts(
         ipv4=list(ipv4) if ipv4 else host_ipv4_addresses(),
@@ -40,12 +42,25 @@ def gather_facts(config, ipv4=None, ipv6=None, dkim_key=None,
         facts.dkim_public_key = dkim_public_key(dkim_key)
     except DnsError as exc:
         problems.append(str(exc))
+    if dkim_keys is not None:
+        add_rotation_facts(facts, dkim_keys, problems)
     if config.tls_cert_mode == "acme":
         facts.caa_issuer = acme_caa_issuer(config.mail_domain_bare, letsencrypt_dir)
         if facts.caa_issuer:
             facts.acme_account_uri = acme_account_uri(config.mail_domain_bare, letsencrypt_dir)
         facts.sts_id = published_sts_id(config, resolver) or new_sts_id()
     return facts
+
+
+def add_rotation_facts(facts, keys, problems):
+    """The selector in use, a key waiting for its record, the records that may go."""
+    facts.dkim_selector = keys.active.selector
+    facts.dkim_retired = list(keys.retired)
+    if keys.pending:
+        try:
+            facts.dkim_pending = (keys.pending.selector, dkim_public_key(keys.pending.path))
+        except DnsError as exc:
+            problems.append(str(exc))
 
 
 def published_sts_id(config, resolver):
@@ -62,7 +77,7 @@ def published_sts_id(config, resolver):
 
 def run(config, out=print, check=False, zonefile=None, ipv4=None, ipv6=None,
         nameservers=None, port=53, dkim_key=None,
-        letsencrypt_dir=LETSENCRYPT_DIR, timeout=5.0):
+        letsencrypt_dir=LETSENCRYPT_DIR, timeout=5.0, dkim_keys=None):
     """The `chatmail dns` command; returns the exit status."""
     if config.ipv4_relay:
         out(ipv4_relay_text(config).rstrip("\n"))
@@ -78,7 +93,8 @@ def run(config, out=print, check=False, zonefile=None, ipv4=None, ipv6=None,
                 out(f"chatmail dns: {exc}")
                 return 1
     problems = []
-    facts = gather_facts(config, ipv4, ipv6, dkim_key, letsencrypt_dir, resolver, problems)
+    facts = gather_facts(config, ipv4, ipv6, dkim_key, letsencrypt_dir, resolver, problems,
+                         dkim_keys)
     records = relay_records(config, facts)
     text = zone_text(config, facts, records)
     if zonefile:

@@ -52,6 +52,11 @@ class RelayFacts:
     ipv4: list = field(default_factory=list)
     ipv6: list = field(default_factory=list)
     dkim_public_key: str = ""  # base64 SubjectPublicKeyInfo; "" when unknown
+    dkim_selector: str = DKIM_SELECTOR  # of the key the relay signs with
+    # (selector, public key) of a new key `chatmail dkim rotate` waits to see in DNS
+    dkim_pending: tuple = ()
+    # retired keys (dkimrotate.DkimKey) whose records are still published or just removed
+    dkim_retired: list = field(default_factory=list)
     sts_id: str = ""
     acme_account_uri: str = ""
     # the CAA issuer of the ACME server certbot uses; "" when we do not know its name
@@ -193,6 +198,12 @@ def dkim_txt_value(public_key):
     return f"v=DKIM1;k=rsa;p={public_key};s=email;t=s"
 
 
+def dkim_record(domain, selector, public_key):
+    """DOMAIN with the trailing dot."""
+    return Record(f"{selector}._domainkey.{domain}", "TXT",
+                  quote_txt(dkim_txt_value(public_key)), True, "dkim")
+
+
 def quote_txt(text):
     """Zone-file TXT data: one quoted string per 255 characters."""
     chunks = [text[i:i + TXT_CHUNK] for i in range(0, len(text), TXT_CHUNK)] or [""]
@@ -215,8 +226,9 @@ def relay_records(config, facts):
         records.append(Record(f"mta-sts.{d}", "CNAME", d, True))
     records.append(Record(f"www.{d}", "CNAME", d, True))
     if facts.dkim_public_key:
-        records.append(Record(f"{DKIM_SELECTOR}._domainkey.{d}", "TXT",
-                              quote_txt(dkim_txt_value(facts.dkim_public_key)), True, "dkim"))
+        records.append(dkim_record(d, facts.dkim_selector, facts.dkim_public_key))
+    if facts.dkim_pending:
+        records.append(dkim_record(d, *facts.dkim_pending))
     records += [
         Record(d, "TXT", '"v=spf1 a ~all"', False, "spf"),
         Record(f"_dmarc.{d}", "TXT", '"v=DMARC1;p=reject;adkim=s;aspf=s"', False, "dmarc"),
@@ -242,7 +254,25 @@ def zone_text(config, facts, records):
     if facts.dkim_public_key:
         lines += ["", "; If your DNS provider's form takes the DKIM TXT value as one string:",
                   f"; {dkim_txt_value(facts.dkim_public_key)}"]
+    if facts.dkim_pending:
+        lines += [f"; ... and the new key's (chatmail dkim rotate): "
+                  f"{dkim_txt_value(facts.dkim_pending[1])}"]
+    lines += retired_dkim_notes(facts.dkim_retired, time.time())
     return "\n".join(lines) + "\n"
+
+
+def retired_dkim_notes(retired, now):
+    """When the records of keys replaced by `chatmail dkim rotate` may go: mail signed
+    with them may still be on its way for a while."""
+    notes = []
+    for key in retired:
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(key.removable_after))
+        if now >= key.removable_after:
+            notes.append(f"; No longer needed, remove it: {key.record_name} TXT "
+                         f"(the key it names was replaced; since {when})")
+        else:
+            notes.append(f"; Replaced, but keep it until {when}: {key.record_name} TXT")
+    return [""] + notes if notes else []
 
 
 def missing_fact_notes(config, facts):

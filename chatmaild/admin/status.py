@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .host import run_command
+from .host import Host, run_command
 from .servicemanager import ServiceManagerError, dead_master_pid, service_manager
 from .services import relay_services, relay_sockets
 
@@ -62,6 +62,7 @@ class Probes:
     now: object = time.time
     manager: object = None  # a servicemanager; default: the platform's
     manager_paths: dict = field(default_factory=dict)
+    host: object = field(default_factory=Host)  # where the list of DKIM keys is
 
 
 # -- configuration and certificate -----------------------------------------------------
@@ -147,6 +148,24 @@ def check_certificate(config, platform, probes):
         return [Finding("Configuration", name, FAIL, f"{path}: cannot read: {exc}")]
     return [certificate_validity(config, platform, cert, probes.now()),
             *certificate_problems(config, platform, cert)]
+
+
+def check_dkim(config, platform, host):
+    """The selector the relay signs with, and a rotation waiting for its DNS record."""
+    from .dkimrotate import DomainKeys, format_time
+
+    if config.ipv4_relay:
+        return []
+    keys = DomainKeys.load(config, platform, host)
+    findings = [Finding("Configuration", "DKIM selector", INFO,
+                        f"{keys.active.selector} ({keys.active.path})")]
+    if keys.pending:
+        findings.append(Finding(
+            "Configuration", "DKIM rotation", WARN,
+            f"new key {keys.pending.selector} waits since {format_time(keys.pending.since)} "
+            f"for its DNS record {keys.pending.record_name}",
+            "publish it ('chatmail dns'), then run 'chatmail dkim rotate'"))
+    return findings
 
 
 def missing_certificate_hint(config):
@@ -465,6 +484,7 @@ def collect(config, platform, probes=None):
     return [
         *check_config(config),
         *check_certificate(config, platform, probes),
+        *check_dkim(config, platform, probes.host),
         *check_services(config, platform, probes),
         *check_ports(config, probes),
         check_postfix_queue(probes),

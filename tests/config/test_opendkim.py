@@ -237,26 +237,32 @@ def accepts_connections(socket_path):
 
 @pytest.fixture
 def running_opendkim(domain_rendered, tmp_path):
-    """opendkim started with our rendered file, its paths moved into tmp_path (and as the
-    current user: tmp_path is not opendkim's), and a fresh key."""
+    """opendkim started with our rendered file and a fresh key (start_opendkim)."""
     subprocess.run(["/usr/sbin/opendkim-genkey", "-D", str(tmp_path), "-d", "chat.example.org",
                     "-s", "opendkim"], check=True)
     (tmp_path / "opendkim.private").rename(tmp_path / "chat.example.org.private")
-    text = domain_rendered[CONF].content
+    yield from start_opendkim(domain_rendered, tmp_path)
+
+
+def start_opendkim(rendered, directory):
+    """Yields the socket of opendkim started with the RENDERED files (path: RenderedFile),
+    their paths moved into DIRECTORY, where the keys are (and as the current user:
+    DIRECTORY is not opendkim's); kills it afterwards."""
+    text = rendered[CONF].content
     for name in ("KeyTable", "SigningTable"):
-        content = domain_rendered[f"/etc/dkimkeys/{name}"].content
-        (tmp_path / name).write_text(content.replace("/etc/dkimkeys", str(tmp_path)))
-    text = text.replace("/etc/dkimkeys", str(tmp_path))
-    text = text.replace("/var/spool/postfix/opendkim", str(tmp_path))
-    text = text.replace("/run/opendkim", str(tmp_path))
+        content = rendered[f"/etc/dkimkeys/{name}"].content
+        (directory / name).write_text(content.replace("/etc/dkimkeys", str(directory)))
+    text = text.replace("/etc/dkimkeys", str(directory))
+    text = text.replace("/var/spool/postfix/opendkim", str(directory))
+    text = text.replace("/run/opendkim", str(directory))
     text = "\n".join(line for line in text.splitlines() if not line.startswith("UserID"))
     # The scratch key lies below the world-writable /tmp, which OpenDKIM would not trust.
     text += "\nRequireSafeKeys no\n"
-    conf = tmp_path / "opendkim.conf"
+    conf = directory / "opendkim.conf"
     conf.write_text(text)
     proc = subprocess.Popen(["/usr/sbin/opendkim", "-f", "-x", str(conf)],
                             stderr=subprocess.PIPE, text=True)
-    socket_path = tmp_path / "opendkim.sock"
+    socket_path = directory / "opendkim.sock"
     deadline = time.monotonic() + 10
     while not accepts_connections(socket_path):
         assert proc.poll() is None, proc.stderr.read()
@@ -274,15 +280,20 @@ HEADERS = [("From", "alice@chat.example.org"), ("To", "bob@example.net"),
            ("Message-ID", "<1@chat.example.org>"), ("Autocrypt", "addr=alice@chat.example.org")]
 
 
-def test_originating_mail_is_signed(running_opendkim):
-    client = MilterClient(running_opendkim)
+def signature_tags(socket_path):
+    """The tags of the DKIM-Signature opendkim at SOCKET_PATH adds to an outgoing message."""
+    client = MilterClient(socket_path)
     code, _, added = client.message("ORIGINATING", "alice@chat.example.org", HEADERS,
                                     "encrypted\r\n")
     client.close()
     assert code in (b"a", b"c")
     [(name, signature)] = added
     assert name == "DKIM-Signature"
-    tags = dict(tag.split("=", 1) for tag in "".join(signature.split()).split(";") if tag)
+    return dict(tag.split("=", 1) for tag in "".join(signature.split()).split(";") if tag)
+
+
+def test_originating_mail_is_signed(running_opendkim):
+    tags = signature_tags(running_opendkim)
     assert (tags["d"], tags["s"], tags["c"]) == ("chat.example.org", "opendkim", "relaxed/simple")
     signed = tags["h"].lower().split(":")
     # Oversigned: From and Autocrypt appear once more than in the message.

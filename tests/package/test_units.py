@@ -55,7 +55,12 @@ DOVECOT_DICT_USERS = {
 }
 # A platform with each Dovecot version.
 DOVECOT_PLATFORMS = {"2.3": "debian12", "2.4": "debian13"}
-TIMERS = {"chatmail-expire.timer": "*-*-* 00:02:00", "chatmail-fsreport.timer": "*-*-* 08:02:00"}
+TIMERS = {"chatmail-expire.timer": "*-*-* 00:02:00", "chatmail-fsreport.timer": "*-*-* 08:02:00",
+          "chatmail-backup.timer": "*-*-* 03:12:00"}
+# The daily job that runs as root (it reads every key), with the admin command.
+BACKUP_UNIT, BACKUP_EXEC_START = "chatmail-backup.service", "/usr/bin/chatmail backup --daily"
+# Timers that catch up on a day the relay was down.
+PERSISTENT_TIMERS = ("chatmail-fsreport.timer", "chatmail-backup.timer")
 # socket -> the chatmail.ini setting of its port (socket activation of the filters)
 SOCKETS = {"filtermail.socket": "filtermail_smtp_port",
            "filtermail-incoming.socket": "filtermail_smtp_port_incoming"}
@@ -106,7 +111,7 @@ def libexec_daemons():
 
 
 def test_every_unit_is_there(units):
-    assert set(units) == set(EXEC_START) | set(TIMERS) | set(SOCKETS)
+    assert set(units) == set(EXEC_START) | set(TIMERS) | set(SOCKETS) | {BACKUP_UNIT}
 
 
 @pytest.mark.parametrize("unit", sorted(EXEC_START))
@@ -203,7 +208,7 @@ def test_timers(units, timer):
     assert service["Service"]["Type"] == "oneshot"
     assert not service.has_section("Install")  # started by the timer only
     persistent = units[timer]["Timer"].get("Persistent", "no")
-    assert persistent == ("true" if "fsreport" in timer else "no")
+    assert persistent == ("true" if timer in PERSISTENT_TIMERS else "no")
 
 
 HARDENING = {
@@ -222,6 +227,28 @@ NEEDS = {
     "chatmail-expire.service": ("-/home/vmail", "AF_UNIX"),
     "chatmail-fsreport.service": (None, "AF_UNIX"),
 }
+
+
+def test_backup_runs_the_admin_command_as_root_writing_nowhere_but_backup_dir(units, make_config):
+    from chatmaild.admin.render import render_component
+
+    service = units[BACKUP_UNIT]["Service"]
+    assert service["ExecStart"] == BACKUP_EXEC_START
+    assert "User" not in service and service["UMask"] == "0077"
+    assert units[BACKUP_UNIT]["Unit"]["ConditionPathExists"] == INI
+    for key, value in HARDENING.items():
+        if key != "CapabilityBoundingSet":
+            assert service.get(key) == value, key
+    assert service["CapabilityBoundingSet"] == "CAP_DAC_READ_SEARCH"
+    assert "ReadWritePaths" not in service
+    platform = load_platform("debian12")
+    assert render_component("backup", make_config(), platform) == []
+    [dropin] = render_component("backup", make_config(backup_dir="/srv/backups"), platform)
+    assert dropin.path == f"/etc/systemd/system/{BACKUP_UNIT}.d/chatmail.conf"
+    lines = dropin.content.splitlines()
+    assert "ReadWritePaths=/srv/backups" in lines
+    assert render_component("backup", make_config(backup_dir="/srv/backups"),
+                            load_platform("alpine")) == []
 
 
 @pytest.mark.parametrize("unit", sorted(EXEC_START))
@@ -409,6 +436,9 @@ def unit_root(tmp_path_factory, systemd_dir):
         stub.chmod(0o755)
     (root / "usr/bin").mkdir(parents=True, exist_ok=True)
     shutil.copy("/usr/bin/timeout", root / "usr/bin/timeout")
+    admin = root / BACKUP_EXEC_START.split()[0].lstrip("/")
+    admin.write_text(f"#!{sys.executable}\n")
+    admin.chmod(0o755)
     return root
 
 
@@ -425,7 +455,7 @@ def test_systemd_analyze_verify(unit_root, systemd_dir):
         result.stdout + result.stderr)
 
 
-@pytest.mark.parametrize("unit", sorted(EXEC_START))
+@pytest.mark.parametrize("unit", sorted([*EXEC_START, BACKUP_UNIT]))
 def test_systemd_analyze_security(unit_root, unit):
     result = analyze(unit_root, "security", "--offline=yes", "--no-pager", unit)
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)

@@ -49,6 +49,7 @@ VALID = {
     "notification_url": "http://127.0.0.1:8080/notify",
     "turn_socket_path": "/run/x/turn.socket",
     "turn_secret_path": "/etc/x/turn-secret",
+    "backup_dir": "/var/backups/chatmail",
     "mailboxes_dir": "/srv/mail",
     "passdb_path": "/srv/passdb.sqlite",
     "privacy_postal": "Example GmbH",
