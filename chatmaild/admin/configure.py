@@ -15,7 +15,6 @@ tests use to run it elsewhere.
 """
 
 import os
-import sys
 from dataclasses import dataclass, field
 
 from .apply import NEW_SUFFIX, ApplyResult, apply_files, record_created
@@ -215,14 +214,13 @@ def apply_special_kinds(files, platform):
     return result
 
 
-def report(result, out=None):
-    out = out or sys.stdout
+def report(result):
     for path in result.changed:
-        print(f"  updated {path}", file=out)
+        print(f"  updated {path}")
     for path in result.removed:
-        print(f"  removed {path} (no longer needed)", file=out)
+        print(f"  removed {path} (no longer needed)")
     for path in result.orphaned:
-        print(f"  {path} is no longer needed, but you changed it: left in place", file=out)
+        print(f"  {path} is no longer needed, but you changed it: left in place")
     for path in result.kept:
         print(f"  kept your changes to {path}; the new version is {path}{NEW_SUFFIX}"
-              " (merge it, then run 'chatmail configure')", file=out)
+              " (merge it, then run 'chatmail configure')")
