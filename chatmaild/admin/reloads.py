@@ -129,7 +129,9 @@ def bring_up_services(config, platform, host, say, changed_reload=(), changed_re
     Raises ServicesFailed when a required one does not come up."""
     manager = service_manager(platform, host.run, init_dir=host.path("/etc/init.d"),
                               runlevels_dir=host.path("/etc/runlevels"))
-    problem = missing_service_manager(manager, host)
+    # A container without an init system has the relay's files but nothing to run its
+    # services with: say so once, instead of a "not found" per service.
+    problem = manager.missing(host)
     if problem:
         raise ServicesFailed(problem)
     state_dir = host.path(platform.state_dir)
@@ -179,14 +181,6 @@ def bring_up_optional(plan, name, platform, say):
             else "the system log"
         say(f"warning: {name} did not start; the relay works without it (no TURN for")
         say(f"calls). See {log} (coturn needs a non-loopback address).")
-
-
-def missing_service_manager(manager, host):
-    """A container without an init system has the relay's files but nothing to run its
-    services with: say so once, instead of a "not found" per service."""
-    if hasattr(manager, "init_dir"):  # OpenRC
-        return manager.missing(host.has_command, host.path("/run/openrc/softlevel"))
-    return manager.missing(host.has_command)
 
 
 def prepare_service_manager(platform, manager, host, say):

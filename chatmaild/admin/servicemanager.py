@@ -33,9 +33,9 @@ class Systemd:
     def __init__(self, run=run_command):
         self.run = run
 
-    def missing(self, has_command):
-        """What keeps it from running services here, or None."""
-        if not has_command("systemctl"):
+    def missing(self, host):
+        """What keeps it from running services on HOST (host.py), or None."""
+        if not host.has_command("systemctl"):
             return "systemctl not found: the relay's services need systemd running"
         return None
 
@@ -107,13 +107,13 @@ class OpenRC:
     def states(self, names):
         return {name: self._state(name) for name in names}
 
-    def missing(self, has_command, softlevel=Path("/run/openrc/softlevel")):
-        if not has_command("rc-service"):
+    def missing(self, host):
+        if not host.has_command("rc-service"):
             return ("rc-service not found: the relay's services need OpenRC (apk add openrc, "
                     "then boot with it)")
         # OpenRC writes it when it enters a runlevel; without it (a container OpenRC did
         # not boot) rc-service fails with a misleading "already starting".
-        if not softlevel.exists():
+        if not host.path("/run/openrc/softlevel").exists():
             return ("OpenRC did not boot this system (no /run/openrc/softlevel): the relay's "
                     "services need OpenRC as the init system")
         return None
