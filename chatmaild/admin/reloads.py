@@ -156,11 +156,9 @@ def bring_up_services(config, platform, host, say, changed_reload=(), changed_re
         optional = [platform.coturn_service] if host.has_command("turnserver") else []
         for name in optional:
             bring_up_optional(plan, name, platform, say)
-        # Anything else whose configuration changed (journald, say).
-        for name in sorted((plan.restart | plan.reload) - set(sockets + ours + daemons + optional)):
-            say(f"restarting {name}")
-            plan.do("reload-or-restart", name)
-        state.pending_restarts = set()
+        others = sorted((plan.restart | plan.reload) - set(sockets + ours + daemons + optional))
+        state.pending_restarts = {name for name in others
+                                  if not restart_system_service(plan, name, say)}
         state.save(state_dir)
         # Daily expiry and storage report: their timers, or the cron daemon that runs them.
         for timer in platform.relay_timers.split():
@@ -181,6 +179,30 @@ def bring_up_optional(plan, name, platform, say):
             else "the system log"
         say(f"warning: {name} did not start; the relay works without it (no TURN for")
         say(f"calls). See {log} (coturn needs a non-loopback address).")
+
+
+def restart_system_service(plan, name, say):
+    """A service outside the relay whose configuration changed (journald). The relay works
+    without its new settings: a failure is a warning, and the restart stays pending for
+    the next run. Returns whether it was restarted."""
+    say(f"restarting {name}")
+    try:
+        plan.do("reload-or-restart", name)
+        return True
+    except CommandFailed:
+        pass
+    # Never leave it stopped: journald down means no logs at all.
+    if not plan.manager.is_active(name):
+        try:
+            plan.manager.start_failed(name)
+            say(f"{name} did not restart; started it again")
+            return True
+        except CommandFailed:
+            pass
+    now = "running with its old settings" if plan.manager.is_active(name) else "NOT RUNNING"
+    say(f"warning: {name} did not restart and is {now}; 'chatmail configure' tries")
+    say(f"again next time (see 'systemctl status {name}').")
+    return False
 
 
 def prepare_service_manager(platform, manager, host, say):

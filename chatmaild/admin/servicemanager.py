@@ -49,6 +49,13 @@ class Systemd:
         tool = "deb-systemd-invoke" if has_command("deb-systemd-invoke") else "systemctl"
         act(self.run, [tool, action, name], f"{action} {name}")
 
+    def start_failed(self, name):
+        """Start unit NAME, which failed to (re)start just now. Not with deb-systemd-invoke,
+        which starts no static unit (journald is one); and past the start limit, which
+        stops Restart= loops, not this one start."""
+        self.run(["systemctl", "--quiet", "reset-failed", name])
+        act(self.run, ["systemctl", "start", name], f"start {name}")
+
     def reload_units(self):
         act(self.run, ["systemctl", "daemon-reload"], "systemctl daemon-reload")
 
@@ -133,6 +140,9 @@ class OpenRC:
             act(self.run, ["rc-service", name, "start"], what)
         else:
             act(self.run, ["rc-service", name, action], what)
+
+    def start_failed(self, name):
+        self.do("start", name)
 
     def forget(self, name):
         """Forget that NAME was started (it is not running, whatever OpenRC thinks)."""

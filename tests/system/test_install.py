@@ -145,6 +145,38 @@ def test_configure_again_changes_nothing(relay):
     assert "updated" not in out and "restarting" not in out and "reloading" not in out, out
 
 
+
+JOURNALD_FAILS_ONCE = """[Unit]
+StartLimitIntervalSec=1min
+StartLimitBurst=1
+[Service]
+ExecStartPre=/bin/sh -c 'if [ -e /run/journald-fails-once ]; then rm /run/journald-fails-once; exit 1; fi'
+"""
+
+
+def test_journald_that_refuses_a_restart_is_started_again(relay):
+    """journald's settings are not the relay's to fail on. Here its restart fails once (as
+    it did once under load, cause unseen), and a start after it would hit systemd's start
+    limit (one a minute): configure still succeeds, journald and its sockets run again,
+    and nothing stays pending."""
+    dropin = "/etc/systemd/system/systemd-journald.service.d/test-fails-once.conf"
+    relay.run(f"mkdir -p {dropin.rsplit('/', 1)[0]} && cat >{dropin}", input=JOURNALD_FAILS_ONCE)
+    relay.run("rm /etc/systemd/journald.conf.d/chatmail.conf && touch /run/journald-fails-once")
+    try:
+        result = relay.run("chatmail configure 2>&1", check=False)
+        assert result.returncode == 0, result.stdout
+        assert "systemd-journald did not restart; started it again" in result.stdout, \
+            result.stdout
+        assert relay.run("systemctl is-active systemd-journald").stdout.strip() == "active"
+        # and its sockets with it: the system's log reaches the journal again
+        relay.run("logger journald-is-back && sleep 1")
+        assert "journald-is-back" in relay.run("journalctl -n 20 --no-pager").stdout
+        state = json.loads(relay.run("cat /var/lib/chatmail-relay/configure-state.json").stdout)
+        assert state["pending_restarts"] == []
+    finally:
+        relay.run(f"rm -f {dropin} /run/journald-fails-once && systemctl daemon-reload")
+
+
 REFUSALS = r'''
 import json, smtplib, ssl, sys
 ctx = ssl.create_default_context()
