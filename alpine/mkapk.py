@@ -20,9 +20,10 @@ The repository goes to OUT/<arch>/ (noarch packages too, as abuild does):
 *.apk, APKINDEX.tar.gz (DESCRIPTION + APKINDEX, signed the same way), and the public
 key OUT/<key name>, which admins copy to /etc/apk/keys/.
 
-Packages of other names already in OUT/<arch>/ (our patched Dovecot, built by abuild on
-Alpine from alpine/dovecot/APKBUILD) stay: they are signed again with the repository's
-key and indexed with ours. Older versions of our own packages are removed.
+Packages of other names already in OUT/<arch>/ (the instant-IDLE plugin, built by abuild
+on Alpine from alpine/dovecot-chatmail-instant-idle/APKBUILD) stay: they are signed again
+with the repository's key and indexed with ours. Older versions of our own packages are
+removed.
 
 Without --key a throw-away RSA key is made once and kept outside the checkout in
 /var/cache/chatmail-relay-build/apk-key/ ($CHATMAIL_BUILD_CACHE), so repeated builds

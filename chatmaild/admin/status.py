@@ -55,7 +55,6 @@ class Probes:
     proc_net_tcp: tuple = ("/proc/net/tcp", "/proc/net/tcp6")
     proc_dir: str = "/proc"
     dovecot_pid_file: str = "/run/dovecot/master.pid"
-    dovecot_patch_marker: str = ""  # default: the platform's
     dovecot_instant_idle_plugin: str = ""  # default: the platform's
     dovecot_config: str = ""  # the file Dovecot runs with; default: the platform's
     postfix_pid_file: str = ""  # default: in the platform's Postfix queue directory
@@ -395,18 +394,17 @@ def dovecot_package_version(platform, run):
 NO_INSTANT_IDLE_HINTS = {
     "dpkg": "Install the instant-IDLE plugin, 'apt install dovecot-chatmail-instant-idle' "
             "(from the chatmail repository; the relay then loads it by itself)",
-    "apk": "apk takes the patched build from the chatmail repository where that is listed "
-           "before Alpine's in /etc/apk/repositories; an Alpine update newer than it is "
-           "installed first, and stays (docs/alpine.md, Patched Dovecot on Alpine)",
+    "apk": "Install the instant-IDLE plugin, 'apk add dovecot-chatmail-instant-idle' "
+           "(from the chatmail repository, built for this Alpine's Dovecot; the relay "
+           "then loads it by itself)",
 }
 # the instant-IDLE plugin's name in mail_plugins (dovecot/plugin)
 INSTANT_IDLE_PLUGIN = "chatmail_instant_idle"
 
 
-def is_patched_dovecot(platform, probes, package):
-    marker = probes.dovecot_patch_marker or platform.dovecot_patch_marker
-    if marker:
-        return Path(marker).exists()
+def is_patched_dovecot(package):
+    """Our rebuild of Debian's Dovecot (releases before the plugin) says so in its
+    version, "+chatmail1"."""
     return bool(package) and "chatmail" in package
 
 
@@ -428,7 +426,7 @@ def imap_mail_plugins(platform, probes):
 def instant_idle_finding(platform, probes, label, package):
     """Which mechanism tells IDLE-ing clients about new mail at once: the plugin
     (installed and in Dovecot's configuration), our patched Dovecot, or none."""
-    patched = is_patched_dovecot(platform, probes, package)
+    patched = is_patched_dovecot(package)
     if patched:
         label += " (chatmail build)"
     plugin = probes.dovecot_instant_idle_plugin or platform.dovecot_instant_idle_plugin

@@ -1,5 +1,5 @@
 """auth.lua, Dovecot 2.4's passdb/userdb, under each Lua a Dovecot may be built with:
-5.4 (Debian 13) and 5.3 (Alpine's Dovecot and ours, alpine/dovecot). The real LuaSocket
+5.4 (Debian 13) and 5.3 (Alpine's Dovecot). The real LuaSocket
 and lua-cjson of that Lua, the real doveauth daemon; what stands in for Dovecot is only
 its calling convention (the request table and the result constants)."""
 

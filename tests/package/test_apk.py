@@ -42,7 +42,10 @@ from tests.package.apk_format import (
 ALPINE = REPO / "alpine"
 # abuild's startdir for chatmail-relay: the APKBUILD, install scripts and trigger.
 RELAY_APKBUILD_DIR = ALPINE / "chatmail-relay"
-APKBUILD_DIRS = {"chatmail-relay": RELAY_APKBUILD_DIR, "dovecot": ALPINE / "dovecot"}
+# The instant-IDLE plugin's: abuild builds it on Alpine (C against Alpine's dovecot-dev).
+PLUGIN_APKBUILD_DIR = ALPINE / "dovecot-chatmail-instant-idle"
+APKBUILD_DIRS = {"chatmail-relay": RELAY_APKBUILD_DIR,
+                 "dovecot-chatmail-instant-idle": PLUGIN_APKBUILD_DIR}
 DEBIAN = REPO / "debian"
 DIST = REPO / "dist"
 # conf/services.toml: the APKBUILD generates their init scripts and writes their list
@@ -62,8 +65,8 @@ DEBIAN_TO_ALPINE = {
     "adduser": None,                   # busybox adduser/addgroup
     "ca-certificates": ["ca-certificates-bundle"],  # the bundle file (platform ca_file)
     "dovecot-core": ["dovecot"],
-    # Alpine's relay runs our patched Dovecot build (alpine/dovecot) until the plugin has
-    # an APKBUILD
+    # apk installs the plugin with the relay by the plugin's install_if where the
+    # repository has it (Alpine has no Recommends; abuild builds it on Alpine)
     "dovecot-chatmail-instant-idle": None,
     "dovecot-imapd": ["dovecot"],      # IMAP is in Alpine's main dovecot package
     "dovecot-lmtpd": ["dovecot-lmtpd"],
@@ -211,7 +214,7 @@ def test_install_scripts_are_in_control_with_bin_sh_dependency(parsed):
         assert content == (RELAY_APKBUILD_DIR / f"chatmail-relay{script}").read_bytes()
     assert "/bin/sh" in relay.pkginfo["depend"]
     # abuild's form: the APKBUILD's "NAME.trigger=/a:/b" becomes "triggers = /a /b"
-    assert relay.pkginfo["triggers"] == ["/usr/sbin /usr/libexec/postfix"]
+    assert relay.pkginfo["triggers"] == ["/usr/sbin /usr/libexec/postfix /usr/lib/dovecot"]
     assert "triggers" not in parsed["chatmail-relay-openrc"].pkginfo
     assert not parsed["py3-chatmaild"].scripts
 
@@ -515,9 +518,7 @@ def test_pre_install_keeps_the_vmail_that_alpines_postfix_made(alpine_root):
 
 # --- shell checks -------------------------------------------------------------------
 
-@pytest.mark.parametrize("script", INSTALL_SCRIPTS + PERIODIC_SCRIPTS
-                         + [ALPINE / "dovecot" / "dovecot.pre-install"],
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize("script", INSTALL_SCRIPTS + PERIODIC_SCRIPTS, ids=lambda p: p.name)
 def test_shellcheck_sh_scripts(script):
     assert script.read_text().startswith("#!/bin/sh\n")
     result = subprocess.run(["shellcheck", "--shell=sh", str(script)], capture_output=True,
@@ -525,8 +526,7 @@ def test_shellcheck_sh_scripts(script):
     assert result.returncode == 0, result.stdout
 
 
-@pytest.mark.parametrize("script", INIT_SCRIPTS + [ALPINE / "dovecot" / "dovecot.initd"],
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize("script", INIT_SCRIPTS, ids=lambda p: p.name)
 def test_shellcheck_openrc_scripts(script):
     shellcheck_openrc_script(script)
 
@@ -585,7 +585,8 @@ def test_unpack_leaves_out_abuilds_own_directories(tmp_path):
     startdir.mkdir(parents=True)
     shutil.copy(RELAY_APKBUILD_DIR / "APKBUILD", startdir)
     for path in ["conf/x/a.j2", "alpine/doveauth.initd", "alpine/chatmail-relay/pkg/old",
-                 "alpine/dovecot/src/dovecot-2.4.5/big", "alpine/dovecot/tmp/t",
+                 "alpine/dovecot-chatmail-instant-idle/src/x/big",
+                 "alpine/dovecot-chatmail-instant-idle/tmp/t",
                  "alpine/chatmail-relay/src/leftover", ".git/HEAD", "x/__pycache__/y.pyc"]:
         (checkout / path).parent.mkdir(parents=True, exist_ok=True)
         (checkout / path).write_text("x")
@@ -699,35 +700,35 @@ def test_certbot_renewal_uses_the_shared_deploy_hook():
     assert "certbot renew" in (ALPINE / "chatmail-certbot-renew.periodic").read_text()
 
 
-# --- patched dovecot ----------------------------------------------------------------
+# --- the instant-IDLE plugin ----------------------------------------------------------
 
-def test_dovecot_apkbuild_applies_the_same_patch():
-    patch = ALPINE / "dovecot" / "instant-idle.patch"
-    assert patch.is_symlink()
-    assert patch.resolve() == (REPO / "dovecot" / "instant-idle.patch").resolve()
-    assert "instant-idle.patch" in apkbuild_var("source", ALPINE / "dovecot").split()
-    assert "dovecot-lua" in apkbuild_var("depends").split()
+def apkbuild_vars_of_plugin():
+    return {name: apkbuild_var(name, PLUGIN_APKBUILD_DIR) for name in
+            ["pkgname", "pkgver", "pkgrel", "depends", "makedepends", "install_if"]}
 
 
-def test_dovecot_apkbuild_lists_a_checksum_for_every_source():
-    """What `abuild verify` checks: upstream's tarballs (their checksums as in Alpine's
-    main/dovecot of the same release) and the current content of our files."""
-    directory = ALPINE / "dovecot"
-    sums = dict(reversed(line.split("  ")) for line in
-                apkbuild_var("sha512sums", directory).split("\n") if line)
-    names = [entry.rsplit("/", 1)[-1] for entry in apkbuild_var("source", directory).split()]
-    assert sorted(sums) == sorted(names)
-    for name in names:
-        if (directory / name).exists():
-            assert sums[name] == hashlib.sha512((directory / name).read_bytes()).hexdigest()
+def test_plugin_apkbuild_is_for_the_dovecot_release_our_alpine_templates_are_for():
+    """Dovecot loads a plugin only into the release it was built for, and Alpine's dovecot
+    names no ABI: the plugin depends on that release's every -rN (Alpine's security
+    rebuilds), and is built against the same."""
+    plugin = apkbuild_vars_of_plugin()
+    release = apkbuild_var("_dovecotver", PLUGIN_APKBUILD_DIR)
+    assert release.startswith(load_platform("alpine").dovecot_version + ".")
+    assert plugin["depends"].split() == [f"dovecot~{release}"]
+    assert plugin["makedepends"].split() == [f"dovecot-dev~{release}"]
+    assert plugin["install_if"].split() == ["chatmail-relay"]
 
 
-def test_lua_modules_fit_the_lua_dovecot_is_built_with():
+def test_plugin_apkbuild_has_the_debian_packages_name_and_version():
+    plugin = apkbuild_vars_of_plugin()
+    changelog = (REPO / "dovecot" / "plugin" / "debian" / "changelog").read_text()
+    name, version = re.match(r"(\S+) \(([^)]+)\)", changelog).groups()
+    assert (plugin["pkgname"], plugin["pkgver"]) == (name, version)
+
+
+def test_lua_modules_fit_the_lua_alpines_dovecot_is_built_with():
     """auth.lua loads LuaSocket and lua-cjson into Dovecot's Lua: they must be built for
-    the same Lua version, 5.3 in Alpine's Dovecot and ours."""
-    luas = [dep for dep in apkbuild_var("makedepends", ALPINE / "dovecot").split()
-            if re.fullmatch(r"lua5\.\d-dev", dep)]
-    assert luas == ["lua5.3-dev"]
+    the same Lua version, 5.3 in Alpine's Dovecot."""
     depends = apkbuild_var("depends").split()
     assert {"lua5.3-socket", "lua5.3-cjson"} <= set(depends)
     assert not [dep for dep in depends if re.match(r"lua5\.[0-24-9]-", dep)]
@@ -753,20 +754,6 @@ def test_postfix_on_alpine_trusts_the_bundle_that_alpine_ships(alpine_root):
     owner = alpine_root.run("/sbin/apk", "info", "--who-owns", platform.ca_file).stdout
     assert "ca-certificates-bundle" in owner
     assert "ca-certificates-bundle" in apkbuild_var("depends").split()
-
-
-def test_dovecot_apkbuild_installs_the_file_status_knows_it_by():
-    """apk versions cannot mark our build (it has Alpine's version): a file does."""
-    marker = load_platform("alpine").dovecot_patch_marker
-    package = re.search(r"^package\(\) \{\n(.*?)^\}", (ALPINE / "dovecot" / "APKBUILD")
-                        .read_text(), re.S | re.M).group(1)
-    assert f'"$srcdir"/instant-idle.patch {marker.lstrip("/")}' in package
-
-
-def test_dovecot_apkbuild_builds_the_version_our_alpine_templates_are_for():
-    text = (ALPINE / "dovecot" / "APKBUILD").read_text()
-    version = re.search(r"^pkgver=(\d+\.\d+)\.", text, re.M).group(1)
-    assert version == load_platform("alpine").dovecot_version
 
 
 def test_no_tar_end_blocks_between_streams(apks):

@@ -12,9 +12,11 @@ import zlib
 
 import pytest
 
+from chatmaild.admin.platform import load_platform
 from tests.package.apk_format import gzip_streams, parse_apkindex, read_index
 from tests.conftest import REPO
 from tests.package.conftest import ARCH, PYTHON_VERSION, load_mkapk
+from tests.package.test_apk import apkbuild_vars_of_plugin
 
 REPOSITORY = "/srv/chatmail-repo"
 
@@ -160,6 +162,9 @@ STAND_IN_PROGRAMS = {"dovecot": "usr/sbin/dovecot", "nginx": "usr/sbin/nginx"}
 # OpenRC's commands, logging what the install scripts ask of them.
 RC_LOG = "/var/log/rc-calls"
 RC_COMMAND = f'#!/bin/sh\necho "$(basename "$0") $*" >> {RC_LOG}\n'
+# Python, logging what it is asked to run (the chatmail command, a Python script).
+PYTHON_LOG = "/var/log/python-calls"
+PYTHON_COMMAND = f'#!/bin/sh\necho "$*" >> {PYTHON_LOG}\n'
 STAND_INS = "/srv/stand-ins"
 
 
@@ -174,6 +179,11 @@ def stand_in_files(name, directory, program):
         path = directory / "etc" / "init.d" / script
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("#!/sbin/openrc-run\n")
+        path.chmod(0o755)
+    if name == "python3":
+        path = directory / "usr" / "bin" / "python3"
+        path.parent.mkdir(parents=True)
+        path.write_text(PYTHON_COMMAND)
         path.chmod(0o755)
     if name in STAND_IN_PROGRAMS:
         path = directory / STAND_IN_PROGRAMS[name]
@@ -333,24 +343,87 @@ def test_upgrading_a_daemon_restarts_it_if_it_runs_the_replaced_program(
         assert restarts(alpine) == ["rc-service --quiet chatmail-dovecot restart"]
 
 
+def python_calls(alpine):
+    log = alpine.host_path(PYTHON_LOG)
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def publish_plugin_stand_in(alpine, directory, plugin):
+    """The instant-IDLE plugin's package (alpine/dovecot-chatmail-instant-idle, built by
+    abuild on Alpine) with its APKBUILD's relations and its module file, signed, in a
+    repository of its own that ALPINE lists and trusts."""
+    mkapk = load_mkapk()
+    key = mkapk.ensure_key(None, directory / "key")
+    files = directory / "plugin"
+    module = files / load_platform("alpine").dovecot_instant_idle_plugin.lstrip("/")
+    module.parent.mkdir(parents=True)
+    module.write_bytes(b"\x7fELF stand-in")
+    out = alpine.host_path(f"/srv/plugin/{ARCH}")
+    out.mkdir(parents=True)
+    package = mkapk.Package(name=plugin["pkgname"], directory=files,
+                            pkgver=f"{plugin['pkgver']}-r{plugin['pkgrel']}",
+                            pkgdesc="stand-in", url="https://x", arch="noarch",
+                            license="MIT", origin=plugin["pkgname"],
+                            depends=plugin["depends"].split(),
+                            install_if=plugin["install_if"].split())
+    built = mkapk.write_apk(package, out, key, 0, "test", "", "")
+    mkapk.write_index([built], out, ARCH, key, 0, "plugin")
+    shutil.copy(key[1], alpine.host_path("/etc/apk/keys"))
+    with alpine.host_path("/etc/apk/repositories").open("a") as repositories:
+        repositories.write("/srv/plugin\n")
+
+
+def test_the_plugin_comes_with_the_relay_and_its_coming_and_going_reconfigures(
+        alpine_with_stand_ins, tmp_path):
+    """Where the repository has the instant-IDLE plugin for this Alpine's Dovecot, apk
+    installs it with the relay (install_if: Alpine has no Recommends), and a change in
+    Dovecot's module directory runs `chatmail configure` (chatmail-relay's trigger), which
+    loads the plugin while it is there, or no longer names it."""
+    alpine = alpine_with_stand_ins
+    plugin = apkbuild_vars_of_plugin()
+    # The stand-in Dovecot's release must be the one the plugin was built for.
+    release = plugin["depends"].split("~")[1]
+    publish_stand_ins(alpine, alpine.stand_ins, tmp_path / "stand-ins",
+                      {"dovecot": f"{release}-r1"})
+    publish_plugin_stand_in(alpine, tmp_path, plugin)
+    ini = alpine.host_path("/etc/chatmail/chatmail.ini")
+    ini.parent.mkdir(parents=True)
+    ini.write_text("[params]\nmail_domain = chat.example.org\n")
+    result = alpine.apk("add", "chatmail-relay")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"Installing dovecot-chatmail-instant-idle ", result.stdout)
+    configures = [call for call in python_calls(alpine) if call.endswith("chatmail configure")]
+    assert configures, python_calls(alpine)
+    # install_if keeps it while the relay is installed ("apk del" says so): an admin
+    # who wants it gone forbids it (docs/alpine.md).
+    before = len(python_calls(alpine))
+    result = alpine.apk("add", "!dovecot-chatmail-instant-idle")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"Purging dovecot-chatmail-instant-idle ", result.stdout)
+    assert [call for call in python_calls(alpine)[before:]
+            if call.endswith("chatmail configure")]
+
+
 # --- a package built elsewhere in our repository ----------------------------------------
 
 def test_make_apk_signs_and_indexes_a_package_abuild_built(alpine_root, public_key,
                                                             tmp_path):
-    """Our patched Dovecot is built by abuild on Alpine, signed with its builder's key,
+    """The instant-IDLE plugin is built by abuild on Alpine, signed with its builder's key,
     and copied into the repository: mkapk keeps it, signs it with the repository's key and
     indexes it, and apk, trusting only that key, installs it."""
     mkapk = load_mkapk()
     out = tmp_path / "repo"
     files = tmp_path / "files"
-    marker = files / "usr/share/dovecot/chatmail-instant-idle.patch"
-    marker.parent.mkdir(parents=True)
-    marker.write_text("patch\n")
+    module = files / load_platform("alpine").dovecot_instant_idle_plugin.lstrip("/")
+    module.parent.mkdir(parents=True)
+    module.write_bytes(b"\x7fELF stand-in")
     builder_key = mkapk.ensure_key(None, tmp_path / "builder-key")
     (out / ARCH).mkdir(parents=True)
-    package = mkapk.Package(name="dovecot", directory=files, pkgver="2.4.5-r0",
-                            pkgdesc="stand-in for our patched Dovecot", url="https://x",
-                            arch="x86_64", license="MIT", origin="dovecot")
+    name = "dovecot-chatmail-instant-idle"
+    # without its dependency on Dovecot, which this minirootfs lacks
+    package = mkapk.Package(name=name, directory=files, pkgver="0.1.0-r0",
+                            pkgdesc="stand-in for the plugin", url="https://x",
+                            arch="x86_64", license="MIT", origin=name)
     mkapk.write_apk(package, out / ARCH, builder_key, 0, "abuild", "", "")
     for _ in range(2):  # a second `make apk` keeps it too
         result = subprocess.run([sys.executable, str(REPO / "alpine" / "mkapk.py"),
@@ -359,12 +432,13 @@ def test_make_apk_signs_and_indexes_a_package_abuild_built(alpine_root, public_k
                                 capture_output=True, text=True, cwd=REPO)
         assert result.returncode == 0, result.stdout + result.stderr
     index = read_index(out / ARCH / "APKINDEX.tar.gz")[3]["APKINDEX"].decode()
-    assert "dovecot" in {stanza["P"] for stanza in parse_apkindex(index)}
+    assert name in {stanza["P"] for stanza in parse_apkindex(index)}
     shutil.copytree(out / ARCH, alpine_root.host_path(f"{REPOSITORY}/{ARCH}"))
     shutil.copy(public_key, alpine_root.host_path("/etc/apk/keys"))
     alpine_root.host_path("/etc/apk/repositories").write_text(REPOSITORY + "\n")
-    verify = alpine_root.apk("verify", f"{REPOSITORY}/{ARCH}/dovecot-2.4.5-r0.apk")
+    verify = alpine_root.apk("verify", f"{REPOSITORY}/{ARCH}/{name}-0.1.0-r0.apk")
     assert verify.returncode == 0, verify.stdout + verify.stderr
-    added = alpine_root.apk("add", "dovecot")
+    added = alpine_root.apk("add", name)
     assert added.returncode == 0, added.stdout + added.stderr
-    assert alpine_root.host_path(str(marker.relative_to(files))).read_text() == "patch\n"
+    assert alpine_root.host_path(str(module.relative_to(files))).read_bytes() == \
+        b"\x7fELF stand-in"

@@ -15,12 +15,16 @@ from chatmaild.admin.platform import load_platform
 from tests.config.test_dovecot import (  # noqa: F401 (push, scratch_dir: fixtures)
     STOCK_DELAY, push, run_idle_relay, scratch_dir)
 from tests.conftest import REPO
+from tests.package.conftest import load_mkapk
 from tests.package.test_deb import contents, deb_named, maintainer_script
 
 PACKAGE = "dovecot-chatmail-instant-idle"
 MODULE = load_platform("debian12").dovecot_instant_idle_plugin
 # Debian 13's build, made in its chroot by `make debs-trixie`
 TRIXIE_DIST = REPO / "dist" / "trixie"
+# dovecot-dev's description of the Dovecot it is for (shell variables), as the plugin's
+# Makefile reads it
+DOVECOT_CONFIG = "/usr/lib/dovecot/dovecot-config"
 
 
 def field(deb, name):
@@ -108,3 +112,28 @@ def test_packaged_module_loads_into_dovecot(push, scratch_dir):  # noqa: F811
     assert run.loads_plugin and run.problems == []
     assert median(run.waits) < STOCK_DELAY / 10, run.waits
     assert max(run.waits) < STOCK_DELAY * 1.2, run.waits
+
+
+def test_alpine_apkbuild_builds_a_module_that_loads_into_dovecot(push, scratch_dir):  # noqa: F811
+    """alpine/dovecot-chatmail-instant-idle/APKBUILD's unpack, build and package, run as
+    abuild runs them (alpine/mkapk.py's helpers) against this host's dovecot-dev, as far
+    as a Debian host goes: abuild builds it on Alpine, against Alpine's. The module goes
+    into dovecot-config's module directory under the name the relay looks for, and loads
+    into a live Dovecot with the relay's configuration, where IDLE wakes at once."""
+    if not Path(DOVECOT_CONFIG).exists():
+        pytest.skip(f"needs dovecot-dev ({DOVECOT_CONFIG})")
+    apkbuild = REPO / "alpine" / "dovecot-chatmail-instant-idle" / "APKBUILD"
+    srcdir, pkgdir = scratch_dir / "src", scratch_dir / "pkg"
+    srcdir.mkdir()
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "startdir": str(apkbuild.parent),
+           "srcdir": str(srcdir), "pkgdir": str(pkgdir)}
+    load_mkapk().run_in_apkbuild(apkbuild, env, 'cd "$srcdir"; unpack; cd "$builddir"; '
+                                 'build; cd "$builddir"; package', cwd=srcdir)
+    moduledir = subprocess.run(["sh", "-c", f'. {DOVECOT_CONFIG}; printf %s "$dovecot_moduledir"'],
+                               capture_output=True, text=True, check=True).stdout
+    name = Path(load_platform("alpine").dovecot_instant_idle_plugin).name
+    assert [p.relative_to(pkgdir).as_posix() for p in pkgdir.rglob("*.so")] == \
+        [f"{moduledir.lstrip('/')}/{name}"]
+    run = run_idle_relay(push, pkgdir / moduledir.lstrip("/") / name, scratch_dir / "modules")
+    assert run.loads_plugin and run.problems == []
+    assert median(run.waits) < STOCK_DELAY / 10, run.waits

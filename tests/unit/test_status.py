@@ -451,31 +451,35 @@ def test_dovecot_patched_build():
                               "instant IDLE: patched build")
 
 
-@pytest.mark.parametrize("ours", [True, False])
-def test_dovecot_build_on_alpine_is_told_by_our_packages_file(tmp_path, ours):
-    """Our Alpine build has Alpine's version: the file only it installs tells."""
-    marker = tmp_path / "chatmail-instant-idle.patch"
-    if ours:
-        marker.write_text("patch\n")
+@pytest.mark.parametrize("installed", [True, False])
+def test_instant_idle_on_alpine_is_the_plugin_in_its_module_directory(tmp_path, installed):
+    """Alpine's own Dovecot, with or without our plugin package (alpine/
+    dovecot-chatmail-instant-idle), which installs into Alpine's module directory."""
+    platform = load_platform("alpine")
+    assert platform.dovecot_instant_idle_plugin == \
+        "/usr/lib/dovecot/lib20_chatmail_instant_idle_plugin.so"
+    module = tmp_path / "lib20_chatmail_instant_idle_plugin.so"
+    if installed:
+        module.write_bytes(b"\x7fELF")
 
     def run(argv):
         if argv[0] == "dovecot":
             return Completed(0, "2.4.5 (5a2bc7b0f6)\n")
+        if argv[0] == "doveconf":
+            return Completed(0, "chatmail_instant_idle = yes\nimap_metadata = yes\n")
         assert argv == ["apk", "list", "--installed", "dovecot"]
         return Completed(0, "dovecot-2.4.5-r0 x86_64 {dovecot} (LGPL-2.1-or-later) "
                             "[installed]\n")
 
-    platform = load_platform("alpine")
-    assert platform.dovecot_patch_marker.endswith("/chatmail-instant-idle.patch")
     [finding] = status.check_dovecot_build(platform, status.Probes(
-        run=run, dovecot_pid_file="/nonexistent", dovecot_patch_marker=str(marker)))
+        run=run, dovecot_pid_file="/nonexistent", dovecot_instant_idle_plugin=str(module)))
     assert finding.detail.startswith("2.4.5 (5a2bc7b0f6), package 2.4.5-r0")
-    if ours:
+    if installed:
         assert finding.level == status.INFO
-        assert finding.detail.endswith("(chatmail build), instant IDLE: patched build")
+        assert finding.detail.endswith("instant IDLE: plugin")
     else:
-        assert finding.level == status.WARN and "without the chatmail patch" in finding.detail
-        assert "/etc/apk/repositories" in finding.hint
+        assert finding.level == status.WARN and "instant-IDLE plugin" in finding.detail
+        assert "apk add dovecot-chatmail-instant-idle" in finding.hint
 
 
 NO_PLUGIN = "/nonexistent/lib20_chatmail_instant_idle_plugin.so"
