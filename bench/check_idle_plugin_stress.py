@@ -3,7 +3,14 @@ private instance as bench_idle_plugin.py runs it: bursts of concurrent deliverie
 IDLE-ing mailbox (every message must be reported), IDLE/DONE cycles racing deliveries,
 SELECT switches (the mailbox closes with its watches) and LOGOUT with a notification
 pending; then Dovecot's log must be clean (no Error/Warning/Panic/Fatal, no "I/O notify
-leak"). Needs root; exits non-zero on a failure. Usage: check_idle_plugin_stress.py"""
+leak"). Needs root; exits non-zero on a failure.
+
+    check_idle_plugin_stress.py            a minimal Dovecot 2.3 configuration
+    check_idle_plugin_stress.py --relay    the relay's own (2.3 or 2.4, as the host's
+                                           Dovecot), as bench_idle_plugin.py --relay
+
+For Dovecot 2.4 run it in Debian 13 as bench/results/idle-plugin-relay-dovecot24.md says
+(tests/chroot.sh, with dovecot-dev installed there; --dovecot-from forky for 2.4.5)."""
 
 import re
 import shutil
@@ -36,16 +43,21 @@ def wait_exists(client, count):
             raise RuntimeError(f"told of {last} messages of {count}")
 
 
+# 9 characters: the relay's doveauth takes only those
+USER = "stressbox"
+
+
 def stress(d):
     """Returns how many messages were delivered."""
-    d.deliver("s", 0)
+    d.create_account(USER)
+    d.deliver(USER, 0)
     count = 1
-    client = b.Client(d, "s")
+    client = b.Client(d, USER)
     client.command("CREATE Other")
     # bursts: 4 senders x 25 deliveries while IDLE; every message must be reported
     for _ in range(5):
         client.idle()
-        senders = [threading.Thread(target=deliver_many, args=(d, "s", 25))
+        senders = [threading.Thread(target=deliver_many, args=(d, USER, 25))
                    for _ in range(4)]
         for sender in senders:
             sender.start()
@@ -55,7 +67,7 @@ def stress(d):
         wait_exists(client, count)
         client.done()
     # IDLE/DONE cycles racing deliveries (watches added and removed all the time)
-    sender = threading.Thread(target=deliver_many, args=(d, "s", 200))
+    sender = threading.Thread(target=deliver_many, args=(d, USER, 200))
     sender.start()
     for _ in range(200):
         client.idle()
@@ -65,7 +77,7 @@ def stress(d):
     # SELECT of another mailbox closes INBOX, maybe with a notification pending
     for number in range(50):
         client.idle()
-        d.deliver("s", number)
+        d.deliver(USER, number)
         client.done()
         count += 1
         client.command("SELECT Other")
@@ -74,9 +86,9 @@ def stress(d):
         client.command("SELECT INBOX")
     # LOGOUT right after a delivery, maybe with a notification pending
     for number in range(30):
-        other = b.Client(d, "s")
+        other = b.Client(d, USER)
         other.idle()
-        d.deliver("s", number)
+        d.deliver(USER, number)
         count += 1
         other.send("DONE")
         other.close()
@@ -86,13 +98,20 @@ def stress(d):
 
 
 def main():
+    relay = sys.argv[1:] == ["--relay"]
     build = Path(tempfile.mkdtemp(prefix="idlp-stress-build-", dir="/tmp"))
     build.chmod(0o755)
-    d = None
+    d = push = None
     try:
         subprocess.run(["make", "-s", "-C", b.PLUGIN_SRC, f"PLUGIN={build / b.PLUGIN_SO}"],
                        check=True)
-        d = b.Dovecot("stress", plugin_dir=build)
+        if relay:
+            sys.path.insert(0, str(b.REPO))
+            from tests.unit.push_server import PushServer
+            push = PushServer()
+            d = b.RelayDovecot("stress", push, plugin_dir=build)
+        else:
+            d = b.Dovecot("stress", plugin_dir=build)
         d.start()
         count = stress(d)
         time.sleep(0.5)
@@ -101,8 +120,12 @@ def main():
         if d:
             d.stop()
             shutil.rmtree(d.root, ignore_errors=True)
+        if push:
+            push.close()
         shutil.rmtree(build, ignore_errors=True)
-    print(f"{count} deliveries; log lines with Error/Warning/Panic/Fatal: {problems}; "
+    version = " ".join(b.dovecot_version())
+    print(f"Dovecot {version}, {'the relay' if relay else 'a minimal'} configuration: "
+          f"{count} deliveries; log lines with Error/Warning/Panic/Fatal: {problems}; "
           f"leak warnings: {leaks}")
     sys.exit(1 if problems or leaks else 0)
 
