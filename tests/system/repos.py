@@ -108,10 +108,10 @@ def debian_security_dovecot(directory, ours):
     return repo, version
 
 
-def debian_release_dovecot(suite, packages):
-    """Debian's own `packages` (newest in `suite` and its security suite) for another
-    Debian release than this host's, downloaded once into the cache through apt lists of
-    our own (the host's apt configuration stays untouched)."""
+def release_apt_options(suite):
+    """apt options that make apt-get on this host see Debian's archive of `suite` (and its
+    security suite) through apt lists of our own, updated now; the host's apt
+    configuration stays untouched."""
     apt_dir = CACHE / f"apt-{suite}"
     keyring = "/usr/share/keyrings/debian-archive-keyring.gpg"
     (apt_dir / "lists" / "partial").mkdir(parents=True, exist_ok=True)
@@ -122,6 +122,14 @@ def debian_release_dovecot(suite, packages):
                "-oDir::Etc::SourceParts=/dev/null", f"-oDir::State::Lists={apt_dir}/lists",
                f"-oDir::Cache={apt_dir}/cache", "-oDir::State::status=/dev/null"]
     subprocess.run(["apt-get", *options, "update", "-qq"], check=True, capture_output=True)
+    return options
+
+
+def debian_release_dovecot(suite, packages):
+    """Debian's own `packages` (newest in `suite` and its security suite) for another
+    Debian release than this host's, downloaded once into the cache through apt lists of
+    our own (the host's apt configuration stays untouched)."""
+    options = release_apt_options(suite)
     policy = subprocess.run(["apt-cache", *options, "policy", packages[0]], check=True,
                             capture_output=True, text=True).stdout
     version = policy.split("Candidate:")[1].split()[0]
