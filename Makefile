@@ -15,7 +15,8 @@ DEPS = python3 python3-aiosmtpd python3-dkim python3-dnspython python3-filelock 
        fakeroot dpkg-dev po-debconf \
        postfix postfix-lmdb dovecot-core dovecot-imapd dovecot-lmtpd nginx libnginx-mod-stream \
        opendkim opendkim-tools nsd systemd python3-qrcode zbar-tools debootstrap systemd-container \
-       apt-utils pebble lua5.3 lua5.4 lua-socket lua-cjson unbound python3-hypothesis
+       apt-utils pebble lua5.3 lua5.4 lua-socket lua-cjson unbound python3-hypothesis \
+       python3-png piuparts
 
 # Debian 13 runs Python 3.13 (no crypt module): the unit tests also run there when a 3.13
 # interpreter exists, in a virtualenv cached outside the checkout.
@@ -23,7 +24,7 @@ PY313 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3) $(she
 VENV313 ?= $(HOME)/.cache/chatmail-relay/py313-$(shell echo $(PY313_LIBS) | md5sum | cut -c1-8)
 PY313_LIBS = aiosmtpd dkimpy dnspython filelock psutil pytest jinja2 qrcode pypng hypothesis
 
-.PHONY: all build debs debs-bookworm debs-trixie dovecot dovecot-trixie repo apk build-previous test test-unit test-config test-dovecot24 test-openrc test-py313 test-package test-system deps demo bench clean
+.PHONY: all build debs debs-bookworm debs-trixie dovecot dovecot-trixie repo apk build-previous test test-unit test-config test-dovecot24 test-openrc test-piuparts test-py313 test-package test-system deps demo bench clean
 
 all: build
 
@@ -131,7 +132,8 @@ build-previous: build dovecot
 	REPO_DATE="$$(date -u -R -d '1 day ago')" repo/build-repo.sh repo dist/repo-previous \
 		--suite bookworm dist/previous/*.deb dist/previous/dovecot/*.deb
 
-test: test-unit test-config test-dovecot24 test-package test-openrc test-system test-py313
+test: test-unit test-config test-dovecot24 test-package test-openrc test-piuparts test-system \
+	test-py313
 
 test-unit:
 	$(PYTEST) tests/unit
@@ -160,6 +162,11 @@ test-package: build
 test-openrc: debs-trixie
 	tests/chroot.sh unshare --net sh -c 'ip link set lo up && \
 		exec python3 -m pytest -p no:cacheprovider tests/openrc'
+
+# piuparts, Debian's own installation checker: each of our packages from dist/repo
+# installed into a minimal Debian 12 and 13 and purged, leaving nothing behind.
+test-piuparts: build
+	$(foreach suite,$(SUITES),tests/piuparts/run.sh $(suite) &&) true
 
 # Installs dist/ in a fresh Debian 12 booted with systemd-nspawn (root file system cached
 # outside the checkout by tests/system/rootfs.sh) and uses the relay like its users.

@@ -24,7 +24,7 @@ from .directories import make_directories
 from .dkimrotate import Rotation, default_resolver
 from .host import CommandFailed, Host, act
 from .kernellimits import raise_kernel_limits
-from .reloads import ServicesFailed, bring_up_services
+from .reloads import ServicesFailed, bring_up_services, host_service_manager
 from .render import RenderError, render_all
 from ..turn import generate_secret
 
@@ -87,6 +87,10 @@ def step_directories(run):
 
 
 def step_kernel_limits(run):
+    # In a chroot /proc/sys is the build host's: the limits apply when the system boots.
+    if host_service_manager(run.platform, run.host).not_running(run.host):
+        run.say("not raising kernel limits here: they apply when the system boots")
+        return
     raise_kernel_limits(run.platform, run.host, run.say)
 
 

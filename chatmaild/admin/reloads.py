@@ -123,17 +123,27 @@ def relay_daemons(config, platform):
     return daemons + ["postfix", "nginx", platform.fcgiwrap_service]
 
 
+def host_service_manager(platform, host):
+    return service_manager(platform, host.run, init_dir=host.path("/etc/init.d"),
+                           runlevels_dir=host.path("/etc/runlevels"))
+
+
 def bring_up_services(config, platform, host, say, changed_reload=(), changed_restart=(),
                       asked_reload=()):
     """Start, reload and restart the relay's services as this run's changes require.
     Raises ServicesFailed when a required one does not come up."""
-    manager = service_manager(platform, host.run, init_dir=host.path("/etc/init.d"),
-                              runlevels_dir=host.path("/etc/runlevels"))
+    manager = host_service_manager(platform, host)
     # A container without an init system has the relay's files but nothing to run its
     # services with: say so once, instead of a "not found" per service.
     problem = manager.missing(host)
     if problem:
         raise ServicesFailed(problem)
+    # A chroot or an image build (debootstrap, piuparts): the files are in place, and
+    # the services start with them when the system boots.
+    offline = manager.not_running(host)
+    if offline:
+        say(f"{offline}: the relay's services start when it boots")
+        return
     state_dir = host.path(platform.state_dir)
     state = ConfigureState.load(state_dir)
     # Remembered before anything is done: a restart interrupted now is done next time.

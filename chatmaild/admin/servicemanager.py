@@ -39,6 +39,14 @@ class Systemd:
             return "systemctl not found: the relay's services need systemd running"
         return None
 
+    @staticmethod
+    def not_running(host):
+        """Why services cannot start now although systemd is installed, or None: it did
+        not boot this system (sd_booted(3): no /run/systemd/system)."""
+        if host.path("/run/systemd/system").is_dir():
+            return None
+        return "systemd is not running here (a chroot or an image build)"
+
     def is_active(self, name):
         return self.run(["systemctl", "--quiet", "is-active", name]).returncode == 0
 
@@ -118,12 +126,16 @@ class OpenRC:
         if not host.has_command("rc-service"):
             return ("rc-service not found: the relay's services need OpenRC (apk add openrc, "
                     "then boot with it)")
-        # OpenRC writes it when it enters a runlevel; without it (a container OpenRC did
-        # not boot) rc-service fails with a misleading "already starting".
-        if not host.path("/run/openrc/softlevel").exists():
-            return ("OpenRC did not boot this system (no /run/openrc/softlevel): the relay's "
-                    "services need OpenRC as the init system")
         return None
+
+    @staticmethod
+    def not_running(host):
+        # OpenRC writes it when it enters a runlevel; without it rc-service fails with a
+        # misleading "already starting".
+        if host.path("/run/openrc/softlevel").exists():
+            return None
+        return ("OpenRC did not boot this system (a chroot, an image build or a container "
+                "without it)")
 
     def is_active(self, name):
         return self.run(["rc-service", "--quiet", name, "status"]).returncode == 0

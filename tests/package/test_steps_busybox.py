@@ -245,18 +245,37 @@ def test_services_step_without_openrc_says_what_is_missing(alpine):
     assert str(failed).startswith(
         "services: rc-service not found: the relay's services need OpenRC (apk add openrc, "
         "then boot with it)\n")
-    # OpenRC installed, but it did not boot the system (a container).
-    alpine.host_path("/usr/local/bin/rc-service").write_text(RC_SERVICE)
-    alpine.host_path("/usr/local/bin/rc-service").chmod(0o755)
-    alpine.host_path("/run/openrc/softlevel").unlink()
-    _, _, failed = run_step(alpine, "services")
-    assert str(failed).startswith(
-        "services: OpenRC did not boot this system (no /run/openrc/softlevel): the relay's "
-        "services need OpenRC as the init system\n")
     # The same check for systemd (Debian in a container without it).
     _, _, failed = run_step(alpine, "services", platform="debian13")
     assert str(failed).startswith(
         "services: systemctl not found: the relay's services need systemd running\n")
+
+
+def test_in_a_chroot_configure_leaves_services_and_kernel_limits_to_the_boot(alpine):
+    """An image build or piuparts: the service manager is installed but did not boot
+    the system, and /proc/sys is the build host's. configure writes the files and
+    succeeds; the services and the limits come with the first boot."""
+    run_ok(alpine, "directories")
+    alpine.host_path("/run/openrc/softlevel").unlink()
+    limit = alpine.host_path("/proc/sys/fs/inotify/max_user_instances")
+    limit.parent.mkdir(parents=True, exist_ok=True)
+    limit.write_text("128\n")
+    out, calls = run_ok(alpine, "kernel-limits")
+    assert out == ("chatmail: not raising kernel limits here: they apply when the system "
+                   "boots\n")
+    assert limit.read_text() == "128\n"
+    out, calls = run_ok(alpine, "services")
+    assert out == ("chatmail: OpenRC did not boot this system (a chroot, an image build or "
+                   "a container without it): the relay's services start when it boots\n")
+    assert calls == []
+    # systemd installed, not running (no /run/systemd/system), as in Debian's chroots
+    systemctl = alpine.host_path("/usr/local/bin/systemctl")
+    systemctl.write_text("#!/bin/sh\nexit 1\n")
+    systemctl.chmod(0o755)
+    output, _, failed = run_step(alpine, "services", platform="debian13")
+    assert failed is None and output == (
+        "chatmail: systemd is not running here (a chroot or an image build): the relay's "
+        "services start when it boots\n")
 
 
 # -- daily jobs: busybox crond runs them as root, busybox su and nice drop to vmail ------
