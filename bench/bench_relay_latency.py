@@ -65,19 +65,24 @@ class Relay:
                          tempfile.mkdtemp(prefix=f"chatmail-lat-{self.label}-", dir="/var/tmp"),
                          binds=[(REPO / "bench", BENCH_MOUNT)], suite=self.suite)
 
+    booting = threading.Lock()  # one at a time: both update the same apt lists
+
     def boot(self, attempts=3):
         """Boot, again in a new container when systemd does not answer (seen on this
-        busy host: the container booted, but `systemctl is-system-running` never did)."""
+        busy host: the container booted, but `systemctl is-system-running` never did) or
+        the stand-in archive's apt lists were locked (by another test on the host)."""
         for attempt in range(attempts):
             try:
-                self.box.boot()
+                with self.booting:
+                    self.box.boot()
                 return
-            except RuntimeError as error:
+            except Exception as error:  # noqa: BLE001 - the last one is raised
                 print(f"{self.label}: boot attempt {attempt + 1} failed: {str(error)[:200]}",
                       file=sys.stderr)
                 self.box.stop()
                 if attempt == attempts - 1:
                     raise
+                time.sleep(10)
                 self.box = self.container(attempt + 1)
 
     def install(self):
