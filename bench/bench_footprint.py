@@ -36,12 +36,27 @@ PACKAGES = ("postfix", "dovecot-core", "nginx", "opendkim", "coturn", "python3",
             "python3-chatmaild", "python3-aiosmtpd", "python3-dkim", "python3-dnspython")
 
 
+def booted(suite, attempts=3):
+    """A booted container; a new one when a boot fails (on this busy host: systemd not
+    answering, or the stand-in archive's apt lists locked by another test)."""
+    for attempt in range(attempts):
+        box = Container(f"fp-{suite}-{os.getpid()}-{attempt}", build_rootfs(suite),
+                        tempfile.mkdtemp(prefix=f"chatmail-fp-{suite}-", dir="/var/tmp"),
+                        binds=[(REPO / "bench", BENCH_MOUNT)], suite=suite)
+        try:
+            box.boot()
+            return box
+        except Exception:  # noqa: BLE001 - the last one is raised
+            box.stop()
+            if attempt == attempts - 1:
+                raise
+            time.sleep(10)
+
+
 def measure(suite, settle, results):
-    box = Container(f"fp-{suite}-{os.getpid()}", build_rootfs(suite),
-                    tempfile.mkdtemp(prefix=f"chatmail-fp-{suite}-", dir="/var/tmp"),
-                    binds=[(REPO / "bench", BENCH_MOUNT)], suite=suite)
+    box = None
     try:
-        box.boot()
+        box = booted(suite)
         box.run(INSTALL, timeout=900)
         deadline = time.monotonic() + 120
         while box.run("chatmail status", check=False).returncode != 0:
@@ -60,7 +75,8 @@ def measure(suite, settle, results):
     except Exception as error:  # noqa: BLE001 - reported by main
         results[suite] = {"error": f"{type(error).__name__}: {error}"}
     finally:
-        box.stop()
+        if box:
+            box.stop()
 
 
 def group(processes):
