@@ -155,8 +155,8 @@ def report(results, settle, facts):
         lines += rows + [""]
         costs = found.get("python") or {}
         if costs:
-            lines += ["Max RSS of a fresh python3 that only imports (MB):", "",
-                      "| import | max RSS MB |", "|---|---|"]
+            lines += ["RSS of a fresh python3 that only imports (MB):", "",
+                      "| import | RSS MB |", "|---|---|"]
             lines += [f"| {label} | {mb(kb) if kb else '?'} |" for label, kb in costs.items()]
             lines.append("")
     return "\n".join(lines) + "\n"

@@ -1,7 +1,7 @@
 """Runs inside a bench container with Debian's python3 (bench_footprint.py): every
 process's memory, grouped by its systemd unit. Prints one JSON object:
 {"processes": [{pid, unit, comm, cmdline, rss_kb, pss_kb, uss_kb}...],
- "python": {label: max RSS kB of a python3 that only imports that}}"""
+ "python": {label: RSS kB of a python3 that only imports that}}"""
 
 import json
 import re
@@ -71,17 +71,17 @@ IMPORTS = {
 
 
 def import_costs():
+    """VmRSS of a fresh python3 after the import, as it reports it itself (not ru_maxrss:
+    the kernel carries the high-water mark of the process that forked it across exec)."""
+    report = ("\nimport re; print(re.search(r'VmRSS:\\s+(\\d+)', "
+              "open('/proc/self/status').read()).group(1))")
     costs = {}
     for label, code in IMPORTS.items():
-        argv = (["python3", "-S", "-c", "pass"] if code is None else
-                ["python3", "-c", code])
-        script = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:]); "
-                  "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-        out = subprocess.run(["python3", "-c", script, *argv], capture_output=True,
-                             text=True)
-        costs[label] = int(out.stdout.strip().splitlines()[-1]) if out.stdout.strip() else None
+        argv = (["python3", "-S", "-c", "pass" + report] if code is None else
+                ["python3", "-c", (code or "pass") + report])
+        out = subprocess.run(argv, capture_output=True, text=True)
+        costs[label] = int(out.stdout.split()[-1]) if out.stdout.strip() else None
     return costs
-
 
 if __name__ == "__main__":
     print(json.dumps({"processes": processes(),
