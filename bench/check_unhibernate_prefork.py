@@ -43,6 +43,7 @@ def main():
                               f"\\n}}\\n' >> {CONF}")
             relay.box.run("doveadm reload")
             time.sleep(2)
+            relay.ask("reconnect")  # sessions of the configuration just loaded
             relay.ask("arm")
             time.sleep(HIBERNATE_TIMEOUT + 5)
             processes[label].append(relay.ask("imap_processes")["count"])

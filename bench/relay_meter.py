@@ -10,6 +10,7 @@ One JSON command per line on stdin, one JSON reply per line on stdout:
   {"do": "arm"}                       the K hibernation clients start their IDLE
   {"do": "fire", "client": I, "number": N}   one submission to hibernation client I
   {"do": "imap_processes"}            how many imap processes run (hibernated: gone)
+  {"do": "reconnect"}                 new IMAP connections for the hibernation clients
   {"do": "quit"}
 A measurement's reply: {"connect": ..., "authed": ..., "accepted": ..., "exists": ...},
 seconds after the submission's start (before the TCP connect to port 465); `accepted` is
@@ -160,6 +161,18 @@ class Meter:
     def idle(self, number):
         self.idler.idle()
         return self.measure(self.idler, number)
+
+    def reconnect(self):
+        """New connections for the hibernation clients (after a `doveadm reload`: the
+        new configuration applies to new sessions only)."""
+        for client in self.hibernating:
+            try:
+                client.command("LOGOUT")
+            except (OSError, RuntimeError):
+                pass
+            client.sock.close()
+        self.hibernating = [Imap(client.address) for client in self.hibernating]
+        return {}
 
     def arm(self):
         for client in self.hibernating:
