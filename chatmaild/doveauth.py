@@ -17,9 +17,8 @@ import os
 import re
 import sys
 
-import filelock
-
 from .dictproxy import DictServer, daemon_main
+from .files import file_lock
 from .mailbox import Mailbox
 from .migrate_db import migrate_from_db_to_maildir
 from .sha512crypt import check_password, sha512_crypt
@@ -187,7 +186,7 @@ class AuthDictServer(DictServer):
         daemon or another process), under a lock file in the mailbox directory."""
         mailbox.path.mkdir(mode=0o700, parents=True, exist_ok=True)
         lock_path = str(mailbox.password_path) + ".lock"
-        with filelock.FileLock(lock_path, timeout=CREATE_LOCK_TIMEOUT):
+        with file_lock(lock_path, timeout=CREATE_LOCK_TIMEOUT):
             fields = mailbox.userdb_fields()
             if fields:
                 return fields

@@ -6,9 +6,9 @@ min_available_memory, min_free_disk_space).
 """
 
 import logging
+import os
+import shutil
 from pathlib import Path
-
-import psutil
 
 log = logging.getLogger(__name__)
 
@@ -25,17 +25,29 @@ def read_or_none(what, getter):
         return None
 
 
+# The standard library and /proc, not psutil: importing psutil alone grew doveauth's
+# resident memory by about 5 MB (bench/results/footprint.md), for three numbers.
+
 def load_1m():
-    return read_or_none("load", lambda: psutil.getloadavg()[0])
+    return read_or_none("load", lambda: os.getloadavg()[0])
+
+
+def meminfo_available_kb(path="/proc/meminfo"):
+    """MemAvailable (the kernel's estimate of memory available without swapping, what
+    psutil reports as available), in kB."""
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1])
+    raise ValueError(f"no MemAvailable in {path}")
 
 
 def available_memory_mb():
-    return read_or_none("memory", lambda: psutil.virtual_memory().available // MB)
+    return read_or_none("memory", lambda: meminfo_available_kb() * 1024 // MB)
 
 
 def free_disk_mb(path):
     return read_or_none(
-        "disk", lambda: psutil.disk_usage(str(existing_ancestor(path))).free // MB
+        "disk", lambda: shutil.disk_usage(existing_ancestor(path)).free // MB
     )
 
 

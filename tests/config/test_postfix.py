@@ -4,6 +4,7 @@ scratch copies of Debian's main.cf and master.cf, and judged by postconf itself.
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -441,9 +442,42 @@ def test_becoming_an_ipv4_relay_removes_the_opendkim_milter(make_config, debian1
 
 # --- the plain files ---------------------------------------------------------------------------
 
+OPENSSL_CONF = "/etc/postfix/chatmail-openssl.cnf"
+NUM_TICKETS = ("import os, ssl; "
+               "print(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).num_tickets)")
+
+
+def test_submission_issues_no_tls_session_tickets(domain_rendered, tmp_path):
+    """On 465 OpenSSL's TLS 1.3 session tickets held smtpd's greeting back 40 ms (Nagle
+    against the client's delayed ACK, bench/results/relay-latency-*.md): Postfix's own
+    tickets are off on the submission services, and OpenSSL's configuration for Postfix's
+    daemons, which main.cf hands them, sets their number to 0. OpenSSL itself reads the
+    file here (Python's ssl module loads OPENSSL_CONF as Postfix does)."""
+    main = domain_rendered["/etc/postfix/main.cf"].content
+    environment = next(line.split("=", 1)[1].split() for line in main.splitlines()
+                       if line.startswith("import_environment ="))
+    assert f"OPENSSL_CONF={OPENSSL_CONF}" in environment
+    assert {"MAIL_CONFIG", "MAIL_LOGTAG", "TZ", "LANG=C"} <= set(environment)
+    master = domain_rendered["/etc/postfix/master.cf"].content
+    for service in ("submission", "smtps"):
+        entry = master.split("\n" + service + " ", 1)[1].split("\n\n", 1)[0]
+        assert "\n  -o tls_session_ticket_cipher=\n" in entry + "\n", entry
+    smtp = master.split("\nsmtp ", 1)[1].split("\n\n", 1)[0]
+    assert "tls_session_ticket_cipher" not in smtp  # other relays keep Postfix's ticket
+    conf = tmp_path / "openssl.cnf"
+    conf.write_text(domain_rendered[OPENSSL_CONF].content)
+    tickets = {}
+    for label, path in (("default", "/dev/null"), ("ours", conf)):
+        proc = subprocess.run([sys.executable, "-c", NUM_TICKETS], capture_output=True,
+                              text=True, env={**os.environ, "OPENSSL_CONF": str(path)})
+        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+        tickets[label] = int(proc.stdout)
+    assert tickets == {"default": 2, "ours": 0}
+
 def test_lookup_tables(domain_rendered):
     tables = {Path(path).name: item for path, item in domain_rendered.items()
-              if path.startswith("/etc/postfix/") and item.kind == "file"}
+              if path.startswith("/etc/postfix/") and item.kind == "file"
+              and not path.endswith(".cnf")}
     assert set(tables) == {"login_map", "submission_header_cleanup", "lmtp_header_cleanup",
                            "smtp_tls_policy_map"}
     for item in tables.values():

@@ -11,7 +11,7 @@ SERVICE_TYPES = ("inet", "unix", "unix-dgram", "fifo", "pass")
 # master.cf columns 3-7 as `postconf -F` names them.
 MASTER_FIELDS = ("private", "unprivileged", "chroot", "wakeup", "process_limit")
 # main.cf settings that take effect only when Postfix starts, not on `postfix reload`.
-RESTART_SETTINGS = {"inet_interfaces", "inet_protocols"}
+RESTART_SETTINGS = {"inet_interfaces", "inet_protocols", "import_environment"}
 # Where the tools are when PATH lacks the sbin directories (non-root shells on Debian).
 
 class PostconfError(Exception):
