@@ -8,7 +8,7 @@ SYSTEM_PATH = /usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin
 
 # Debian packages needed to build and test on a fresh Debian 12 machine.
 DEPS = python3 python3-aiosmtpd python3-dkim python3-dnspython python3-filelock \
-       python3-jinja2 python3-psutil python3-pytest python3-setuptools \
+       python3-jinja2 python3-pytest python3-setuptools \
        python3-venv python3-pip python3-build gpg sqop shellcheck fcgiwrap coturn openssl \
        ca-certificates dovecot-core dovecot-dev \
        debhelper dh-python pybuild-plugin-pyproject python3-all help2man lintian \
@@ -22,7 +22,7 @@ DEPS = python3 python3-aiosmtpd python3-dkim python3-dnspython python3-filelock 
 # interpreter exists, in a virtualenv cached outside the checkout.
 PY313 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3) $(shell command -v python3.13))
 VENV313 ?= $(HOME)/.cache/chatmail-relay/py313-$(shell echo $(PY313_LIBS) | md5sum | cut -c1-8)
-PY313_LIBS = aiosmtpd dkimpy dnspython filelock psutil pytest jinja2 qrcode pypng hypothesis
+PY313_LIBS = aiosmtpd dkimpy dnspython pytest jinja2 qrcode pypng hypothesis
 
 .PHONY: all build debs debs-bookworm debs-trixie dovecot dovecot-trixie repo apk build-previous test test-unit test-config test-dovecot24 test-openrc test-piuparts test-py313 test-package test-system deps demo bench clean
 

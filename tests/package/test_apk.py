@@ -85,8 +85,6 @@ DEBIAN_TO_ALPINE = {
     "python3-aiosmtpd": ["py3-aiosmtpd"],
     "python3-dkim": ["py3-dkimpy"],
     "python3-dnspython": ["py3-dnspython"],
-    "python3-filelock": ["py3-filelock"],
-    "python3-psutil": ["py3-psutil"],
     "libcrypt1": None,                 # musl's libc has crypt_r (chatmaild.sha512crypt)
 }
 # Alpine needs these beyond the mapping: what Debian's packages bundle, Alpine splits.
