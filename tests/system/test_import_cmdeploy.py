@@ -136,7 +136,7 @@ def cmdeploy_units(box):
             f"[Unit]\nDescription=cmdeploy's {name}\n\n[Service]\nType=oneshot\n"
             f"ExecStart=/bin/true\n"))
         box.run(f"cat >/etc/systemd/system/{name}.timer", input=(
-            f"[Timer]\nOnCalendar=*-*-* 00:02:00\n\n[Install]\nWantedBy=timers.target\n"))
+            "[Timer]\nOnCalendar=*-*-* 00:02:00\n\n[Install]\nWantedBy=timers.target\n"))
     box.run("mkdir -p /etc/systemd/system/dovecot.service.d && printf "
             "'[Service]\\nRestart=always\\nRestartSec=30\\n' "
             ">/etc/systemd/system/dovecot.service.d/10_restart.conf")
