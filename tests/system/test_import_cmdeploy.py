@@ -248,7 +248,8 @@ def test_dkim_selector_and_key_stay(relay):
 
 def test_old_accounts_log_in_with_old_passwords_and_exchange_mail(relay):
     (alice, _), (bob, _) = ACCOUNTS.items()
-    messages = {alice: securejoin_mail(alice, bob), bob: securejoin_mail(bob, alice)}
+    messages = {alice: securejoin_mail(alice, bob).decode(),
+                bob: securejoin_mail(bob, alice).decode()}
     relay.run("cat >/root/exchange.py", input=EXCHANGE)
     accounts = json.dumps(ACCOUNTS).replace("'", "'\\''")
     out = relay.run(f"python3 /root/exchange.py '{accounts}'", input=json.dumps(messages),
