@@ -15,12 +15,16 @@ import tempfile
 import pytest
 
 from ..unit.mailfactory import securejoin_mail
-from .container import REPO_MOUNT, Container
+from .conftest import deltachat_clients
+from .container import REPO_MOUNT, Container, deltachat_venv
 from .test_install import readme_install_commands
 
 DOMAIN = "_chat.example.org"
-ACCOUNTS = {f"alice0001@{DOMAIN}": "old-alice-password",
-            f"bobby0002@{DOMAIN}": "old-bob\"pass'word"}
+# alice and bob: the passwords deltachat_pair.py logs in with; carol's has the quotes and
+# backslash upstream's generated passwords may have.
+ACCOUNTS = {f"alice0001@{DOMAIN}": "alice-password-1",
+            f"bobby0002@{DOMAIN}": "bob-password-22",
+            f"carol0003@{DOMAIN}": "old\"pass'w\\rd"}
 VENV_BIN = "/usr/local/lib/chatmaild/venv/bin"
 # (unit, what it runs): cmdeploy's units, each under its real name; the filters hold
 # their ports as upstream's do.
@@ -98,14 +102,14 @@ for addr, password in accounts.items():
         result[addr]["wrong"] = "accepted"
     except imaplib.IMAP4.error:
         result[addr]["wrong"] = "refused"
-(a, pa), (b, pb) = accounts.items()
+(a, pa), (b, pb) = list(accounts.items())[:2]
 for sender, password, recipient in ((a, pa, b), (b, pb, a)):
     smtp = smtplib.SMTP("127.0.0.1", 587)
     smtp.starttls(context=ctx)
     smtp.login(sender, password)
     smtp.sendmail(sender, [recipient], messages[sender].encode())
     smtp.quit()
-for addr, password in accounts.items():
+for addr, password in ((a, pa), (b, pb)):
     for _ in range(60):
         imap = imaplib.IMAP4_SSL("127.0.0.1", 993, ssl_context=ctx)
         imap.login(addr, password)
@@ -157,8 +161,10 @@ REPO=file://{REPO_MOUNT}
 
 @pytest.fixture(scope="module")
 def relay(rootfs):
+    venv = deltachat_venv()
     box = Container(f"import-{os.getpid()}", rootfs,
-                    tempfile.mkdtemp(prefix="chatmail-system-", dir="/var/tmp"))
+                    tempfile.mkdtemp(prefix="chatmail-system-", dir="/var/tmp"),
+                    binds=[(venv, venv)])
     try:
         box.boot()
         box.run(CMDEPLOY_LAYOUT.format(domain=DOMAIN), timeout=600)
@@ -172,6 +178,7 @@ def relay(rootfs):
         installed = box.run(INSTALL, check=False, timeout=900)
         assert installed.returncode == 0, installed.stdout[-4000:] + installed.stderr[-4000:]
         box.install_output = installed.stdout + installed.stderr
+        box.clients = deltachat_clients(box, venv)
         yield box
     finally:
         box.stop()
@@ -247,7 +254,7 @@ def test_dkim_selector_and_key_stay(relay):
 
 
 def test_old_accounts_log_in_with_old_passwords_and_exchange_mail(relay):
-    (alice, _), (bob, _) = ACCOUNTS.items()
+    (alice, _), (bob, _), (carol, _) = ACCOUNTS.items()
     messages = {alice: securejoin_mail(alice, bob).decode(),
                 bob: securejoin_mail(bob, alice).decode()}
     relay.run("cat >/root/exchange.py", input=EXCHANGE)
@@ -258,6 +265,7 @@ def test_old_accounts_log_in_with_old_passwords_and_exchange_mail(relay):
     assert result == {
         alice: {"imap": "OK", "wrong": "refused", "from": f"From: <{bob}>"},
         bob: {"imap": "OK", "wrong": "refused", "from": f"From: <{alice}>"},
+        carol: {"imap": "OK", "wrong": "refused"},
     }, result
     # push tokens are where the relay's metadata service reads them
     tokens = json.loads((relay.root / f"home/vmail/mail/{DOMAIN}/{alice}/metadata.json")
@@ -271,3 +279,26 @@ def test_status_all_good_and_a_second_import_has_nothing_to_do(relay):
     assert relay.run("systemctl --failed --no-legend").stdout.strip() == ""
     again = relay.run("chatmail import-cmdeploy --yes")
     assert "nothing to import" in again.stdout
+
+
+# The old accounts in Delta Chat: logged in with their old passwords (dclogin), verified
+# with each other, they write end-to-end encrypted through the imported relay.
+DELTACHAT = r'''
+import json
+with open_rpc(VENV, WORKDIR) as rpc:
+    alice, bob = verified_pair(rpc, DOMAIN)
+    alice.create_chat(bob).send_text("hello bob")
+    msg = bob.wait_for_incoming_msg().get_snapshot()
+    result = {"to_bob": [msg.text, msg.show_padlock]}
+    bob.create_chat(alice).send_text("hello alice")
+    msg = alice.wait_for_incoming_msg().get_snapshot()
+    result["to_alice"] = [msg.text, msg.show_padlock]
+print(json.dumps(result))
+'''
+
+
+def test_old_accounts_chat_in_delta_chat(relay):
+    out = relay.clients(DELTACHAT, timeout=240)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"to_bob": ["hello bob", True], "to_alice": ["hello alice", True]}
