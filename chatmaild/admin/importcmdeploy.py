@@ -39,6 +39,7 @@ from ..config import (
     parse_ini_params,
 )
 from ..files import write_atomic
+from .apply import record_created
 from .host import CommandFailed, act
 
 CMDEPLOY_DIR = "/usr/local/lib/chatmaild"
@@ -381,6 +382,11 @@ class Importer:
         tls_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
         write_atomic(tls_dir / "bootstrap-key.pem", key.read_bytes(), 0o600)
         write_atomic(tls_dir / "bootstrap-cert.pem", cert.read_bytes(), 0o644)
+        # copies of ours, as the self-signed ones they stand for: purge removes them
+        state_dir = self.host.path(self.platform.state_dir)
+        state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        for name in ("bootstrap-key.pem", "bootstrap-cert.pem"):
+            record_created(state_dir, f"{Path(config.tls_cert_path).parent}/{name}")
         self.note(f"copied acmetool's certificate for {adopted.domain} to {tls_dir}; the "
                   "relay serves it until certbot has its own")
 

@@ -222,6 +222,8 @@ def test_import_moves_the_relay_and_a_second_run_finds_nothing(relay, platform):
     tls = relay / "etc/chatmail/tls"
     assert (tls / "bootstrap-cert.pem").read_text() == "acmetool certificate"
     assert (tls / "bootstrap-key.pem").stat().st_mode & 0o777 == 0o600
+    created = (relay / "var/lib/chatmail-relay/created.list").read_text().split()
+    assert "/etc/chatmail/tls/bootstrap-cert.pem" in created
 
     # the report, on stdout and in a file
     report = (saved / "report.txt").read_text()
