@@ -144,8 +144,11 @@ def find_cmdeploy(host, platform):
         found.venv = CMDEPLOY_VENV
     found.acmetool = host.path(ACMETOOL_LIVE).is_dir()
     key = f"{platform.dkim_key_dir}/{LEGACY_DKIM_KEY}"
-    if host.path(key).is_file():
-        found.legacy_dkim_key = key
+    try:
+        if host.path(key).is_file():
+            found.legacy_dkim_key = key
+    except PermissionError:  # --dry-run without root: OpenDKIM's directory is closed
+        found.legacy_dkim_key = f"{key} (if there: only root may look)"
     return found
 
 
@@ -164,6 +167,8 @@ def count_mailboxes(host, config):
     try:
         return sum(1 for entry in directory.iterdir()
                    if "@" in entry.name and (entry / "password").is_file())
+    except PermissionError:
+        return None  # not root: vmail's directory is closed
     except OSError:
         return 0
 
@@ -480,8 +485,9 @@ def import_cmdeploy(host, platform, ini_path, dry_run=False, yes=False, ask=inpu
             return error(str(exc))
         found.mailboxes = count_mailboxes(host, adopted.config)
     existing = ini_path if host.path(ini_path).exists() else None
+    accounts = "The" if found.mailboxes is None else f"{found.mailboxes}"
     out("A relay deployed with cmdeploy is here."
-        + (f" {found.mailboxes} accounts in {adopted.config.mailboxes_dir} stay as they "
+        + (f" {accounts} accounts in {adopted.config.mailboxes_dir} stay as they "
            "are (passwords, push tokens, mail)." if adopted else ""))
     out("The import will:")
     for line in make_plan(found, adopted, platform, ini_path, existing):
