@@ -6,6 +6,7 @@
     chatmail dns               show (or --check) the DNS records the relay needs
     chatmail dkim rotate       replace the DKIM key (chatmail dkim status: the keys)
     chatmail backup FILE       save what a relay cannot regenerate (restore FILE: back)
+    chatmail import-cmdeploy   move a relay deployed with upstream's cmdeploy onto this one
 
 Exit codes: 0 success, 1 failure, 2 wrong usage, 3 not available in this version.
 """
@@ -104,6 +105,17 @@ host or a new one; the mail domain's DNS must then point here), with the right o
 modes, then run 'chatmail configure'. Refuses to replace a different relay (another mail
 domain, or accounts here that the backup does not have) unless --force is given."""
 
+IMPORT_CMDEPLOY_HELP = """\
+Move a relay deployed with upstream's cmdeploy onto this package, in place: adopt its
+chatmail.ini (/usr/local/lib/chatmaild/chatmail.ini) as the relay's, commenting out keys
+this relay does not read; stop, disable and remove cmdeploy's units in
+/etc/systemd/system (they override the package's units of the same names) and its
+drop-ins; remove its Dovecot pin (which blocks security updates) and its nginx.conf; then
+run 'chatmail configure'. Accounts, passwords, push tokens, mail and the DKIM key
+(selector opendkim) stay. It shows the plan and asks first. Files it removes are saved
+in /var/lib/chatmail-relay/cmdeploy-import/, with a report of what it did and what it
+left (the old virtualenv, acmetool, unbound). Running it again finds nothing to import."""
+
 
 def build_parser():
     parser = argparse.ArgumentParser(
@@ -199,6 +211,16 @@ def build_parser():
     restore.add_argument("--dry-run", action="store_true",
                          help="check the archive and say what would be restored, change "
                          "nothing")
+    import_cmdeploy = add_command("import-cmdeploy",
+                                  "move a relay deployed with cmdeploy onto this package",
+                                  IMPORT_CMDEPLOY_HELP, cmd_import_cmdeploy)
+    import_cmdeploy.add_argument("--dry-run", action="store_true",
+                                 help="show what would be done, change nothing")
+    import_cmdeploy.add_argument("--yes", action="store_true",
+                                 help="do not ask before changing anything")
+    import_cmdeploy.add_argument("--from", dest="root", metavar="ROOT", default="/",
+                                 help="look for cmdeploy's files below ROOT instead of / "
+                                 "(a copy of a relay: then it only shows the plan)")
     return parser
 
 
@@ -531,6 +553,29 @@ def cmd_restore(args):
         return EXIT_FAILURE
     print("chatmail restore: done")
     return EXIT_OK
+
+
+def cmd_import_cmdeploy(args):
+    from . import importcmdeploy
+    from .configure import configure
+    from .host import Host
+    from .platform import PlatformError, load_platform
+
+    if os.geteuid() != 0 and not args.dry_run:
+        error("import-cmdeploy changes system files: run it as root")
+        return EXIT_FAILURE
+    try:
+        platform = load_platform()
+    except PlatformError as exc:
+        error(str(exc))
+        return EXIT_FAILURE
+    host = Host(args.root)
+    local = host.root == Path("/")
+    if not local:
+        print(f"Looking below {args.root}: showing the plan only.")
+    return importcmdeploy.import_cmdeploy(
+        host, platform, str(args.config), dry_run=args.dry_run or not local,
+        yes=args.yes, configure=configure if local else None, check_package=local)
 
 
 def cmd_not_available(args):
