@@ -161,8 +161,9 @@ test-openrc: debs-trixie
 	tests/chroot.sh unshare --net sh -c 'ip link set lo up && \
 		exec python3 -m pytest -p no:cacheprovider tests/openrc'
 
-# Installs dist/ in a fresh Debian 12 booted with systemd-nspawn (root file system cached
-# outside the checkout by tests/system/rootfs.sh) and uses the relay like its users.
+# Installs dist/ in a fresh Debian 12 and a fresh Debian 13 booted with systemd-nspawn
+# (root file systems cached outside the checkout by tests/system/rootfs.sh) and uses the
+# relays like their users; federation runs between a Debian 12 and a Debian 13 relay.
 test-system: build build-previous
 	$(PYTEST) tests/system
 

@@ -123,6 +123,17 @@ def new_container(name, suite, **options):
                      suite=suite, **options)
 
 
+@contextlib.contextmanager
+def booted(name, suite, **options):
+    """A booted container of `suite` (new_container), stopped at the end."""
+    box = new_container(name, suite, **options)
+    try:
+        box.boot()
+        yield box
+    finally:
+        box.stop()
+
+
 def deltachat_clients(box, venv):
     """clients(script, *args, timeout) for `box`, which has `venv` (deltachat_venv())
     mounted at the same path: runs deltachat_pair.py + script there, with the container's
