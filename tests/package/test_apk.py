@@ -77,6 +77,7 @@ DEBIAN_TO_ALPINE = {
     "postfix": ["postfix"],
     "python3-chatmaild": ["py3-chatmaild"],
     "python3-jinja2": ["py3-jinja2"],
+    "python3-png": ["py3-pypng"],
     "python3-qrcode": ["py3-qrcode"],
     "python3-aiosmtpd": ["py3-aiosmtpd"],
     "python3-dkim": ["py3-dkimpy"],

@@ -22,8 +22,9 @@ QR_BORDER = 4
 
 def qr_png(text):
     """A PNG image of a QR code saying `text`. Drawn by qrcode's pure-Python PNG writer
-    (python3-png, which python3-qrcode depends on): the same text always gives the same
-    bytes, so an unchanged code is never rewritten."""
+    (python3-png, a dependency of ours: Debian 13's python3-qrcode no longer depends on
+    it): the same text always gives the same bytes, so an unchanged code is never
+    rewritten."""
     import qrcode
     import qrcode.image.pure
 
