@@ -168,8 +168,9 @@ test-openrc: debs-trixie
 test-piuparts: build
 	$(foreach suite,$(SUITES),tests/piuparts/run.sh $(suite) &&) true
 
-# Installs dist/ in a fresh Debian 12 booted with systemd-nspawn (root file system cached
-# outside the checkout by tests/system/rootfs.sh) and uses the relay like its users.
+# Installs dist/ in a fresh Debian 12 and a fresh Debian 13 booted with systemd-nspawn
+# (root file systems cached outside the checkout by tests/system/rootfs.sh) and uses the
+# relays like their users; federation runs between a Debian 12 and a Debian 13 relay.
 test-system: build build-previous
 	$(PYTEST) tests/system
 

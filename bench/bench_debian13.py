@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""The relay on Debian 13 with Debian's Dovecot 2.4 (tests/system/test_debian13.py's
-container): time from README's install commands to `chatmail status` reporting every
+"""The relay on Debian 13 with Debian's Dovecot 2.4 (a container of tests/system, booted
+by its conftest): time from README's install commands to `chatmail status` reporting every
 service running, and Dovecot 2.4's IDLE wake-up after a delivery (bench/idle_meter.py),
 which shows whether 2.4 still waits 500 ms, i.e. whether our patch is still needed there.
 Needs root and `make build debs-trixie`; with `make dovecot-trixie` also our patched 2.4.
@@ -15,7 +15,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.system.test_debian13 import debian13_container  # noqa: E402
+from tests.system.conftest import booted  # noqa: E402
 from tests.system.test_install import DOMAIN, INSTALL  # noqa: E402
 
 from common import (  # noqa: E402
@@ -51,7 +51,7 @@ def measure_idle_wakeup(box):
 def main():
     ours = sorted(PATCHED.glob("dovecot-*.deb"))
     binds = [(PATCHED, "/srv/patched-dovecot")] if ours else []
-    with debian13_container(binds) as box:
+    with booted("bench-debian13", "trixie", binds=binds) as box:
         start = time.monotonic()
         box.run(INSTALL, timeout=900)
         wait_until_status_is_good(box)

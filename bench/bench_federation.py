@@ -17,7 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.system.container import DELTACHAT_VERSION, build_rootfs  # noqa: E402
+from tests.system.container import DELTACHAT_VERSION  # noqa: E402
 from tests.system.internet import Internet  # noqa: E402
 from tests.system.test_federation import (  # noqa: E402
     federated_relays, publish_dns, run_clients, setup_accounts)
@@ -32,7 +32,7 @@ def main():
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "federation.md")
     args = parser.parse_args()
     started = time.monotonic()
-    with Internet() as internet, federated_relays(internet, build_rootfs()) as relays:
+    with Internet() as internet, federated_relays(internet) as relays:
         setup_seconds = time.monotonic() - started
         publish_dns(relays, internet)
         setup_accounts(relays)
@@ -45,8 +45,8 @@ def main():
 Measured by `bench/bench_federation.py` on {m['date']}.
 
 - machine: {m['nproc']} CPUs ({m['cpu']}), {m['memory']}, Linux {m['kernel']}
-- relays: two Debian 12 containers (systemd-nspawn), each in its own network namespace on
-  a bridge (tests/system/internet.py), chatmail-relay installed from dist/repo with
+- relays: a Debian 12 and a Debian 13 container (systemd-nspawn), each in its own
+  network namespace on a bridge (tests/system/internet.py), chatmail-relay installed from dist/repo with
   certificates from pebble (ACME, HTTP-01), DNS from nsd; both relays, DNS and the ACME
   server share this machine's {m['nproc']} CPUs
 - clients: deltachat-rpc-server {DELTACHAT_VERSION} in relay A's container, alice on

@@ -125,10 +125,20 @@ class Container:
                 raise RuntimeError(f"nspawn exited: {self.console()}")
             children = Path(f"/proc/{self.nspawn.pid}/task/{self.nspawn.pid}/children")
             pids = children.read_text().split() if children.exists() else []
-            if pids:
-                return int(pids[0])
+            # nspawn's first child may be its short-lived helper, which forks the
+            # container's init and exits: entering the helper's namespaces fails for good
+            for pid in pids:
+                if self._command_name(pid) == "systemd":
+                    return int(pid)
             time.sleep(0.1)
         raise RuntimeError("the container's init did not start")
+
+    @staticmethod
+    def _command_name(pid):
+        try:
+            return Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:  # gone already
+            return None
 
     def _wait_until_running(self, timeout):
         deadline = time.monotonic() + timeout

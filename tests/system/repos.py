@@ -1,8 +1,10 @@
 """apt repositories for the system tests, signed with the same key as dist/repo (made by
 repo/build-repo.sh): variants of ours, and a stand-in for Debian's security archive."""
 
+import functools
 import os
 import subprocess
+import threading
 from pathlib import Path
 
 from .container import REPO
@@ -136,15 +138,26 @@ def debian_release_dovecot(suite, packages):
     return version, download_once(f"debian-dovecot-{suite}", packages, version, options)
 
 
+# Containers boot in threads (conftest.started_together): one download into the shared
+# cache, and one signature with the shared gpg home, at a time.
+_one_at_a_time = threading.Lock()
+
+
+@functools.cache
+def debian_dovecot_of(suite):
+    """(version, .debs) of Debian's newest Dovecot for `suite`, looked up once a run."""
+    packages = DEBIAN_DOVECOT[suite]
+    if suite == HOST_SUITE:
+        version = newest_debian_version(packages[0])
+        return version, debian_dovecot_debs(version)
+    return debian_release_dovecot(suite, packages)
+
+
 def debian_stand_in(directory, suite):
     """A stand-in for Debian's archive of `suite` (its origin, label and suite) holding
     Debian's own newest Dovecot, the one a fresh server installs with the relay: the
     containers reach no archive. Returns (repository, Dovecot's version)."""
-    packages = DEBIAN_DOVECOT[suite]
-    if suite == HOST_SUITE:
-        version = newest_debian_version(packages[0])
-        debs = debian_dovecot_debs(version)
-    else:
-        version, debs = debian_release_dovecot(suite, packages)
-    repo = build_repo(directory, debs, origin="Debian", label="Debian", suite=suite)
+    with _one_at_a_time:
+        version, debs = debian_dovecot_of(suite)
+        repo = build_repo(directory, debs, origin="Debian", label="Debian", suite=suite)
     return repo, version

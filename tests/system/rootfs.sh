@@ -49,8 +49,13 @@ rm -f "$tmp/usr/sbin/policy-rc.d" "$tmp/etc/hostname"
 rm -f "$tmp.log"
 mv "$tmp" "$rootfs"
 trap - EXIT
-# Older root file systems of this suite are stale now.
+# Older root file systems of this suite are stale now. One may be the lower layer of a
+# running container, or another checkout on this machine may still boot from it (its
+# rootfs.sh would build it again, and remove this one): those stay for a day.
 for old in "$cache/rootfs-$suite-"*; do
-	[ "$old" = "$rootfs" ] || rm -rf "$old"
+	if [ "$old" != "$rootfs" ] && ! grep -q "lowerdir=${old}[,:]" /proc/mounts \
+		&& [ -n "$(find "$old" -maxdepth 0 -mmin +1440)" ]; then
+		rm -rf "$old"
+	fi
 done
 echo "$rootfs"

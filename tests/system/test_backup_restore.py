@@ -5,16 +5,15 @@ carried over. And the daily backup job, run by systemd in its sandbox."""
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 import time
 
 import pytest
 
-from .conftest import deltachat_clients
-from .container import Container, deltachat_venv
-from .test_install import DOMAIN, INSTALL
+from .conftest import (deltachat_clients, install, new_container, selected_suites,
+                       started_together)
+from .container import deltachat_venv
+from .test_install import DOMAIN
 
 ACCOUNTS = "/root/dc-accounts"
 ARCHIVE = "/root/relay-backup.tar.gz"
@@ -60,16 +59,6 @@ MAILBOXES = f"/home/vmail/mail/{DOMAIN}"
 DKIM_KEY = f"/etc/dkimkeys/{DOMAIN}.private"
 
 
-def relay(name, rootfs, venv):
-    box = Container(f"{name}-{os.getpid()}", rootfs,
-                    tempfile.mkdtemp(prefix="chatmail-system-", dir="/var/tmp"),
-                    binds=[(venv, venv)])
-    box.boot()
-    box.run(INSTALL, timeout=900)
-    box.clients = deltachat_clients(box, venv)
-    return box
-
-
 def talk(box, mode):
     out = box.clients(CLIENTS, ACCOUNTS, mode, timeout=240)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
@@ -87,16 +76,25 @@ def login(box, address, password):
 
 
 @pytest.fixture(scope="module")
-def relays(rootfs):
+def relays_by_suite(request):
+    """Relays a (the old host) and b (the new one) for each selected suite, all installed
+    at once, keyed (suite, "a"|"b")."""
     venv = deltachat_venv()
-    boxes = []
-    try:
-        boxes.append(relay("backup-a", rootfs, venv))
-        boxes.append(relay("backup-b", rootfs, venv))
-        yield boxes
-    finally:
-        for box in boxes:
-            box.stop()
+    suites = selected_suites(request)
+
+    def make(key):
+        box = new_container(f"backup-{key[1]}", key[0], binds=[(venv, venv)])
+        box.clients = deltachat_clients(box, venv)
+        return box
+
+    keys = [(suite, host) for suite in suites for host in ("a", "b")]
+    with started_together(keys, make, install) as relays:
+        yield relays
+
+
+@pytest.fixture(scope="module")
+def relays(relays_by_suite, suite):
+    return relays_by_suite.get((suite, "a")), relays_by_suite.get((suite, "b"))
 
 
 def test_accounts_move_to_a_new_host_with_backup_and_restore(relays):

@@ -19,6 +19,7 @@ import time
 
 import pytest
 
+from .conftest import rootfs_of
 from .container import HERE, Container, deltachat_venv
 from .internet import Internet, ip
 from .test_install import install_script
@@ -29,7 +30,10 @@ pytestmark = pytest.mark.skipif(
     reason="the federation test needs root, systemd-nspawn, nsd and pebble (apt install "
            "systemd-container nsd pebble)")
 
-RELAYS = {"a": ("relay-a.test", "10.231.0.10"), "b": ("relay-b.test", "10.231.0.11")}
+# Relay a runs Debian 12, relay b Debian 13: mail crosses between the two releases (and
+# relay b, the receiving side of most tests, runs Dovecot 2.4).
+RELAYS = {"a": ("relay-a.test", "10.231.0.10", "bookworm"),
+          "b": ("relay-b.test", "10.231.0.11", "trixie")}
 ACME_EMAIL = "admin@example.org"
 
 
@@ -73,19 +77,20 @@ def internet():
 
 
 @contextlib.contextmanager
-def federated_relays(internet, rootfs):
-    """{"a": container, "b": container}, each in its namespace of `internet`, installed
-    with tls_mode acme; the Delta Chat venv is mounted in both (clients run in a's)."""
+def federated_relays(internet):
+    """{"a": container, "b": container}, each in its namespace of `internet`, on its
+    Debian release (RELAYS), installed with tls_mode acme; the Delta Chat venv is mounted
+    in both (clients run in a's)."""
     venv = deltachat_venv()
     boxes = {}
     try:
-        for key, (domain, address) in RELAYS.items():
+        for key, (domain, address, suite) in RELAYS.items():
             namespace = internet.add_host(f"relay-{key}", address)
             internet.set_zone(domain, bootstrap_records(domain, address))
-            box = Container(f"relay-{key}-{os.getpid()}", rootfs,
+            box = Container(f"relay-{key}-{os.getpid()}", rootfs_of(suite),
                             tempfile.mkdtemp(prefix="chatmail-system-", dir="/var/tmp"),
                             binds=[(venv, venv)], netns=namespace,
-                            resolv_conf=internet.resolv_conf())
+                            resolv_conf=internet.resolv_conf(), suite=suite)
             boxes[key] = box
             box.domain, box.address, box.venv = domain, address, str(venv)
             box.boot()
@@ -131,8 +136,8 @@ def publish_dns(relays, internet):
 
 
 @pytest.fixture(scope="module")
-def relays(internet, rootfs):
-    with federated_relays(internet, rootfs) as boxes:
+def relays(internet):
+    with federated_relays(internet) as boxes:
         yield boxes
 
 

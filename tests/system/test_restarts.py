@@ -10,7 +10,8 @@ import pytest
 
 from tests.unit.mailfactory import armor, encrypted_mail
 
-from .test_install import DOMAIN, INSTALL
+from .conftest import installed_relays
+from .test_install import DOMAIN
 
 SENDER, RECIPIENT = f"restart01@{DOMAIN}", f"restart02@{DOMAIN}"
 PASSWORD = "correct-horse-battery"
@@ -86,24 +87,28 @@ def delivered(box, address):
     return int(out.strip() or 0)
 
 
-@pytest.fixture(scope="module")
-def relay(container):
-    result = container.run(INSTALL, check=False, timeout=900)
-    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
+def allow_steady_mail(box):
+    """What the test's steady sender needs of a freshly installed relay."""
     # One user sends all the test's mail: no rate limit. Mail arriving on port 25 needs
     # its sender domain's DKIM signature, and the test network has no DNS for it.
-    container.run("chatmail set max_user_send_per_minute=100000 "
-                  "max_user_send_burst_size=100000 && chatmail configure >/dev/null")
-    container.run("mkdir -p /etc/systemd/system/filtermail-incoming.service.d && "
-                  "printf '[Service]\\nEnvironment=FILTERMAIL_SKIP_DKIM=1\\n' "
-                  ">/etc/systemd/system/filtermail-incoming.service.d/test.conf && "
-                  "systemctl daemon-reload && systemctl restart filtermail-incoming")
+    box.run("chatmail set max_user_send_per_minute=100000 "
+            "max_user_send_burst_size=100000 && chatmail configure >/dev/null")
+    box.run("mkdir -p /etc/systemd/system/filtermail-incoming.service.d && "
+            "printf '[Service]\\nEnvironment=FILTERMAIL_SKIP_DKIM=1\\n' "
+            ">/etc/systemd/system/filtermail-incoming.service.d/test.conf && "
+            "systemctl daemon-reload && systemctl restart filtermail-incoming")
     # The recipient's first login creates its mailbox.
-    container.python(LOGIN.format(address=RECIPIENT, password=PASSWORD))
+    box.python(LOGIN.format(address=RECIPIENT, password=PASSWORD))
     message = encrypted_mail(SENDER, RECIPIENT, armor(PACKETS))
-    container.run(f"cat > {MESSAGE}", input=message.decode())
-    container.run("cat > /root/steady_sender.py", input=STEADY_SENDER)
-    return container
+    box.run(f"cat > {MESSAGE}", input=message.decode())
+    box.run("cat > /root/steady_sender.py", input=STEADY_SENDER)
+
+
+@pytest.fixture(scope="module")
+def relays_by_suite(request):
+    """conftest's relays, ready for the steady sender."""
+    with installed_relays(request, "restarts", prepare=allow_steady_mail) as relays:
+        yield relays
 
 
 def send_while(box, port, command, seconds=6, background=None):

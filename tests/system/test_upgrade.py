@@ -4,7 +4,15 @@ our patched Dovecot and the numbered shell steps), then unattended-upgrades take
 current chatmail-relay and the instant-IDLE plugin it now depends on, with no prompt,
 losing nothing and keeping an admin's edit. Also: our repository cannot replace other
 packages (the pin), and Debian's Dovecot security update replaces our patched build at
-once while the plugin keeps IDLE instant."""
+once while the plugin keeps IDLE instant.
+
+Debian 12 only: the previous release (PREVIOUS_REF) published Debian 12's packages
+alone (its `make repo`: dist/repo from dist/*.deb, with its patched Dovecot for Debian 12).
+Its Debian 13 build (`make debs-trixie` into dist/repo-trixie) was, as its Makefile says,
+for the system tests on Debian 13, without a patched Dovecot ("not made yet"). No relay
+on Debian 13 can have installed that release from our repository, and what this module
+checks (the patched Dovecot giving way to the plugin) never happened there: the first
+release with a trixie suite in its repository is the one to upgrade from on Debian 13."""
 
 import os
 import subprocess
@@ -48,6 +56,12 @@ imap.logout()
 '''
 
 
+@pytest.fixture(scope="module")
+def suite():
+    """Debian 12 only (see the module's docstring)."""
+    return "bookworm"
+
+
 def installed_versions(box, *packages):
     out = box.run("dpkg-query -W " + " ".join(packages)).stdout
     return dict(line.split("\t") for line in out.splitlines())
@@ -61,7 +75,7 @@ def upgraded(rootfs):
     security = tempfile.mkdtemp(prefix="chatmail-security-", dir="/var/tmp")
     box = Container(f"upgrade-{os.getpid()}", rootfs, workdir,
                     repos={REPO_MOUNT: REPO / "dist" / "repo-previous",
-                           SECURITY_MOUNT: REPO / "dist" / "repo-previous"})
+                           SECURITY_MOUNT: REPO / "dist" / "repo-previous"}, suite="bookworm")
     box.security_dir = security
     try:
         box.boot()
