@@ -160,6 +160,12 @@ REPO=file://{REPO_MOUNT}
 
 
 @pytest.fixture(scope="module")
+def suite():
+    """cmdeploy deploys onto Debian 12 only."""
+    return "bookworm"
+
+
+@pytest.fixture(scope="module")
 def relay(rootfs):
     venv = deltachat_venv()
     box = Container(f"import-{os.getpid()}", rootfs,

@@ -85,6 +85,12 @@ print(dkim.verify(message, dnsfunc=lambda name, timeout=5: record))
 '''
 
 
+@pytest.fixture(scope="module")
+def suite():
+    """The move starts on Debian 12."""
+    return "bookworm"
+
+
 def readme_release_upgrade_commands():
     """The block README gives admins to move a relay from Debian 12 to 13."""
     readme = (REPO / "README.md").read_text()
