@@ -14,12 +14,17 @@ from .container import REPO, REPO_MOUNT
 DOMAIN = "_chat.example.org"
 
 
+def readme_block(name):
+    """The shell block README gives admins under the comment `<!-- NAME: ... -->`."""
+    readme = (REPO / "README.md").read_text()
+    found = re.search(rf"<!-- {name}[^>]*-->\n```sh\n(.*?)```", readme, re.S)
+    assert found, f"README.md lost its {name} block"
+    return found.group(1)
+
+
 def readme_install_commands():
     """The block README tells admins to type to add the repository and install."""
-    readme = (REPO / "README.md").read_text()
-    found = re.search(r"<!-- install commands[^>]*-->\n```sh\n(.*?)```", readme, re.S)
-    assert found, "README.md lost its install commands block"
-    return found.group(1)
+    return readme_block("install commands")
 
 
 def install_script(domain):

@@ -19,9 +19,9 @@ import pytest
 from tests.unit.mailfactory import armor, encrypted_mail
 
 from .conftest import deltachat_clients
-from .container import REPO, Container, build_rootfs, deltachat_venv
+from .container import Container, build_rootfs, deltachat_venv
 from .repos import CACHE, DEBIAN_DOVECOT, build_repo, release_apt_options
-from .test_install import DOMAIN, INSTALL
+from .test_install import DOMAIN, INSTALL, readme_block
 from .test_restarts import PACKETS
 from .test_upgrade import CREATE_ACCOUNT, KEPT, READ_INBOX
 
@@ -91,14 +91,6 @@ def suite():
     return "bookworm"
 
 
-def readme_release_upgrade_commands():
-    """The block README gives admins to move a relay from Debian 12 to 13."""
-    readme = (REPO / "README.md").read_text()
-    found = re.search(r"<!-- release upgrade commands[^>]*-->\n```sh\n(.*?)```", readme, re.S)
-    assert found, "README.md lost its release upgrade commands block"
-    return found.group(1)
-
-
 def installed_packages(rootfs):
     out = subprocess.run(["dpkg-query", f"--admindir={rootfs}/var/lib/dpkg", "-W",
                           "-f", "${Package} ${db:Status-Abbrev}\n"],
@@ -160,7 +152,7 @@ Suites: bookworm
 Components: main
 Signed-By: {ARCHIVE}/chatmail-archive-keyring.pgp
 EOF""")
-        commands = readme_release_upgrade_commands()
+        commands = readme_block("release upgrade commands")
         assert commands.rstrip().endswith("reboot")
         box.upgrade = box.run("set -e\n" + commands.rstrip().removesuffix("reboot"),
                               check=False, timeout=1800)
