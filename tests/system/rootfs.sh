@@ -36,11 +36,14 @@ deps=$(awk '
 ' "$repo/debian/control" | tr ',' '\n' |
 	sed -n 's/^[[:space:]]*\([a-z0-9][a-z0-9.+-]*\).*/\1/p' | grep -vx -e python3-chatmaild -e chatmail-archive-keyring \
 		-e dovecot-chatmail-instant-idle | sort -u | tr '\n' ' ')
+# What the previous release (test_upgrade installs it offline) depended on and this one
+# no longer does.
+previous_deps="python3-filelock python3-psutil"
 mount -t proc proc "$tmp/proc"
 echo "postfix postfix/main_mailer_type select No configuration" | chroot "$tmp" debconf-set-selections
 # shellcheck disable=SC2086 # one package per word
 chroot "$tmp" sh -c "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	--no-install-recommends $deps lua-socket lua-cjson debconf-utils procps python3 curl \
+	--no-install-recommends $deps $previous_deps lua-socket lua-cjson debconf-utils procps python3 curl \
 	unattended-upgrades >/dev/null \
 	&& apt-mark manual \$(dpkg-query -W -f '\${Package} ') >/dev/null \
 	&& apt-get purge -y -qq dovecot-core dovecot-imapd dovecot-lmtpd >/dev/null && apt-get clean"

@@ -88,7 +88,9 @@ def kill_daemons_while_clients_send(relay):
         return (active.split() == ["active"] * len(killed)
                 and all(now[u] not in ("0", before[u]) for u in killed))
 
-    seen["all_back"] = wait_for(all_back, 120)
+    # RestartSec=30; on Debian 13 with clients connected Dovecot came back only after
+    # about 110 s (docs/decisions.md, open), so allow for that rather than 120 s.
+    seen["all_back"] = wait_for(all_back, 240)
     seen["services"] = (f"main pids before {before}, after {main_pids(relay)}\n" + relay.run(
         "systemctl is-active " + " ".join(killed) + "; "
         f"journalctl --no-pager -n 40 -u {postfix} | grep -v 'updating /etc/ssl'",
