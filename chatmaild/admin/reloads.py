@@ -157,7 +157,7 @@ def bring_up_services(config, platform, host, say, changed_reload=(), changed_re
     plan = ServicePlan(manager, host, say, state.pending_restarts, reload)
     try:
         prepare_service_manager(platform, manager, host, say)
-        if retire_debian12_postfix_instance(platform, manager, host, say):
+        if retire_previous_release_postfix(platform, manager, host, say):
             plan.restart.add("postfix")
         sockets = relay_sockets(platform)
         daemons = relay_daemons(config, platform)
@@ -217,22 +217,19 @@ def restart_system_service(plan, name, say):
     return False
 
 
-# Debian 12 ran Postfix as the instance postfix@- (postfix.service only wrapped it).
-DEBIAN12_POSTFIX_INSTANCE = "postfix@-"
-
-
-def retire_debian12_postfix_instance(platform, manager, host, say):
+def retire_previous_release_postfix(platform, manager, host, say):
     """After the upgrade to Debian 13 and before the reboot, Postfix still runs as
-    Debian 12's postfix@-. Debian 13's postfix.service runs Postfix itself and Conflicts=
-    with that instance, which is PartOf= it, so restarting it fails ("conflicting jobs")
-    while the instance runs: stop the instance (nothing enables it any more). Returns
-    whether it did, Postfix then being down until postfix.service starts."""
-    if platform.service_manager != "systemd" or \
-            platform.postfix_instance_service == DEBIAN12_POSTFIX_INSTANCE or \
-            not manager.is_active(DEBIAN12_POSTFIX_INSTANCE):
+    Debian 12's postfix@- (platform.postfix_retired_service). Debian 13's postfix.service
+    runs Postfix itself and Conflicts= with that instance, which is PartOf= it, so
+    restarting it fails ("conflicting jobs") while the instance runs: stop the instance
+    (nothing enables it any more). Returns whether it did, Postfix then being down until
+    postfix.service starts."""
+    old = platform.postfix_retired_service
+    if not old or not manager.is_active(old):
         return False
-    say(f"stopping {DEBIAN12_POSTFIX_INSTANCE} (Debian 12's Postfix; postfix runs it now)")
-    manager.do("stop", DEBIAN12_POSTFIX_INSTANCE, host.has_command)
+    say(f"stopping {old} (the previous release's Postfix; "
+        f"{platform.postfix_instance_service} runs it now)")
+    manager.do("stop", old, host.has_command)
     return True
 
 
