@@ -41,7 +41,7 @@ from chatmaild.admin.render import render_component
 from chatmaild.admin.reloads import forget_dead_postfix
 from chatmaild.admin.servicemanager import OpenRC
 from chatmaild.admin.services import relay_services
-from chatmaild.admin.units import write_units
+from chatmaild.admin.units import relay_units, write_units
 from chatmaild.admin.status import Probes, dead_postfix_finding
 from chatmaild.config import default_config_text, read_config
 from tests.conftest import REPO, block, make_certificate, parse_syslog
@@ -53,15 +53,11 @@ DOMAIN = "chat.example.org"
 RESPAWN_DELAY = 1
 # Account creation must not depend on how busy the test machine is.
 PERMISSIVE = {"max_load_1m": "99999", "min_available_memory": "0", "min_free_disk_space": "0"}
-SOCKETS = {
-    "doveauth": "/run/doveauth/doveauth.socket",
-    "lastlogin": "/run/chatmail-lastlogin/lastlogin.socket",
-    "chatmail-metadata": "/run/chatmail-metadata/metadata.socket",
-}
-PORT_SETTINGS = {
-    "filtermail": "filtermail_smtp_port",
-    "filtermail-incoming": "filtermail_smtp_port_incoming",
-}
+# The relay's own services (conf/services.toml) as Alpine runs them: those Dovecot asks
+# on a unix socket, and the filters with the chatmail.ini setting of their port.
+UNITS = relay_units(load_platform("alpine"))
+SOCKETS = {unit.name: unit.socket for unit in UNITS if unit.socket}
+PORT_SETTINGS = {unit.name: unit.port for unit in UNITS if unit.port}
 SERVICES = [*SOCKETS, *PORT_SETTINGS]
 
 pytestmark = pytest.mark.skipif(shutil.which("openrc-run") is None,
