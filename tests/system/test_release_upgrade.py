@@ -12,6 +12,7 @@ import json
 import os
 import re
 import subprocess
+import shutil
 import tempfile
 
 import pytest
@@ -111,8 +112,16 @@ def debian_archive_stand_in(directory, suite):
         subprocess.run(["apt-get", *release_apt_options(suite), "download", "-q",
                         *packages], cwd=cache, check=True, capture_output=True)
         (cache / ".complete").touch()
+        forget_stand_ins_of_removed_rootfs()
     return build_repo(directory, sorted(cache.glob("*.deb")), origin="Debian",
                       label="Debian", suite=suite)
+
+
+def forget_stand_ins_of_removed_rootfs():
+    """Each stand-in belongs to a root file system; rootfs.sh removes old ones."""
+    for stand_in in CACHE.glob("debian-archive-rootfs-*"):
+        if not (CACHE / stand_in.name.removeprefix("debian-archive-")).exists():
+            shutil.rmtree(stand_in)
 
 
 def reboot(box):
