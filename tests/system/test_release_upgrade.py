@@ -11,8 +11,8 @@ the newest build of everything the system tests' Debian 13 root file system has.
 import json
 import os
 import re
-import subprocess
 import shutil
+import subprocess
 import tempfile
 
 import pytest
