@@ -24,7 +24,7 @@ PY313 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3) $(she
 VENV313 ?= $(HOME)/.cache/chatmail-relay/py313-$(shell echo $(PY313_LIBS) | md5sum | cut -c1-8)
 PY313_LIBS = aiosmtpd dkimpy dnspython pytest jinja2 qrcode pypng hypothesis
 
-.PHONY: all build debs debs-bookworm debs-trixie dovecot dovecot-trixie repo apk build-previous test test-unit test-config test-dovecot24 test-openrc test-piuparts test-py313 test-package test-system deps demo bench clean
+.PHONY: all build debs debs-bookworm debs-trixie dovecot repo apk build-previous test test-unit test-config test-dovecot24 test-openrc test-piuparts test-py313 test-package test-system deps demo bench clean
 
 all: build
 
@@ -104,13 +104,6 @@ dovecot:
 repo:
 	repo/build-repo.sh repo dist/repo --suite bookworm dist/bookworm/*.deb \
 		--suite trixie dist/trixie/*.deb
-
-# Our patched Dovecot 2.4 for Debian 13, built in the Debian 13 chroot like `make dovecot`
-# (about 30 minutes on 2 cores, cached in build/dovecot-cache-trixie). Not part of `make
-# build` or the tests yet: bench/bench_debian13.py measures it when it is there.
-dovecot-trixie:
-	tests/chroot.sh env CHATMAIL_BUILD_CACHE=/src/build/dovecot-cache-trixie \
-		dovecot/build-deb.sh dist/dovecot-trixie
 
 # Alpine packages and their signed apk repository in dist/alpine/<arch>/, from
 # alpine/chatmail-relay/APKBUILD. APK_KEY=<private .rsa key, .rsa.pub next to it>;
