@@ -6,11 +6,12 @@ PYTEST ?= $(PYTHON) -m pytest
 # Debian tools must see Debian's python3, not one a version manager put first on PATH.
 SYSTEM_PATH = /usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin
 
-# Debian packages needed to build and test on a fresh Debian 12 machine.
+# Debian packages needed to build and test on a fresh Debian 12 or 13 machine (gpg-agent:
+# Debian 13's gpg only recommends it, and gpg needs it to make the repository's key).
 DEPS = python3 python3-aiosmtpd python3-dkim python3-dnspython python3-filelock \
        python3-jinja2 python3-pytest python3-setuptools \
-       python3-venv python3-pip python3-build gpg sqop shellcheck fcgiwrap coturn openssl \
-       ca-certificates dovecot-core dovecot-dev \
+       python3-venv python3-pip python3-build gpg gpg-agent sqop shellcheck fcgiwrap coturn \
+       openssl ca-certificates dovecot-core dovecot-dev \
        debhelper dh-python pybuild-plugin-pyproject python3-all help2man lintian \
        fakeroot dpkg-dev po-debconf \
        postfix postfix-lmdb dovecot-core dovecot-imapd dovecot-lmtpd nginx libnginx-mod-stream \

@@ -15,9 +15,11 @@ from .conftest import installed_relays
 from .container import deltachat_venv
 
 MESSAGES = 20
-# The unit that runs Postfix's master: Debian 12's postfix.service is a wrapper around
-# the instance postfix@-, Debian 13's runs the master itself.
-POSTFIX_MASTER_UNIT = {"bookworm": "postfix@-", "trixie": "postfix"}
+# The unit that runs Postfix's master (Debian 12's postfix.service is a wrapper around
+# the instance postfix@-, Debian 13's runs the master itself), as the installed
+# platform table says.
+POSTFIX_MASTER_UNIT = ("python3 -c 'from chatmaild.admin.platform import load_platform; "
+                       "print(load_platform().postfix_instance_service)'")
 POSTFIX_MASTER_PID = "sed 's/ //g' /var/spool/postfix/pid/master.pid"
 
 SENDER = r'''
@@ -48,7 +50,11 @@ with open_rpc(VENV, WORKDIR + "/accounts") as rpc:
 
 def killed_units(relay):
     return ["doveauth", "filtermail", "filtermail-incoming", "dovecot",
-            POSTFIX_MASTER_UNIT[relay.suite]]
+            postfix_master_unit(relay)]
+
+
+def postfix_master_unit(relay):
+    return relay.run(POSTFIX_MASTER_UNIT).stdout.strip()
 
 
 def main_pids(relay):
@@ -68,7 +74,7 @@ def wait_for(condition, timeout):
 
 def kill_daemons_while_clients_send(relay):
     """The faults, and what the relay did about them, in relay.seen (the test asserts)."""
-    killed, postfix = killed_units(relay), POSTFIX_MASTER_UNIT[relay.suite]
+    killed, postfix = killed_units(relay), postfix_master_unit(relay)
     seen = relay.seen = {}
     relay.clients(SENDER, MESSAGES, timeout=600, background_output="/root/sender.out")
     seen["clients_ready"] = wait_for(
