@@ -25,7 +25,7 @@ PY313 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3) $(she
 VENV313 ?= $(HOME)/.cache/chatmail-relay/py313-$(shell echo $(PY313_LIBS) | md5sum | cut -c1-8)
 PY313_LIBS = aiosmtpd dkimpy dnspython pytest jinja2 qrcode pypng hypothesis
 
-.PHONY: all build debs debs-bookworm debs-trixie dovecot repo apk build-previous test test-unit test-config test-dovecot24 test-openrc test-piuparts test-py313 test-package test-system deps demo bench clean
+.PHONY: all build debs debs-bookworm debs-trixie repo apk build-previous test test-unit test-config test-dovecot24 test-openrc test-piuparts test-py313 test-package test-system deps demo bench clean
 
 all: build
 
@@ -40,7 +40,7 @@ deps:
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEPS) >/dev/null; \
 	status=$$?; [ -z "$$made" ] || rm -f /usr/sbin/policy-rc.d; exit $$status
 
-# Heavy build products (the dovecot build, the throw-away signing key) live outside the
+# Heavy build products (the throw-away signing keys) live outside the
 # checkout, keyed by their inputs.
 export CHATMAIL_BUILD_CACHE ?= /var/cache/chatmail-relay-build
 # Where admins reach the repository (goes into chatmail-archive-keyring and the published
@@ -95,13 +95,6 @@ $(addprefix debs-,$(SUITES)): debs-%:
 	$(call build_plugin_deb,build/$*,dist/$*,$(call in_suite,$*))
 	@ls -1 dist/$*/*.deb
 
-# Debian's dovecot source with dovecot/instant-idle.patch, built once per source version
-# and patch (about 28 minutes on 2 cores), then copied from the cache. Not part of `make
-# build` since the plugin gives Debian's own Dovecot instant IDLE; the system tests'
-# previous release shipped it.
-dovecot:
-	dovecot/build-deb.sh dist/dovecot
-
 repo:
 	repo/build-repo.sh repo dist/repo --suite bookworm dist/bookworm/*.deb \
 		--suite trixie dist/trixie/*.deb
@@ -113,16 +106,17 @@ apk:
 	$(PYTHON) alpine/mkapk.py --out dist/alpine $(if $(APK_KEY),--key $(APK_KEY))
 
 # The release before this one, for the system tests' upgrade path: the tree of
-# PREVIOUS_REF (the last one that shipped our patched Dovecot instead of the plugin, and
-# the numbered shell steps) with a lower version, and that patched Dovecot, in their own
+# PREVIOUS_REF (the last one that shipped our rebuild of Debian's Dovecot instead of the
+# plugin, and the numbered shell steps) with a lower version, and Debian's Dovecot
+# standing in for that rebuild under its version (tests/system/repos.py), in their own
 # repository (dist/repo-previous, dated a day back as if published before dist/repo).
 PREVIOUS_REF = 80b93e9
-build-previous: build dovecot
+build-previous: build
 	@git cat-file -e $(PREVIOUS_REF)^{commit} 2>/dev/null || { echo "build-previous needs \
 		the git history up to $(PREVIOUS_REF) (not a shallow clone)" >&2; exit 1; }
 	$(call build_debs,build/previous,~previous,dist/previous,$(call in_suite,bookworm),$(PREVIOUS_REF))
 	rm -rf dist/previous/dovecot
-	dovecot/repack-version.sh '~previous' dist/previous/dovecot dist/dovecot/*.deb
+	$(PYTHON) -m tests.system.repos previous-dovecot dist/previous/dovecot
 	REPO_DATE="$$(date -u -R -d '1 day ago')" repo/build-repo.sh repo dist/repo-previous \
 		--suite bookworm dist/previous/*.deb dist/previous/dovecot/*.deb
 

@@ -1,8 +1,9 @@
 #!/bin/sh
-# Copy built dovecot .debs under a lower version, without rebuilding: the system tests
-# need an older "patched dovecot" to upgrade from, and a second 20-minute build for it
-# would test nothing more. The packages' exact-version relations to each other follow.
-# Usage: dovecot/repack-version.sh SUFFIX OUTDIR DEB...   (SUFFIX like ~previous)
+# Copy dovecot .debs under their version plus SUFFIX, without rebuilding: the system
+# tests' stand-ins for the previous release's rebuild of Debian's Dovecot
+# (+chatmail1~previous) and for Debian's next security update (+security1). The
+# packages' exact-version relations to each other follow.
+# Usage: dovecot/repack-version.sh SUFFIX OUTDIR DEB...
 set -eu
 suffix=$1 outdir=$2
 shift 2

@@ -1,9 +1,15 @@
 """apt repositories for the system tests, signed with the same key as dist/repo (made by
-repo/build-repo.sh): variants of ours, and a stand-in for Debian's security archive."""
+repo/build-repo.sh): variants of ours, and a stand-in for Debian's security archive.
+
+    python3 -m tests.system.repos previous-dovecot OUTDIR     (make build-previous)
+
+writes the previous release's Dovecot packages into OUTDIR (previous_release_dovecot)."""
 
 import functools
 import os
+import platform
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -17,7 +23,11 @@ DEBIAN_MOUNT = "/srv/debian-stand-in"
 # dovecot-sieve, which Debian 13's dovecot-core recommends).
 DEBIAN_DOVECOT = {"bookworm": DOVECOT_PACKAGES,
                   "trixie": (*DOVECOT_PACKAGES, "dovecot-auth-lua", "dovecot-sieve")}
-HOST_SUITE = "bookworm"
+HOST_SUITE = platform.freedesktop_os_release().get("VERSION_CODENAME")
+# The version our earlier releases gave their rebuild of Debian's Dovecot (Debian's plus
+# this), and the suffix of the previous release's build (make build-previous).
+CHATMAIL_DOVECOT_SUFFIX = "+chatmail1"
+PREVIOUS_SUFFIX = "~previous"
 
 
 def build_repo(directory, debs, **release):
@@ -44,7 +54,7 @@ def package_without_files(directory, name, version):
 
 
 def newest_debian_version(package):
-    """The newest version of `package` Debian's archive offers this (Debian 12) host."""
+    """The newest version of `package` Debian's archive offers this host."""
     out = subprocess.run(["apt-cache", "madison", package], capture_output=True, text=True,
                          check=True).stdout
     versions = [line.split("|")[1].strip() for line in out.splitlines()
@@ -161,3 +171,29 @@ def debian_stand_in(directory, suite):
         version, debs = debian_dovecot_of(suite)
         repo = build_repo(directory, debs, origin="Debian", label="Debian", suite=suite)
     return repo, version
+
+
+def previous_release_dovecot(outdir):
+    """The Dovecot packages of the previous release's repository (make build-previous):
+    it shipped our rebuild of Debian 12's Dovecot with the instant-IDLE patch, versioned
+    Debian's plus "+chatmail1". What an upgrade does with them (apt's choice between
+    them, Debian's security update and the plugin; `chatmail status` naming the build)
+    depends on their names and versions, not on the patch inside, so Debian's own newest
+    packages stand in for that build under its version (and "~previous"), instead of a
+    30-minute rebuild."""
+    _, debs = debian_dovecot_of("bookworm")
+    subprocess.run([str(REPO / "dovecot" / "repack-version.sh"),
+                    CHATMAIL_DOVECOT_SUFFIX + PREVIOUS_SUFFIX, str(outdir), *map(str, debs)],
+                   check=True)
+
+
+def main(argv):
+    if len(argv) != 2 or argv[0] != "previous-dovecot":
+        print("usage: python3 -m tests.system.repos previous-dovecot OUTDIR", file=sys.stderr)
+        return 2
+    previous_release_dovecot(argv[1])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
