@@ -13,7 +13,7 @@ DEPS = python3 python3-aiosmtpd python3-dkim python3-dnspython python3-filelock 
        python3-venv python3-pip python3-build gpg gpg-agent sqop shellcheck fcgiwrap coturn \
        openssl ca-certificates dovecot-core dovecot-dev \
        debhelper dh-python pybuild-plugin-pyproject python3-all help2man lintian \
-       fakeroot dpkg-dev po-debconf \
+       build-essential fakeroot dpkg-dev po-debconf \
        postfix postfix-lmdb dovecot-core dovecot-imapd dovecot-lmtpd nginx libnginx-mod-stream \
        opendkim opendkim-tools nsd systemd python3-qrcode zbar-tools debootstrap systemd-container \
        apt-utils pebble lua5.3 lua5.4 lua-socket lua-cjson unbound python3-hypothesis \
