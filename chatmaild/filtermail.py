@@ -57,9 +57,30 @@ class UnparseableMessage(Exception):
     """The message's structure defeats the parser: hostile, never a transient fault."""
 
 
+class HeaderCachingPolicy(policy.EmailPolicy):
+    """policy.default that parses each header value once per message. The parser itself
+    asks for the Content-Type about ten times per part, and policy.default parses the
+    header anew each time: for a 10 KB encrypted message, 1.6 of its 2.1 ms. Header
+    objects are immutable strings, so sharing them changes no result."""
+
+    def header_fetch_parse(self, name, value):
+        cache = self.__dict__["_headers"]
+        key = (name, value)
+        if key not in cache:
+            cache[key] = super().header_fetch_parse(name, value)
+        return cache[key]
+
+
+def message_policy():
+    """A policy with its own cache: it lives as long as the one message it parsed."""
+    parsing = HeaderCachingPolicy()
+    object.__setattr__(parsing, "_headers", {})  # policies refuse attribute assignment
+    return parsing
+
+
 def parse_message(content):
     try:
-        return BytesParser(policy=policy.default).parsebytes(content)
+        return BytesParser(policy=message_policy()).parsebytes(content)
     except RecursionError:
         # The parser recurses once per nested multipart level.
         raise UnparseableMessage("too deeply nested") from None
