@@ -31,9 +31,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_relay_latency import BENCH_MOUNT, RELEASE, Relay  # noqa: E402
+from bench_relay_latency import RELEASE, Relay  # noqa: E402
 from common import installed_dovecot_version, machine_facts, percentile  # noqa: E402
-from tests.system.test_install import DOMAIN  # noqa: E402
 from tests.unit.mailfactory import OpenPGP, encrypted_mail  # noqa: E402
 
 RATES = [25, 50, 100, 200, 300, 400, 500]
@@ -45,12 +44,7 @@ GOAL_RATE, GOAL_P95 = 200, 0.5
 class ThroughputRelay(Relay):
     """bench_relay_latency's relay container, driven by throughput_meter.py."""
 
-    def start_agent(self):
-        self.agent = subprocess.Popen(
-            ["nsenter", "-t", str(self.box.leader), "-a", "env", "-i",
-             "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8",
-             "python3", f"{BENCH_MOUNT}/throughput_meter.py", DOMAIN],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    meter = "throughput_meter.py"
 
 
 def test_message():
