@@ -16,7 +16,7 @@ and shares the host's cores with the relay.
 Needs root and `make build`. Usage:
   bench_throughput.py [--suite bookworm|trixie] [--tag TAG] [--clients N] [--seconds S]
                       [--perf] [RATE ...]
-Writes bench/results/throughput-<debian12|debian13>[-TAG].md and .json."""
+Writes bench/results/throughput[-debian13][-TAG].md and .json."""
 
 import argparse
 import json
@@ -177,7 +177,9 @@ def summarize(rate, raw):
         "units_cpu": dict(sorted(raw["units_cpu"].items(), key=lambda kv: -kv[1])),
         "process_cpu": dict(sorted(raw["process_cpu"].items(), key=lambda kv: -kv[1])[:12]),
         "window": window,
-        "samples": raw["offsets"],
+        # Each accepted message: [MAIL FROM, 250, EXISTS] in s since the step began.
+        "samples": {n: [None if v is None else round(v, 4) for v in s]
+                    for n, s in raw["offsets"].items()},
     }
 
 
@@ -293,7 +295,8 @@ def main():
                  options.perf, options.baseline)
     text = report(options.suite, options, result, machine_facts())
     tag = f"-{options.tag}" if options.tag else ""
-    out = REPO / "bench" / "results" / f"throughput-{RELEASE[options.suite]}{tag}.md"
+    release = "" if options.suite == "bookworm" else f"-{RELEASE[options.suite]}"
+    out = REPO / "bench" / "results" / f"throughput{release}{tag}.md"
     out.write_text(text)
     out.with_suffix(".json").write_text(json.dumps(result))
     print(text)
