@@ -21,6 +21,7 @@ Writes bench/results/throughput[-debian13][-TAG].md and .json."""
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -102,6 +103,7 @@ def run(suite, clients, seconds, rates, with_perf, baseline):
                 print(summary_row(step), flush=True)
             if all(s["p95"] is None or s["p95"] > 5 * KNEE or s["lost"] for s in steps):
                 break  # far past the knee: more load only measures the backlog
+        result["stragglers"] = straggler_logs(relay.box, result["steps"])
         result["problems"] = relay.box.run(
             f"journalctl --since @{relay.since} --no-pager | grep -E 'warning:|error:|"
             "fatal:|panic:|Error|Fatal|Panic|Traceback' | sort | uniq -c | sort -rn | "
@@ -110,6 +112,29 @@ def run(suite, clients, seconds, rates, with_perf, baseline):
     finally:
         relay.stop()
     return result
+
+
+STRAGGLER = 5.0  # s from the 250 to the EXISTS: far behind the rest, worth a look
+
+
+def straggler_logs(box, steps, limit=5):
+    """Postfix's and Dovecot's log of the messages whose EXISTS came STRAGGLER s or more
+    after their 250: was the delivery late, or only the IDLE notification?"""
+    late = [(step, n) for step in steps for n, s in step["samples"].items()
+            if s[2] is None or s[2] - s[1] > STRAGGLER][:limit]
+    if not late:
+        return {}
+    log = box.run("journalctl -o short-precise --no-pager -u postfix@- -u dovecot",
+                  check=False, timeout=300).stdout.splitlines()
+    found = {}
+    for step, number in late:
+        message_id = f"tp.r{step['rate']}{step['variant'][:1]}.{number}@throughput-meter"
+        queue_ids = {m.group(1) for line in log if message_id in line
+                     for m in [re.search(r" ([0-9A-F]{8,}): ", line)] if m}
+        lines = [line for line in log if message_id in line
+                 or any(f" {q}: " in line for q in queue_ids)]
+        found[f"{step['rate']}/s {step['variant']} #{number} {step['samples'][number]}"] = lines
+    return found
 
 
 MODULE = "/usr/lib/python3/dist-packages/chatmaild/filtermail.py"
@@ -272,6 +297,9 @@ def report(suite, options, result, facts):
     for rate, text in result["perf"].items():
         lines += ["", f"perf (host-wide, 199 Hz, by command and object) during the {rate}/s "
                   "step:", "", "```", text[:4000], "```"]
+    for key, log_lines in result.get("stragglers", {}).items():
+        lines += ["", f"Straggler {key} ([MAIL FROM, 250, EXISTS] s), its log:", "",
+                  "```", *log_lines[:20], "```"]
     if result.get("problems"):
         lines += ["", "Log lines with an error or warning (count, line):", "", "```",
                   result["problems"][:4000], "```"]
