@@ -217,7 +217,8 @@ def ms(seconds):
 
 
 def summary_row(step):
-    return (f"| {step['rate']} | {step.get('variant', 'installed')} | {step['offered']} | {step['accepted']} | "
+    return (f"| {step['rate']} | {step.get('variant', 'installed')} | {step['offered']} | "
+            f"{step['accepted']} | "
             f"{step['error_count']} | {len(step['lost'])} | {step['accepted_per_s']:.0f} | "
             f"{step['delivered_per_s']:.0f} | {ms(step['p50'])} | {ms(step['p95'])} | "
             f"{ms(step['p99'])} | {ms(step['max'])} | {ms(step['accept_p95'])} | "
@@ -278,7 +279,8 @@ def report(suite, options, result, facts):
         "- CPU shares are of one core (200 % = the machine): relay = every systemd unit in "
         "the container except the meter's session; meter = the generator itself; host = all "
         "of the machine, other people's work included",
-        "", "| offered/s | relay | offered | accepted | refused | lost | accepted/s | delivered/s | "
+        "", "| offered/s | relay | offered | accepted | refused | lost | accepted/s | "
+        "delivered/s | "
         "p50 ms | p95 ms | p99 ms | max ms | 250 p95 ms | relay CPU | meter CPU | host busy | "
         "load before |",
         "|" + "---|" * 17,
