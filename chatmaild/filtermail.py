@@ -209,24 +209,27 @@ class ReinjectionSessions:
         self.lock = threading.Lock()
         self.idle = {}  # port -> [(client, when it was last used)]
 
-    def send(self, port, mail_from, rcpt_tos, content, mail_options):
-        """sendmail() on an open session, or on a new one; a reused session that the
-        server closed meanwhile (a reload, its timeout) is replaced once."""
+    def send(self, port, *message):
+        """sendmail(*message) on an open session, or on a new one. A reused session that
+        the server closed meanwhile (a reload, its timeout) is replaced once, if it broke
+        before the server answered MAIL FROM: then it had none of the message, and a
+        new session cannot deliver it twice."""
         client = self.take(port)
-        reused = client is not None
+        if client is not None:
+            try:
+                return self.send_on(port, client, *message)
+            except (OSError, smtplib.SMTPServerDisconnected):
+                if client.mail_answered:
+                    raise
+        return self.send_on(port, self.connect(port), *message)
+
+    def send_on(self, port, client, mail_from, rcpt_tos, content, mail_options):
         try:
-            client = client or self.connect(port)
             refused = client.sendmail(mail_from, rcpt_tos, content, mail_options)
         except (smtplib.SMTPRecipientsRefused, smtplib.SMTPSenderRefused,
                 smtplib.SMTPDataError):
             self.give_back(port, client)  # smtplib has sent RSET: the session goes on
             raise
-        except (OSError, smtplib.SMTPServerDisconnected):
-            close_quietly(client)
-            if not (reused and not client.mail_answered):
-                raise
-            client = self.connect(port)
-            refused = client.sendmail(mail_from, rcpt_tos, content, mail_options)
         except BaseException:
             close_quietly(client)
             raise
@@ -275,8 +278,6 @@ def still_open(client):
 
 
 def close_quietly(client, quit=False):
-    if client is None:
-        return
     try:
         if quit and client.sock is not None:
             client.quit()
