@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -70,10 +71,12 @@ def perf_profile(seconds, path):
     record = subprocess.run(["perf", "record", "-a", "-F", "199", "-o", str(path), "--",
                              "sleep", str(seconds)], capture_output=True, text=True)
     if record.returncode:
+        shutil.rmtree(path.parent, ignore_errors=True)
         return f"perf record failed: {record.stderr[-500:]}"
     report = subprocess.run(["perf", "report", "-i", str(path), "--stdio", "--sort",
                              "comm,dso", "--percent-limit", "1.5"],
                             capture_output=True, text=True)
+    shutil.rmtree(path.parent, ignore_errors=True)  # perf.data: tens of MB per step
     return "\n".join(line for line in report.stdout.splitlines()
                      if line.strip() and not line.startswith("#"))
 
