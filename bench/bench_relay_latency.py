@@ -103,11 +103,13 @@ class Relay:
         except Exception as error:  # noqa: BLE001 - raised in the main thread
             self.error = error
 
+    meter = "relay_meter.py"  # the client in bench/ that start_agent runs inside
+
     def start_agent(self):
         self.agent = subprocess.Popen(
             ["nsenter", "-t", str(self.box.leader), "-a", "env", "-i",
              "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8",
-             "python3", f"{BENCH_MOUNT}/relay_meter.py", DOMAIN],
+             "python3", f"{BENCH_MOUNT}/{self.meter}", DOMAIN],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def ask(self, verb, **args):
