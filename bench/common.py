@@ -5,6 +5,7 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 from pathlib import Path
 
 
@@ -48,3 +49,52 @@ def idle_wakeups(box, domain, count):
     script = (Path(__file__).resolve().parent / "idle_meter.py").read_text()
     out = box.run(f"python3 - {domain} {count}", input=script, timeout=300)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+class DeltaChatMeter:
+    """bench/dc_meter.py running in container `box` with the Delta Chat virtualenv (mounted
+    at the same path): Delta Chat accounts for `pairs` (see there), one message a sample."""
+
+    def __init__(self, box, venv, pairs):
+        here = Path(__file__).resolve().parent
+        script = ((here.parent / "tests" / "system" / "deltachat_pair.py").read_text()
+                  + (here / "dc_meter.py").read_text())
+        box.run("cat >/root/dc_meter.py", input=script)
+        self.process = subprocess.Popen(
+            ["nsenter", "-t", str(box.leader), "-a", "env", "-i",
+             "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8", f"{venv}/bin/python",
+             "/root/dc_meter.py", pairs[0]["sender"][0], str(venv), json.dumps(pairs)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def ask(self, verb, **args):
+        self.process.stdin.write(json.dumps({"do": verb, **args}) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError("dc_meter.py ended")
+        return json.loads(line)
+
+    def close(self):
+        if self.process.poll() is None:
+            try:
+                self.process.stdin.write('{"do": "quit"}\n')
+                self.process.stdin.close()
+                self.process.wait(30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.process.kill()
+
+
+def relay_journal(box, since):
+    """(unix time, line) of the mail daemons' journal in `box` since unix time `since`;
+    the clock is the host's, as the clients' (containers share the kernel)."""
+    out = box.run(f"journalctl --since @{since:.0f} -o short-unix --no-pager "
+                  "-u postfix@- -u dovecot -u filtermail -u filtermail-incoming",
+                  check=False).stdout
+    lines = []
+    for line in out.splitlines():
+        stamp, _, rest = line.partition(" ")
+        try:
+            lines.append((float(stamp), rest))
+        except ValueError:
+            continue
+    return lines
