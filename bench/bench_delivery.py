@@ -19,12 +19,8 @@ lines of its time window).
     /usr/bin/python3 bench/bench_delivery.py [--suite bookworm|trixie] [--samples 60]
 """
 
-import argparse
-import json
-import os
 import random
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -35,10 +31,10 @@ sys.path.insert(0, str(REPO / "bench"))
 from tests.system.container import DELTACHAT_VERSION, deltachat_venv  # noqa: E402
 from tests.system.test_install import DOMAIN  # noqa: E402
 
-from bench_relay_latency import RELEASE, Relay  # noqa: E402
-from common import DeltaChatMeter, machine_facts, relay_journal  # noqa: E402
+from bench_relay_latency import RELEASE, Relay, install_pair  # noqa: E402
+from common import deltachat_meter, relay_journal  # noqa: E402
 from latency_report import (  # noqa: E402
-    WARMUP, load_line, split_journal, summary_table, write_report)
+    WARMUP, arguments, load_line, save_run, split_journal, summary_table, write_report)
 
 PAIR = [{"sender": [DOMAIN, "127.0.0.1"], "receiver": [DOMAIN, "127.0.0.1"]}]
 
@@ -60,22 +56,13 @@ class DeliveryRelay(Relay):
 def install_both(suite, venv):
     DeliveryRelay.venv = venv
     relays = [DeliveryRelay("ours", suite), DeliveryRelay("stock", suite)]
-    threads = [threading.Thread(target=r.install) for r in relays]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for r in relays:
-        if r.error:
-            raise r.error
-    assert "instant IDLE: plugin" in relays[0].status, relays[0].status
-    assert "instant IDLE: plugin" not in relays[1].status, relays[1].status
+    install_pair(relays)
     return relays
 
 
 def measure(relays, venv, samples, gap):
     """{label: [sample]}, samples alternating between the relays in random order."""
-    meters = {r.label: DeltaChatMeter(r.box, venv, PAIR) for r in relays}
+    meters = {r.label: deltachat_meter(r.box, venv, PAIR) for r in relays}
     try:
         core = {label: m.ask("setup")["version"] for label, m in meters.items()}
         since = time.time()
@@ -94,13 +81,7 @@ def measure(relays, venv, samples, gap):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--suite", default="bookworm", choices=sorted(RELEASE))
-    parser.add_argument("--samples", type=int, default=60)
-    parser.add_argument("--gap", type=float, default=1.0)
-    args = parser.parse_args()
-    if os.geteuid() != 0:
-        sys.exit("needs root")
+    args = arguments(__doc__, RELEASE)
     venv = deltachat_venv()
     load_before = load_line()
     relays = install_both(args.suite, venv)
@@ -109,20 +90,8 @@ def main():
     finally:
         for r in relays:
             r.stop()
-    load_after = load_line()
-    facts = machine_facts()
     release = RELEASE[args.suite]
-    raw = REPO / "bench" / "results" / f"delivery-{release}.json"
-    raw.write_text(json.dumps({"core": core, "runs": runs}))  # first: the report may fail
-    lines = [
-        f"## {release}",
-        "",
-        f"Measured by `bench/bench_delivery.py --suite {args.suite} --samples "
-        f"{args.samples}` on {facts['date']}; every sample in results/{raw.name}.",
-        "",
-        f"- machine: {facts['nproc']} CPUs ({facts['cpu']}), {facts['memory']}, "
-        f"Linux {facts['kernel']}, host {facts['os']}; load (uptime) before: {load_before}; "
-        f"after: {load_after}",
+    lines = save_run("delivery", args, release, core, runs, load_before) + [
         f"- relays: two fresh {args.suite} containers (systemd-nspawn, private network), "
         "installed in parallel with README's commands from dist/repo ("
         + ", ".join(f"{r.label} {r.install_seconds:.0f} s" for r in relays)

@@ -19,9 +19,6 @@ per release) and federation-<debian12|debian13>.json (every sample).
     /usr/bin/python3 bench/bench_federation.py [--suite bookworm|trixie] [--samples 60]
 """
 
-import argparse
-import json
-import os
 import random
 import sys
 import time
@@ -37,9 +34,9 @@ from tests.system.test_federation import federated_relays, publish_dns  # noqa: 
 
 from bench_relay_latency import RELEASE, UNLIMITED, WITHOUT_PLUGIN  # noqa: E402
 from common import (  # noqa: E402
-    DeltaChatMeter, installed_dovecot_version, machine_facts, relay_journal)
+    deltachat_meter, installed_dovecot_version, relay_journal)
 from latency_report import (  # noqa: E402
-    WARMUP, load_line, split_journal, summary_table, write_report)
+    WARMUP, arguments, load_line, save_run, split_journal, summary_table, write_report)
 
 LABELS = {"a": "ours", "b": "stock"}
 # pair index -> (label of the receiving relay, sending relay's key, receiving relay's key)
@@ -67,7 +64,7 @@ def prepare(relays):
 def measure(relays, venv, samples, gap):
     pairs = [{"sender": [relays[s].domain] * 2, "receiver": [relays[r].domain] * 2}
              for _, s, r in WAYS]
-    meter = DeltaChatMeter(relays["a"], venv, pairs)
+    meter = deltachat_meter(relays["a"], venv, pairs)
     try:
         core = meter.ask("setup")["version"]
         since = time.time()
@@ -85,13 +82,7 @@ def measure(relays, venv, samples, gap):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--suite", default="bookworm", choices=sorted(RELEASE))
-    parser.add_argument("--samples", type=int, default=60)
-    parser.add_argument("--gap", type=float, default=1.0)
-    args = parser.parse_args()
-    if os.geteuid() != 0:
-        sys.exit("needs root")
+    args = arguments(__doc__, RELEASE)
     venv = deltachat_venv()
     load_before = load_line()
     started = time.monotonic()
@@ -100,20 +91,8 @@ def main():
         publish_dns(relays, internet)
         prepare(relays)
         runs, core = measure(relays, venv, args.samples, args.gap)
-    load_after = load_line()
-    facts = machine_facts()
     release = RELEASE[args.suite]
-    raw = REPO / "bench" / "results" / f"federation-{release}.json"
-    raw.write_text(json.dumps({"core": core, "runs": runs}))  # first: the report may fail
-    lines = [
-        f"## {release}",
-        "",
-        f"Measured by `bench/bench_federation.py --suite {args.suite} --samples "
-        f"{args.samples}` on {facts['date']}; every sample in results/{raw.name}.",
-        "",
-        f"- machine: {facts['nproc']} CPUs ({facts['cpu']}), {facts['memory']}, "
-        f"Linux {facts['kernel']}, host {facts['os']}; load (uptime) before: {load_before}; "
-        f"after: {load_after}",
+    lines = save_run("federation", args, release, core, runs, load_before) + [
         f"- relays: two {args.suite} containers (systemd-nspawn), each in its own network "
         "namespace on a bridge (tests/system/internet.py), chatmail-relay installed from "
         "dist/repo with certificates from pebble (ACME, HTTP-01), DNS from nsd "
@@ -121,7 +100,7 @@ def main():
         f"build) in both; relay-a.test `ours` ({relays['a'].status_line}), relay-b.test "
         f"`stock`: the plugin's .so diverted away and `chatmail configure` run again "
         f"({relays['b'].status_line}); both relays, DNS and the ACME server share this "
-        f"machine's {facts['nproc']} CPUs",
+        "machine's CPUs",
         f"- clients: deltachat-rpc-server {DELTACHAT_VERSION} (core {core}) in relay a's "
         "container; \"to ours\": a sender on relay b writes to a receiver on relay a; "
         "\"to stock\": a sender on relay a to a receiver on relay b; the senders are bots "

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,7 +34,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from tests.system.container import Container, build_rootfs  # noqa: E402
 from tests.system.test_install import DOMAIN, INSTALL  # noqa: E402
 
-from common import installed_dovecot_version, machine_facts, percentile  # noqa: E402
+from common import Agent, installed_dovecot_version, machine_facts, percentile  # noqa: E402
 
 PLUGIN = "/usr/lib/dovecot/modules/lib20_chatmail_instant_idle_plugin.so"
 HIBERNATE_TIMEOUT = 30  # the relay's imap_hibernate_timeout (conf/dovecot)
@@ -104,48 +103,38 @@ class Relay:
             self.error = error
 
     def start_agent(self):
-        self.agent = subprocess.Popen(
-            ["nsenter", "-t", str(self.box.leader), "-a", "env", "-i",
-             "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8",
-             "python3", f"{BENCH_MOUNT}/relay_meter.py", DOMAIN],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.agent = Agent(self.box, ["python3", f"{BENCH_MOUNT}/relay_meter.py", DOMAIN],
+                           f"{self.label}: relay_meter.py")
 
     def ask(self, verb, **args):
-        self.agent.stdin.write(json.dumps({"do": verb, **args}) + "\n")
-        self.agent.stdin.flush()
-        line = self.agent.stdout.readline()
-        if not line:
-            raise RuntimeError(f"{self.label}: relay_meter.py ended")
-        reply = json.loads(line)
-        if "error" in reply:
-            raise RuntimeError(f"{self.label}: {verb}: {reply['error']}")
-        return reply
+        return self.agent.ask(verb, **args)
 
     def stop(self):
-        if self.agent and self.agent.poll() is None:
-            try:
-                self.agent.stdin.write('{"do": "quit"}\n')
-                self.agent.stdin.close()
-                self.agent.wait(10)
-            except (OSError, subprocess.TimeoutExpired):
-                self.agent.kill()
+        if self.agent:
+            self.agent.close(10)
         self.box.stop()
+
+
+def install_pair(relays):
+    """Install `ours` and `stock` (relays[0], relays[1]) in parallel; check each is what
+    its name says."""
+    threads = [threading.Thread(target=r.install) for r in relays]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in relays:
+        if r.error:
+            raise r.error
+    assert "instant IDLE: plugin" in relays[0].status, relays[0].status
+    assert "instant IDLE: plugin" not in relays[1].status, relays[1].status
 
 
 def run(suite, samples, rounds, per_round):
     relays = [Relay("ours", suite), Relay("stock", suite)]
     runs = {r.label: {"idle": [], "hibernated": [], "imap_before_wake": []} for r in relays}
     try:
-        threads = [threading.Thread(target=r.install) for r in relays]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        for r in relays:
-            if r.error:
-                raise r.error
-        assert "instant IDLE: plugin" in relays[0].status, relays[0].status
-        assert "instant IDLE: plugin" not in relays[1].status, relays[1].status
+        install_pair(relays)
         for r in relays:
             r.since = r.box.run("date +%s").stdout.strip()
             r.start_agent()

@@ -51,19 +51,15 @@ def idle_wakeups(box, domain, count):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-class DeltaChatMeter:
-    """bench/dc_meter.py running in container `box` with the Delta Chat virtualenv (mounted
-    at the same path): Delta Chat accounts for `pairs` (see there), one message a sample."""
+class Agent:
+    """A measuring script started inside container `box` (all its namespaces, a clean
+    environment), spoken to in JSON lines: {"do": verb, ...} in, one reply out."""
 
-    def __init__(self, box, venv, pairs):
-        here = Path(__file__).resolve().parent
-        script = ((here.parent / "tests" / "system" / "deltachat_pair.py").read_text()
-                  + (here / "dc_meter.py").read_text())
-        box.run("cat >/root/dc_meter.py", input=script)
+    def __init__(self, box, command, name):
+        self.name = name
         self.process = subprocess.Popen(
             ["nsenter", "-t", str(box.leader), "-a", "env", "-i",
-             "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8", f"{venv}/bin/python",
-             "/root/dc_meter.py", pairs[0]["sender"][0], str(venv), json.dumps(pairs)],
+             "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8", *command],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def ask(self, verb, **args):
@@ -71,17 +67,31 @@ class DeltaChatMeter:
         self.process.stdin.flush()
         line = self.process.stdout.readline()
         if not line:
-            raise RuntimeError("dc_meter.py ended")
-        return json.loads(line)
+            raise RuntimeError(f"{self.name} ended")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"{self.name}: {verb}: {reply['error']}")
+        return reply
 
-    def close(self):
+    def close(self, timeout=30):
         if self.process.poll() is None:
             try:
                 self.process.stdin.write('{"do": "quit"}\n')
                 self.process.stdin.close()
-                self.process.wait(30)
+                self.process.wait(timeout)
             except (OSError, subprocess.TimeoutExpired):
                 self.process.kill()
+
+
+def deltachat_meter(box, venv, pairs):
+    """bench/dc_meter.py as an Agent in container `box`, with the Delta Chat virtualenv
+    (mounted at the same path): accounts for `pairs` (see there), one message a sample."""
+    here = Path(__file__).resolve().parent
+    script = ((here.parent / "tests" / "system" / "deltachat_pair.py").read_text()
+              + (here / "dc_meter.py").read_text())
+    box.run("cat >/root/dc_meter.py", input=script)
+    return Agent(box, [f"{venv}/bin/python", "/root/dc_meter.py", pairs[0]["sender"][0],
+                       str(venv), json.dumps(pairs)], "dc_meter.py")
 
 
 def relay_journal(box, since):

@@ -2,12 +2,18 @@
 tables of bench_delivery.py and bench_federation.py: where in the way from the send call
 to the receiver's incoming-message event each sample's time went."""
 
+import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
+import sys
+from pathlib import Path
 
-from common import percentile
+from common import machine_facts, percentile
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 WARMUP = 3  # samples per relay not counted: the first ones open the SMTP connection
 
@@ -25,10 +31,41 @@ STAGES = [
 ]
 
 
+def arguments(doc, releases):
+    """--suite, --samples, --gap of bench_delivery.py and bench_federation.py."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--suite", default="bookworm", choices=sorted(releases))
+    parser.add_argument("--samples", type=int, default=60)
+    parser.add_argument("--gap", type=float, default=1.0,
+                        help="seconds between samples (one message out of the next's way)")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("needs root")
+    return args
+
+
 def load_line():
     """`uptime`'s load averages, to print next to the numbers (the host is shared)."""
     out = subprocess.run(["uptime"], capture_output=True, text=True).stdout
     return out.strip().split("load average: ")[-1]
+
+
+def save_run(name, args, release, core, runs, load_before):
+    """Write every sample to results/<name>-<release>.json (first: the report may fail);
+    the first lines of the release's section: what ran when, on what, under what load."""
+    raw = RESULTS / f"{name}-{release}.json"
+    raw.write_text(json.dumps({"core": core, "runs": runs}))
+    facts, loads = machine_facts(), (load_before, load_line())
+    return [
+        f"## {release}",
+        "",
+        f"Measured by `bench/bench_{name}.py --suite {args.suite} --samples {args.samples}` on "
+        f"{facts['date']}; every sample in results/{raw.name}.",
+        "",
+        f"- machine: {facts['nproc']} CPUs ({facts['cpu']}), {facts['memory']}, "
+        f"Linux {facts['kernel']}, host {facts['os']}; load (uptime) before: {loads[0]}; "
+        f"after: {loads[1]}",
+    ]
 
 
 def window(lines, start, end):
