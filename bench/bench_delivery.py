@@ -34,7 +34,7 @@ from tests.system.test_install import DOMAIN  # noqa: E402
 from bench_relay_latency import RELEASE, Relay, install_pair  # noqa: E402
 from common import deltachat_meter, relay_journal  # noqa: E402
 from latency_report import (  # noqa: E402
-    WARMUP, arguments, load_line, save_run, split_journal, summary_table, write_report)
+    WARMUP, arguments, load_line, save_run, split_journal, write_report)
 
 PAIR = [{"sender": [DOMAIN, "127.0.0.1"], "receiver": [DOMAIN, "127.0.0.1"]}]
 
@@ -107,9 +107,10 @@ def main():
         "the send call to the receiver's incoming-message event (stamped when the client "
         "library receives it)",
         "",
-    ] + summary_table(runs, ("ours", "stock"))
+    ]
     out = REPO / "bench" / "results" / "delivery.md"
-    write_report(out, "Delta Chat A→B on one relay (bench_delivery.py)", {release: lines})
+    write_report(out, "Delta Chat A→B on one relay (bench_delivery.py)", {release: {
+        "header": lines, "labels": ["ours", "stock"], "raw": f"delivery-{release}.json"}})
     print(out.read_text())
 
 

@@ -34,9 +34,9 @@ from tests.system.test_federation import federated_relays, publish_dns  # noqa: 
 
 from bench_relay_latency import RELEASE, UNLIMITED, WITHOUT_PLUGIN  # noqa: E402
 from common import (  # noqa: E402
-    deltachat_meter, installed_dovecot_version, relay_journal)
+    deltachat_meter, idle_status_line, installed_dovecot_version, relay_journal)
 from latency_report import (  # noqa: E402
-    WARMUP, arguments, load_line, save_run, split_journal, summary_table, write_report)
+    WARMUP, arguments, load_line, save_run, split_journal, write_report)
 
 LABELS = {"a": "ours", "b": "stock"}
 # pair index -> (label of the receiving relay, sending relay's key, receiving relay's key)
@@ -54,8 +54,7 @@ def prepare(relays):
         box.run(UNLIMITED)
         if LABELS[key] == "stock":
             box.run(WITHOUT_PLUGIN)
-        box.status_line = next((line.strip() for line in box.run(
-            "chatmail status", check=False).stdout.splitlines() if "Dovecot" in line), "?")
+        box.status_line = idle_status_line(box.run("chatmail status", check=False).stdout)
         box.dovecot = installed_dovecot_version(box)
     assert "instant IDLE: plugin" in relays["a"].status_line, relays["a"].status_line
     assert "instant IDLE: plugin" not in relays["b"].status_line, relays["b"].status_line
@@ -111,10 +110,11 @@ def main():
         f"order, {args.gap} s between samples; the clock runs from the send call to the "
         "receiver's incoming-message event (stamped when the client library receives it)",
         "",
-    ] + summary_table(runs, [way for way, _, _ in WAYS])
+    ]
     out = REPO / "bench" / "results" / "federation.md"
     write_report(out, "Delta Chat A→B across two relays (bench_federation.py)",
-                 {release: lines})
+                 {release: {"header": lines, "labels": [way for way, _, _ in WAYS],
+                            "raw": f"federation-{release}.json"}})
     print(out.read_text())
 
 

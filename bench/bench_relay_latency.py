@@ -34,7 +34,8 @@ sys.path.insert(0, str(REPO / "bench"))
 from tests.system.container import Container, build_rootfs  # noqa: E402
 from tests.system.test_install import DOMAIN, INSTALL  # noqa: E402
 
-from common import Agent, installed_dovecot_version, machine_facts, percentile  # noqa: E402
+from common import (  # noqa: E402
+    Agent, idle_status_line, installed_dovecot_version, machine_facts, percentile)
 
 PLUGIN = "/usr/lib/dovecot/modules/lib20_chatmail_instant_idle_plugin.so"
 HIBERNATE_TIMEOUT = 30  # the relay's imap_hibernate_timeout (conf/dovecot)
@@ -97,8 +98,7 @@ class Relay:
                                 "-f protocol=imap", check=False).stdout
             self.plugins = ("chatmail_instant_idle" if "chatmail_instant_idle" in conf
                             else "(without chatmail_instant_idle)")
-            self.status_line = next((line.strip() for line in self.status.splitlines()
-                                     if "Dovecot" in line), "?")
+            self.status_line = idle_status_line(self.status)
         except Exception as error:  # noqa: BLE001 - raised in the main thread
             self.error = error
 

@@ -5,6 +5,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 from pathlib import Path
 
@@ -41,6 +42,13 @@ def percentile(values, fraction):
 def installed_dovecot_version(box):
     """The dovecot-core version installed in container `box` (tests/system)."""
     return box.run("dpkg-query -W -f '${Version}' dovecot-core").stdout
+
+
+def idle_status_line(status):
+    """The line of `chatmail status` output that says how IDLE clients learn of new mail
+    (the plugin, the patched build, or neither)."""
+    return next((line.strip() for line in status.splitlines()
+                 if re.search(r"instant.IDLE|chatmail patch", line)), "?")
 
 
 def idle_wakeups(box, domain, count):
@@ -90,8 +98,11 @@ def deltachat_meter(box, venv, pairs):
     script = ((here.parent / "tests" / "system" / "deltachat_pair.py").read_text()
               + (here / "dc_meter.py").read_text())
     box.run("cat >/root/dc_meter.py", input=script)
-    return Agent(box, [f"{venv}/bin/python", "/root/dc_meter.py", pairs[0]["sender"][0],
-                       str(venv), json.dumps(pairs)], "dc_meter.py")
+    # The container's python3 with the venv's packages (pure Python, and the rpc server a
+    # static binary): the venv's own interpreter, Debian 12's 3.11, is not in Debian 13.
+    [site] = Path(venv).glob("lib/python3*/site-packages")
+    return Agent(box, [f"PYTHONPATH={site}", "python3", "/root/dc_meter.py",
+                       pairs[0]["sender"][0], str(venv), json.dumps(pairs)], "dc_meter.py")
 
 
 def relay_journal(box, since):

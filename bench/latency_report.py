@@ -18,16 +18,23 @@ RESULTS = Path(__file__).resolve().parent / "results"
 WARMUP = 3  # samples per relay not counted: the first ones open the SMTP connection
 
 # (stage, where, pattern): the first line matching `pattern` in the sample's window of
-# `where` marks the stage; times are seconds after the send call.
+# `where` marks the stage; times are seconds after the send call. The submission smtpd
+# hands the message to filtermail before queueing it (NOQUEUE); Dovecot tells the IDLE
+# client before it logs the delivery and Postfix logs it after that, so the LMTP session's
+# start marks the delivery.
 STAGES = [
     ("submitted: A's relay has the message (smtpd, after MAIL FROM)", "sender_relay",
-     r"smtpd\[\d+\]: [0-9A-F]+: client=.*sasl_username"),
+     r"smtpd\[\d+\]: (NOQUEUE|[0-9A-F]+): client=.*sasl_username"),
     ("A's relay sent it to B's relay (smtp status=sent)", "sender_relay",
      r"postfix/smtp\[\d+\]: .*status=sent"),
-    ("delivered: Postfix's LMTP got Dovecot's 250", "receiver_relay",
-     r"postfix/lmtp\[\d+\]: .*status=sent"),
+    ("delivery: Dovecot's LMTP session starts", "receiver_relay",
+     r"lmtp\(\d+\): Connect from"),
     ("B's client: IDLE woke up (`Idle has NewData`)", "receiver_events",
      r"Idle has NewData"),
+    ("B's client: fetched, handed to receive_imf()", "receiver_events",
+     r"Passing message UID \d+ to receive_imf"),
+    ("B's client: message parsed and decrypted (`Receiving message`)", "receiver_events",
+     r"Receiving message"),
 ]
 
 
@@ -141,9 +148,10 @@ def summary_table(runs, labels):
 PARTS = [
     ("A's client: send call to the relay having the message", "start", 0),
     ("relay(s): submission to the LMTP delivery", 0, 2),
-    ("Dovecot's IDLE notification and the core waking up", 2, 3),
-    ("B's client: IDLE wake-up to the incoming-message event (fetch, decrypt, store)", 3,
-     "incoming"),
+    ("Dovecot: delivery and IDLE notification, until the core wakes", 2, 3),
+    ("B's client: IMAP FETCH", 3, 4),
+    ("B's client: parsing and decryption (MimeMessage::from_bytes)", 4, 5),
+    ("B's client: the rest of receive_imf until the incoming-message event", 5, "incoming"),
 ]
 
 
@@ -161,13 +169,29 @@ def part(sample, first, second):
 
 
 def write_report(path, title, sections):
-    """`path` (markdown) from the sections of every release measured so far, each kept in
-    a .json next to it (`sections`: {release: lines}; the run adds or replaces its own)."""
+    """`path` (markdown) from the sections of every release measured so far, kept in a
+    .sections.json next to it (`sections`: {release: {"header": lines, "labels": [...],
+    "raw": the run's .json}}; the run adds or replaces its own). The tables are made from
+    the samples each time, so a better analysis can be applied to earlier runs."""
     store = path.with_suffix(".sections.json")
     known = json.loads(store.read_text()) if store.exists() else {}
     known.update(sections)
     store.write_text(json.dumps(known, indent=1))
     text = [f"# {title}", ""]
     for release in sorted(known):
-        text += known[release] + [""]
+        section = known[release]
+        runs = json.loads((path.parent / section["raw"]).read_text())["runs"]
+        text += section["header"] + summary_table(runs, section["labels"]) + [""]
     path.write_text("\n".join(text))
+
+
+def rewrite_reports():
+    """Every report again from its stored sections and samples."""
+    for store in sorted(RESULTS.glob("*.sections.json")):
+        path = store.with_name(store.name.replace(".sections.json", ".md"))
+        text = path.read_text() if path.exists() else "# ?"
+        write_report(path, text.splitlines()[0].removeprefix("# "), {})
+
+
+if __name__ == "__main__":
+    rewrite_reports()
