@@ -108,7 +108,8 @@ def deltachat_meter(box, venv, pairs):
 def relay_journal(box, since):
     """(unix time, line) of the mail daemons' journal in `box` since unix time `since`;
     the clock is the host's, as the clients' (containers share the kernel)."""
-    out = box.run(f"journalctl --since @{since:.0f} -o short-unix --no-pager "
+    # Postfix logs under postfix@- on Debian 12, under postfix itself on Debian 13
+    out = box.run(f"journalctl --since @{since:.0f} -o short-unix --no-pager -u postfix "
                   "-u postfix@- -u dovecot -u filtermail -u filtermail-incoming",
                   check=False).stdout
     lines = []
