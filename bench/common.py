@@ -47,7 +47,7 @@ def installed_dovecot_version(box):
 def idle_status_line(status):
     """The line of `chatmail status` output that says how IDLE clients learn of new mail
     (the plugin, the patched build, or neither)."""
-    return next((line.strip() for line in status.splitlines()
+    return next((" ".join(line.split()) for line in status.splitlines()
                  if re.search(r"instant.IDLE|chatmail patch", line)), "?")
 
 
