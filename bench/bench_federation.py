@@ -20,6 +20,7 @@ per release) and federation-<debian12|debian13>.json (every sample).
 """
 
 import random
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,6 +42,21 @@ from latency_report import (  # noqa: E402
 LABELS = {"a": "ours", "b": "stock"}
 # pair index -> (label of the receiving relay, sending relay's key, receiving relay's key)
 WAYS = [("to ours", "b", "a"), ("to stock", "a", "b")]
+
+
+QUICKACK_HELP = ("an experiment, not the relay's configuration: both relays acknowledge "
+                 "TCP data at once (route option quickack), against the stall after STARTTLS "
+                 "(results/delivery-analysis.md)")
+
+
+def acknowledge_at_once(internet, relays):
+    """The route of each relay's network without delayed ACKs: the receiving side then
+    acknowledges the sender's TLS Finished at once, and Nagle no longer holds its EHLO."""
+    for key, box in relays.items():
+        internet_route = f"{box.address.rsplit('.', 1)[0]}.0/24"
+        subprocess.run(["ip", "-n", internet.namespace(f"relay-{key}"), "route", "replace",
+                        internet_route, "dev", "eth0", "proto", "kernel", "scope", "link",
+                        "src", box.address, "quickack", "1"], check=True)
 
 
 def relays_of(suite):
@@ -81,7 +97,7 @@ def measure(relays, venv, samples, gap):
 
 
 def main():
-    args = arguments(__doc__, RELEASE)
+    args = arguments(__doc__, RELEASE, [("--quickack", QUICKACK_HELP)])
     venv = deltachat_venv()
     load_before = load_line()
     started = time.monotonic()
@@ -89,8 +105,10 @@ def main():
         setup_seconds = time.monotonic() - started
         publish_dns(relays, internet)
         prepare(relays)
+        if args.quickack:
+            acknowledge_at_once(internet, relays)
         runs, core = measure(relays, venv, args.samples, args.gap)
-    release = RELEASE[args.suite]
+    release = RELEASE[args.suite] + ("-quickack" if args.quickack else "")
     lines = save_run("federation", args, release, core, runs, load_before) + [
         f"- relays: two {args.suite} containers (systemd-nspawn), each in its own network "
         "namespace on a bridge (tests/system/internet.py), chatmail-relay installed from "
@@ -109,6 +127,7 @@ def main():
         f"- {args.samples} samples per way after {WARMUP} discarded, alternating in random "
         f"order, {args.gap} s between samples; the clock runs from the send call to the "
         "receiver's incoming-message event (stamped when the client library receives it)",
+    ] + ([f"- with --quickack: {QUICKACK_HELP}"] if args.quickack else []) + [
         "",
     ]
     out = REPO / "bench" / "results" / "federation.md"

@@ -38,9 +38,12 @@ STAGES = [
 ]
 
 
-def arguments(doc, releases):
-    """--suite, --samples, --gap of bench_delivery.py and bench_federation.py."""
+def arguments(doc, releases, flags=()):
+    """--suite, --samples, --gap of bench_delivery.py and bench_federation.py, and the
+    script's own `flags` ((name, help) of on/off options)."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    for name, text in flags:
+        parser.add_argument(name, action="store_true", help=text)
     parser.add_argument("--suite", default="bookworm", choices=sorted(releases))
     parser.add_argument("--samples", type=int, default=60)
     parser.add_argument("--gap", type=float, default=1.0,
