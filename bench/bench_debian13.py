@@ -88,7 +88,7 @@ Measured by `bench/bench_debian13.py` on {datetime.now(timezone.utc):%Y-%m-%d %H
 "IDLE wake-up" (bench/idle_meter.py) is the time from the end of an LMTP delivery into
 Dovecot to the EXISTS an IDLE-ing IMAP client receives: where Dovecot's notification delay
 acts and where dovecot/instant-idle.patch removes it (0.3 ms with the patch on Debian 12,
-bench/results/delivery.md).
+measured by the earlier bench_delivery.py; bench/results/idle-plugin*.md for the plugin).
 """
     (REPO / "bench" / "results").mkdir(exist_ok=True)
     (REPO / "bench" / "results" / "debian13.md").write_text(report)
