@@ -1,71 +1,140 @@
 #!/usr/bin/python3
-"""Cross-relay delivery latency: two relays installed from dist/repo with ACME
-certificates from pebble, on the test network of tests/system/internet.py; a Delta Chat
-user on relay A writes to one on relay B (verified by SecureJoin, encrypted), one message
-at a time, and the time from send to B's incoming-message event is recorded. Needs root,
-nsd, pebble and `make build`. Writes bench/results/federation.md.
+"""Delta Chat A→B across two relays: the time from the sender's send call to the
+incoming-message event of the receiver's client on the other relay, real Delta Chat core
+on both ends, over the test network of tests/system/internet.py (DNS from nsd,
+certificates from pebble, as tests/system/test_federation.py).
 
-    /usr/bin/python3 bench/bench_federation.py [--messages 50]
+Two relays of one Debian release, each installed from dist/repo: relay-a.test `ours` (as
+installed: Debian's Dovecot with the instant-IDLE plugin) and relay-b.test `stock` (the
+plugin's file diverted away, `chatmail configure` run again). Two pairs of accounts: a
+sender on the stock relay writes to a receiver on ours ("to ours"), and a sender on ours to
+a receiver on the stock relay ("to stock"); what differs between the two ways is the
+receiving Dovecot (the sending relay's Dovecot is not on the way). Samples alternate
+between the pairs in random order, `--gap` seconds apart; the senders are bots (no send
+rate limiter, see bench/dc_meter.py). The clients run in relay a's container.
+
+Needs root, nsd, pebble and `make build`. Writes bench/results/federation.md (a section
+per release) and federation-<debian12|debian13>.json (every sample).
+
+    /usr/bin/python3 bench/bench_federation.py [--suite bookworm|trixie] [--samples 60]
 """
 
-import argparse
-import statistics
+import random
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
-from tests.system.container import DELTACHAT_VERSION  # noqa: E402
+from tests.system.container import DELTACHAT_VERSION, deltachat_venv  # noqa: E402
 from tests.system.internet import Internet  # noqa: E402
-from tests.system.test_federation import (  # noqa: E402
-    federated_relays, publish_dns, run_clients, setup_accounts)
+from tests.system.test_federation import federated_relays, publish_dns  # noqa: E402
 
-from common import machine_facts, percentile  # noqa: E402
+from bench_relay_latency import RELEASE, UNLIMITED, WITHOUT_PLUGIN  # noqa: E402
+from common import (  # noqa: E402
+    deltachat_meter, idle_status_line, installed_dovecot_version, relay_journal)
+from latency_report import (  # noqa: E402
+    WARMUP, arguments, load_line, save_run, split_journal, write_report)
 
+LABELS = {"a": "ours", "b": "stock"}
+# pair index -> (label of the receiving relay, sending relay's key, receiving relay's key)
+WAYS = [("to ours", "b", "a"), ("to stock", "a", "b")]
+
+
+QUICKACK_HELP = ("an experiment, not the relay's configuration: both relays acknowledge "
+                 "TCP data at once (route option quickack), against the stall after STARTTLS "
+                 "(results/delivery-analysis.md)")
+
+
+def acknowledge_at_once(internet, relays):
+    """The route of each relay's network without delayed ACKs: the receiving side then
+    acknowledges the sender's TLS Finished at once, and Nagle no longer holds its EHLO."""
+    for key, box in relays.items():
+        internet_route = f"{box.address.rsplit('.', 1)[0]}.0/24"
+        subprocess.run(["ip", "-n", internet.namespace(f"relay-{key}"), "route", "replace",
+                        internet_route, "dev", "eth0", "proto", "kernel", "scope", "link",
+                        "src", box.address, "quickack", "1"], check=True)
+
+
+def relays_of(suite):
+    return {"a": ("relay-a.test", "10.231.0.10", suite),
+            "b": ("relay-b.test", "10.231.0.11", suite)}
+
+
+def prepare(relays):
+    """Both relays: the one sender may send more than an admin would allow; b: stock."""
+    for key, box in relays.items():
+        box.run(UNLIMITED)
+        if LABELS[key] == "stock":
+            box.run(WITHOUT_PLUGIN)
+        box.status_line = idle_status_line(box.run("chatmail status", check=False).stdout)
+        box.dovecot = installed_dovecot_version(box)
+    assert "instant IDLE: plugin" in relays["a"].status_line, relays["a"].status_line
+    assert "instant IDLE: plugin" not in relays["b"].status_line, relays["b"].status_line
+
+
+def measure(relays, venv, samples, gap):
+    pairs = [{"sender": [relays[s].domain] * 2, "receiver": [relays[r].domain] * 2}
+             for _, s, r in WAYS]
+    meter = deltachat_meter(relays["a"], venv, pairs)
+    try:
+        core = meter.ask("setup")["version"]
+        since = time.time()
+        runs = {way: [] for way, _, _ in WAYS}
+        for number in range(WARMUP + samples):
+            for index in random.sample(range(len(WAYS)), len(WAYS)):
+                runs[WAYS[index][0]].append(meter.ask("sample", pair=index, n=number))
+                time.sleep(gap)
+    finally:
+        meter.close()
+    journals = {key: relay_journal(box, since - 1) for key, box in relays.items()}
+    for way, sender, receiver in WAYS:
+        split_journal(runs[way], journals[sender], journals[receiver])
+    return runs, core
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--messages", type=int, default=50)
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "federation.md")
-    args = parser.parse_args()
+    args = arguments(__doc__, RELEASE, [("--quickack", QUICKACK_HELP)])
+    venv = deltachat_venv()
+    load_before = load_line()
     started = time.monotonic()
-    with Internet() as internet, federated_relays(internet) as relays:
+    with Internet() as internet, federated_relays(internet, relays_of(args.suite)) as relays:
         setup_seconds = time.monotonic() - started
         publish_dns(relays, internet)
-        setup_accounts(relays)
-        latencies = run_clients(relays["a"], "bench", str(args.messages),
-                                timeout=60 + 30 * args.messages)["latencies"]
-    m = machine_facts()
-    median, p95 = statistics.median(latencies) * 1000, percentile(latencies, 0.95) * 1000
-    report = f"""# Cross-relay delivery latency
-
-Measured by `bench/bench_federation.py` on {m['date']}.
-
-- machine: {m['nproc']} CPUs ({m['cpu']}), {m['memory']}, Linux {m['kernel']}
-- relays: a Debian 12 and a Debian 13 container (systemd-nspawn), each in its own
-  network namespace on a bridge (tests/system/internet.py), chatmail-relay installed from dist/repo with
-  certificates from pebble (ACME, HTTP-01), DNS from nsd; both relays, DNS and the ACME
-  server share this machine's {m['nproc']} CPUs
-- clients: deltachat-rpc-server {DELTACHAT_VERSION} in relay A's container, alice on
-  relay A and bob on relay B, verified by SecureJoin; alice sends, one message at a time,
-  and the time until bob's client reports the incoming message is recorded
-  (submission to A, A's filter and DKIM signing, SMTP to B with verified TLS, B's DKIM
-  check and filter, LMTP, IMAP IDLE)
-
-| what | result |
-|---|---|
-| network, both containers, both installs with certificates | {setup_seconds:.0f} s |
-| messages | {len(latencies)} |
-| median A→B | {median:.0f} ms |
-| p95 A→B | {p95:.0f} ms |
-| min / max | {min(latencies) * 1000:.0f} / {max(latencies) * 1000:.0f} ms |
-"""
-    args.out.parent.mkdir(exist_ok=True)
-    args.out.write_text(report)
-    print(report)
+        prepare(relays)
+        if args.quickack:
+            acknowledge_at_once(internet, relays)
+        runs, core = measure(relays, venv, args.samples, args.gap)
+    release = RELEASE[args.suite] + ("-quickack" if args.quickack else "")
+    lines = save_run("federation", args, release, core, runs, load_before) + [
+        f"- relays: two {args.suite} containers (systemd-nspawn), each in its own network "
+        "namespace on a bridge (tests/system/internet.py), chatmail-relay installed from "
+        "dist/repo with certificates from pebble (ACME, HTTP-01), DNS from nsd "
+        f"({setup_seconds:.0f} s for both); Dovecot `{relays['a'].dovecot}` (Debian's "
+        f"build) in both; relay-a.test `ours` ({relays['a'].status_line}), relay-b.test "
+        f"`stock`: the plugin's .so diverted away and `chatmail configure` run again "
+        f"({relays['b'].status_line}); both relays, DNS and the ACME server share this "
+        "machine's CPUs",
+        f"- clients: deltachat-rpc-server {DELTACHAT_VERSION} (core {core}) in relay a's "
+        "container; \"to ours\": a sender on relay b writes to a receiver on relay a; "
+        "\"to stock\": a sender on relay a to a receiver on relay b; the senders are bots "
+        "(bot=1: the core's send rate limiter never holds them), the receivers normal "
+        "accounts, each pair verified by SecureJoin; the clients accept any certificate "
+        "(the core does not trust pebble's root), relay to relay TLS is verified",
+        f"- {args.samples} samples per way after {WARMUP} discarded, alternating in random "
+        f"order, {args.gap} s between samples; the clock runs from the send call to the "
+        "receiver's incoming-message event (stamped when the client library receives it)",
+    ] + ([f"- with --quickack: {QUICKACK_HELP}"] if args.quickack else []) + [
+        "",
+    ]
+    out = REPO / "bench" / "results" / "federation.md"
+    write_report(out, "Delta Chat A→B across two relays (bench_federation.py)",
+                 {release: {"header": lines, "labels": [way for way, _, _ in WAYS],
+                            "raw": f"federation-{release}.json"}})
+    print(out.read_text())
 
 
 if __name__ == "__main__":

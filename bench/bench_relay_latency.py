@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,7 +34,8 @@ sys.path.insert(0, str(REPO / "bench"))
 from tests.system.container import Container, build_rootfs  # noqa: E402
 from tests.system.test_install import DOMAIN, INSTALL  # noqa: E402
 
-from common import installed_dovecot_version, machine_facts, percentile  # noqa: E402
+from common import (  # noqa: E402
+    Agent, idle_status_line, installed_dovecot_version, machine_facts, percentile)
 
 PLUGIN = "/usr/lib/dovecot/modules/lib20_chatmail_instant_idle_plugin.so"
 HIBERNATE_TIMEOUT = 30  # the relay's imap_hibernate_timeout (conf/dovecot)
@@ -98,56 +98,45 @@ class Relay:
                                 "-f protocol=imap", check=False).stdout
             self.plugins = ("chatmail_instant_idle" if "chatmail_instant_idle" in conf
                             else "(without chatmail_instant_idle)")
-            self.status_line = next((line.strip() for line in self.status.splitlines()
-                                     if "Dovecot" in line), "?")
+            self.status_line = idle_status_line(self.status)
         except Exception as error:  # noqa: BLE001 - raised in the main thread
             self.error = error
 
     meter = "relay_meter.py"  # the client in bench/ that start_agent runs inside
 
     def start_agent(self):
-        self.agent = subprocess.Popen(
-            ["nsenter", "-t", str(self.box.leader), "-a", "env", "-i",
-             "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8",
-             "python3", f"{BENCH_MOUNT}/{self.meter}", DOMAIN],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.agent = Agent(self.box, ["python3", f"{BENCH_MOUNT}/{self.meter}", DOMAIN],
+                           f"{self.label}: {self.meter}")
 
     def ask(self, verb, **args):
-        self.agent.stdin.write(json.dumps({"do": verb, **args}) + "\n")
-        self.agent.stdin.flush()
-        line = self.agent.stdout.readline()
-        if not line:
-            raise RuntimeError(f"{self.label}: relay_meter.py ended")
-        reply = json.loads(line)
-        if "error" in reply:
-            raise RuntimeError(f"{self.label}: {verb}: {reply['error']}")
-        return reply
+        return self.agent.ask(verb, **args)
 
     def stop(self):
-        if self.agent and self.agent.poll() is None:
-            try:
-                self.agent.stdin.write('{"do": "quit"}\n')
-                self.agent.stdin.close()
-                self.agent.wait(10)
-            except (OSError, subprocess.TimeoutExpired):
-                self.agent.kill()
+        if self.agent:
+            self.agent.close(10)
         self.box.stop()
+
+
+def install_pair(relays):
+    """Install `ours` and `stock` (relays[0], relays[1]) in parallel; check each is what
+    its name says."""
+    threads = [threading.Thread(target=r.install) for r in relays]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in relays:
+        if r.error:
+            raise r.error
+    assert "instant IDLE: plugin" in relays[0].status, relays[0].status
+    assert "instant IDLE: plugin" not in relays[1].status, relays[1].status
 
 
 def run(suite, samples, rounds, per_round):
     relays = [Relay("ours", suite), Relay("stock", suite)]
     runs = {r.label: {"idle": [], "hibernated": [], "imap_before_wake": []} for r in relays}
     try:
-        threads = [threading.Thread(target=r.install) for r in relays]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        for r in relays:
-            if r.error:
-                raise r.error
-        assert "instant IDLE: plugin" in relays[0].status, relays[0].status
-        assert "instant IDLE: plugin" not in relays[1].status, relays[1].status
+        install_pair(relays)
         for r in relays:
             r.since = r.box.run("date +%s").stdout.strip()
             r.start_agent()

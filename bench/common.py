@@ -5,6 +5,8 @@ import datetime
 import json
 import os
 import platform
+import re
+import subprocess
 from pathlib import Path
 
 
@@ -42,9 +44,71 @@ def installed_dovecot_version(box):
     return box.run("dpkg-query -W -f '${Version}' dovecot-core").stdout
 
 
-def idle_wakeups(box, domain, count):
-    """Seconds from the end of each of `count` LMTP deliveries to the EXISTS an IDLE-ing
-    client gets, measured in container `box` by idle_meter.py."""
-    script = (Path(__file__).resolve().parent / "idle_meter.py").read_text()
-    out = box.run(f"python3 - {domain} {count}", input=script, timeout=300)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def idle_status_line(status):
+    """The line of `chatmail status` output that says how IDLE clients learn of new mail
+    (the plugin, the patched build, or neither)."""
+    return next((" ".join(line.split()) for line in status.splitlines()
+                 if re.search(r"instant.IDLE|chatmail patch", line)), "?")
+
+
+class Agent:
+    """A measuring script started inside container `box` (all its namespaces, a clean
+    environment), spoken to in JSON lines: {"do": verb, ...} in, one reply out."""
+
+    def __init__(self, box, command, name):
+        self.name = name
+        self.process = subprocess.Popen(
+            ["nsenter", "-t", str(box.leader), "-a", "env", "-i",
+             "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8", *command],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def ask(self, verb, **args):
+        self.process.stdin.write(json.dumps({"do": verb, **args}) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.name} ended")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"{self.name}: {verb}: {reply['error']}")
+        return reply
+
+    def close(self, timeout=30):
+        if self.process.poll() is None:
+            try:
+                self.process.stdin.write('{"do": "quit"}\n')
+                self.process.stdin.close()
+                self.process.wait(timeout)
+            except (OSError, subprocess.TimeoutExpired):
+                self.process.kill()
+
+
+def deltachat_meter(box, venv, pairs):
+    """bench/dc_meter.py as an Agent in container `box`, with the Delta Chat virtualenv
+    (mounted at the same path): accounts for `pairs` (see there), one message a sample."""
+    here = Path(__file__).resolve().parent
+    script = ((here.parent / "tests" / "system" / "deltachat_pair.py").read_text()
+              + (here / "dc_meter.py").read_text())
+    box.run("cat >/root/dc_meter.py", input=script)
+    # The container's python3 with the venv's packages (pure Python, and the rpc server a
+    # static binary): the venv's own interpreter, Debian 12's 3.11, is not in Debian 13.
+    [site] = Path(venv).glob("lib/python3*/site-packages")
+    return Agent(box, [f"PYTHONPATH={site}", "python3", "/root/dc_meter.py",
+                       pairs[0]["sender"][0], str(venv), json.dumps(pairs)], "dc_meter.py")
+
+
+def relay_journal(box, since):
+    """(unix time, line) of the mail daemons' journal in `box` since unix time `since`;
+    the clock is the host's, as the clients' (containers share the kernel)."""
+    # Postfix logs under postfix@- on Debian 12, under postfix itself on Debian 13
+    out = box.run(f"journalctl --since @{since:.0f} -o short-unix --no-pager -u postfix "
+                  "-u postfix@- -u dovecot -u filtermail -u filtermail-incoming",
+                  check=False).stdout
+    lines = []
+    for line in out.splitlines():
+        stamp, _, rest = line.partition(" ")
+        try:
+            lines.append((float(stamp), rest))
+        except ValueError:
+            continue
+    return lines

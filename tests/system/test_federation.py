@@ -77,14 +77,14 @@ def internet():
 
 
 @contextlib.contextmanager
-def federated_relays(internet):
+def federated_relays(internet, relays=RELAYS):
     """{"a": container, "b": container}, each in its namespace of `internet`, on its
-    Debian release (RELAYS), installed with tls_mode acme; the Delta Chat venv is mounted
-    in both (clients run in a's)."""
+    Debian release (`relays`, like RELAYS), installed with tls_mode acme; the Delta Chat
+    venv is mounted in both (clients run in a's)."""
     venv = deltachat_venv()
     boxes = {}
     try:
-        for key, (domain, address, suite) in RELAYS.items():
+        for key, (domain, address, suite) in relays.items():
             namespace = internet.add_host(f"relay-{key}", address)
             internet.set_zone(domain, bootstrap_records(domain, address))
             box = Container(f"relay-{key}-{os.getpid()}", rootfs_of(suite),
@@ -310,16 +310,6 @@ with open_rpc(VENV, ACCOUNTS) as rpc:
         result["states"] = [m.get_snapshot().state for m in msgs]
     elif MODE == "receive":  # wait for ARGS as texts at bob
         result["received"] = wait_for_texts(bob, alice, ARGS, 120)
-    elif MODE == "bench":  # N round trips a -> b, one at a time
-        chat, latencies = alice.create_chat(bob), []
-        for i in range(int(ARGS[0])):
-            text = f"bench {i} {time.time()}"
-            started = time.monotonic()
-            chat.send_text(text)
-            while bob.wait_for_incoming_msg().get_snapshot().text != text:
-                pass
-            latencies.append(time.monotonic() - started)
-        result["latencies"] = latencies
 print(json.dumps(result))
 '''
 
