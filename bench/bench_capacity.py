@@ -190,6 +190,11 @@ def report(suite, options, found, facts, load):
               f"| connections closed by the relay | 0 | {found['closed'] or 'none'} |",
               f"| sample errors | 0 | {found.get('sample_errors') or 'none'} |",
               f"| the load generator's own peak RSS | | {mb(found['meter_maxrss_kb'])} MB |",
+              "| CPU seconds used while logging in, by process name | | " + ", ".join(
+                  f"{k} {v}" for k, v in sorted(found.get("login_cpu", {}).items(),
+                                                key=lambda item: -item[1])) + " |",
+              "| most seen while logging in | | " + ", ".join(
+                  f"{k} {v}" for k, v in found.get("peaks", {}).items()) + " |",
               "", "## Memory", "",
               "Before: after the install, before the first client; held: all clients "
               "connected and hibernated. RSS counts shared pages in every process that "
@@ -223,7 +228,8 @@ def main():
     before = uptime()
     found = measure(options.suite, options.count, options.samples, options.parallel,
                     options.deadline)
-    text = report(options.suite, options, found, machine_facts(), (before, uptime()))
+    found["machine"], found["load"] = machine_facts(), (before, uptime())
+    text = report(options.suite, options, found, found["machine"], found["load"])
     name = "capacity" if options.suite == "bookworm" else f"capacity-{RELEASE[options.suite]}"
     out = REPO / "bench" / "results" / f"{name}.md"
     out.write_text(text)

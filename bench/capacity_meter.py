@@ -15,6 +15,7 @@ Usage: capacity_meter.py DOMAIN COUNT SAMPLES [--parallel N] [--deadline S]"""
 import argparse
 import asyncio
 import json
+import os
 import random
 import resource
 import ssl
@@ -121,6 +122,50 @@ async def log_in(clients, parallel, deadline):
     return failures, (done[-1] - started) if done else 0, len(done)
 
 
+def threads(comm_or_unit):
+    """Threads of the processes whose command line names `comm_or_unit`."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and comm_or_unit.encode() in (entry / "cmdline").read_bytes():
+                status = (entry / "status").read_text()
+                total += int(status.split("Threads:")[1].split()[0])
+        except (OSError, IndexError):
+            pass
+    return total
+
+
+async def watch_peaks(peaks):
+    """The most imap processes (logged in, not yet hibernated) and the most threads of
+    our dict daemons seen while clients log in; until cancelled."""
+    while True:
+        for key, value in (("imap processes", count_comm("imap")),
+                           ("doveauth threads", threads("doveauth")),
+                           ("lastlogin threads", threads("lastlogin"))):
+            peaks[key] = max(peaks.get(key, 0), value)
+        await asyncio.sleep(1)
+
+
+def cpu_seconds():
+    """CPU time (user + system) used so far, per process name: where a phase's CPU went
+    is the difference of two of these."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    used = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit():
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                name = _comm(entry)
+                used[name] = used.get(name, 0) + (int(fields[11]) + int(fields[12])) / ticks
+                # children that ended and were waited for (the imap processes that
+                # hibernated count in their master's)
+                ended = f"{name}'s ended children"
+                used[ended] = used.get(ended, 0) + (int(fields[13]) + int(fields[14])) / ticks
+        except (OSError, IndexError, ValueError):
+            pass
+    return used
+
+
 def held(clients):
     return [c for c in clients if c.reader and c.closed is None]
 
@@ -213,7 +258,15 @@ async def run(domain, count, samples, parallel, deadline):
     await prepare(domain, [c.address for c in sampled])
     result["before"] = memory()
     log(f"logging in {count} clients, {parallel} at a time")
+    peaks = result["peaks"] = {}
+    watcher = asyncio.create_task(watch_peaks(peaks))
+    cpu_before = cpu_seconds()
     failures, seconds, logged_in = await log_in(clients, parallel, deadline)
+    watcher.cancel()
+    cpu_after = cpu_seconds()
+    result["login_cpu"] = {name: round(cpu_after[name] - cpu_before.get(name, 0), 1)
+                           for name in cpu_after
+                           if cpu_after[name] - cpu_before.get(name, 0) >= 0.5}
     result.update(failures=failures, login_seconds=seconds, logged_in=logged_in)
     log(f"{logged_in} logged in in {seconds:.1f} s; failures {failures}")
     await asyncio.sleep(HIBERNATE_TIMEOUT)
