@@ -251,6 +251,39 @@ def fd_count(comm):
     return total
 
 
+def per_process(comm):
+    """For each process named `comm`: its open descriptors, private memory (USS) and
+    the resident part of its heap, in kB; one connection's cost is the slope of memory
+    over descriptors across the processes."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not (entry.name.isdigit() and _comm(entry) == comm):
+            continue
+        try:
+            fds = sum(1 for _ in (entry / "fd").iterdir())
+            heap = anon = 0
+            region = None
+            for line in (entry / "smaps").read_text().splitlines():
+                if not line[0].isupper():
+                    region = line.split()[5] if len(line.split()) > 5 else ""
+                elif line.startswith("Rss:"):
+                    kb = int(line.split()[1])
+                    heap += kb if region == "[heap]" else 0
+                    anon += kb if region == "" else 0
+            uss = memory_of(entry.name)
+            found.append({"pid": int(entry.name), "fds": fds, "uss_kb": uss,
+                          "heap_kb": heap, "anon_kb": anon})
+        except (OSError, ValueError, IndexError):
+            pass
+    return found
+
+
+def memory_of(pid):
+    values = dict(line.split(":", 1) for line in
+                  Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:])
+    return sum(int(values[k].split()[0]) for k in ("Private_Clean", "Private_Dirty"))
+
+
 async def run(domain, count, samples, parallel, deadline):
     clients = [Client(f"{NAME.format(i)}@{domain}") for i in range(count)]
     sampled = random.sample(clients, min(samples, count))
@@ -275,6 +308,8 @@ async def run(domain, count, samples, parallel, deadline):
     result["hibernated"] = memory()
     result["fds"] = {c: fd_count(c) for c in ("imap-login", "imap-hibernate", "auth",
                                               "anvil", "dovecot")}
+    result["per_process"] = {c: per_process(c) for c in ("imap-login", "imap-hibernate",
+                                                          "stats", "auth")}
     log(f"{result['held_hibernated']} held, {result['imap_left']} imap processes left")
     for number, client in enumerate(sampled, 1):
         if time.monotonic() > deadline or client.closed:
