@@ -145,6 +145,38 @@ def memory_table(found):
     return lines, total
 
 
+def slope(points):
+    """Least-squares slope and intercept of y over x."""
+    n = len(points)
+    mean_x = sum(x for x, _ in points) / n
+    mean_y = sum(y for _, y in points) / n
+    spread = sum((x - mean_x) ** 2 for x, _ in points)
+    if not spread:
+        return None, None
+    k = sum((x - mean_x) * (y - mean_y) for x, y in points) / spread
+    return k, mean_y - k * mean_x
+
+
+def per_connection(found):
+    """What one more connection costs inside one imap-login process: the slope of its
+    private memory (and heap) over its connections (two descriptors each), across the
+    processes, which hold different numbers of them."""
+    processes = found.get("per_process", {}).get("imap-login", [])
+    if len(processes) < 3:
+        return []
+    lines = ["", "imap-login, per process: connections (descriptors / 2), private memory "
+             "(USS) and resident heap, MB:", "",
+             "| connections | USS MB | heap MB | anonymous mappings MB |", "|---|---|---|---|"]
+    lines += [f"| {p['fds'] // 2} | {mb(p['uss_kb'])} | {mb(p['heap_kb'])} | "
+              f"{mb(p['anon_kb'])} |" for p in sorted(processes, key=lambda p: p["fds"])]
+    for key in ("uss_kb", "heap_kb"):
+        k, base = slope([(p["fds"] / 2, p[key]) for p in processes])
+        if k is not None:
+            lines.append(f"\n{key.split('_')[0]}: {k:.1f} KB per connection "
+                         f"(least squares; {base / 1024:.1f} MB at none)")
+    return lines
+
+
 def report(suite, options, found, facts, load):
     samples = found["samples"]
     wakeups = [s["exists"] for s in samples]
@@ -200,7 +232,7 @@ def report(suite, options, found, facts, load):
               "connected and hibernated. RSS counts shared pages in every process that "
               "maps them; PSS divides them among the sharers (the sum is what the relay "
               "occupies). Per connection: (held - before) / connections held.", ""]
-    lines += memory + ["", "File descriptors open, all clients held: " + ", ".join(
+    lines += memory + per_connection(found) + ["", "File descriptors open, all clients held: " + ", ".join(
         f"{k} {v}" for k, v in found["fds"].items()), "", "## Limits in effect", "",
         "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in found["facts"].items()]
