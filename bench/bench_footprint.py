@@ -13,7 +13,6 @@ wait after `chatmail status` is all good). Writes bench/results/footprint.md and
 import json
 import os
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -22,13 +21,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from tests.system.container import Container, build_rootfs  # noqa: E402
 from tests.system.test_install import INSTALL  # noqa: E402
 
-from common import machine_facts  # noqa: E402
+from common import BENCH_MOUNT, booted, machine_facts  # noqa: E402
 
 SUITES = {"bookworm": "Debian 12", "trixie": "Debian 13"}
-BENCH_MOUNT = "/srv/bench"
 OURS = ("doveauth.service", "lastlogin.service", "chatmail-metadata.service",
         "filtermail.service", "filtermail-incoming.service")
 RELAY = ("postfix", "dovecot", "nginx", "opendkim", "coturn", "unbound", "mtail")
@@ -36,27 +33,10 @@ PACKAGES = ("postfix", "dovecot-core", "nginx", "opendkim", "coturn", "python3",
             "python3-chatmaild", "python3-aiosmtpd", "python3-dkim", "python3-dnspython")
 
 
-def booted(suite, attempts=3):
-    """A booted container; a new one when a boot fails (on this busy host: systemd not
-    answering, or the stand-in archive's apt lists locked by another test)."""
-    for attempt in range(attempts):
-        box = Container(f"fp-{suite}-{os.getpid()}-{attempt}", build_rootfs(suite),
-                        tempfile.mkdtemp(prefix=f"chatmail-fp-{suite}-", dir="/var/tmp"),
-                        binds=[(REPO / "bench", BENCH_MOUNT)], suite=suite)
-        try:
-            box.boot()
-            return box
-        except Exception:  # noqa: BLE001 - the last one is raised
-            box.stop()
-            if attempt == attempts - 1:
-                raise
-            time.sleep(10)
-
-
 def measure(suite, settle, results):
     box = None
     try:
-        box = booted(suite)
+        box = booted("fp", suite)
         box.run(INSTALL, timeout=900)
         deadline = time.monotonic() + 120
         while box.run("chatmail status", check=False).returncode != 0:

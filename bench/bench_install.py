@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """README's install commands on Debian 12 and Debian 13, side by side: the time from the
 first command to `chatmail status` reporting the relay all good, in fresh containers of
-tests/system (booted by its conftest), rounds alternating between the releases in random
+tests/system (bench/common.py's booted), rounds alternating between the releases in random
 order. Needs root and `make build`. Writes bench/results/install.md."""
 
 import random
@@ -13,10 +13,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.system.conftest import booted  # noqa: E402
 from tests.system.test_install import DOMAIN, INSTALL  # noqa: E402
 
-from common import installed_dovecot_version, machine_facts  # noqa: E402
+from common import booted, installed_dovecot_version, machine_facts  # noqa: E402
 
 ROUNDS = 3
 SUITES = {"bookworm": "Debian 12", "trixie": "Debian 13"}
@@ -33,11 +32,14 @@ def wait_until_status_is_good(box, timeout=120):
 def timed_install(suite, number):
     """Seconds from README's first install command to a good `chatmail status`, and the
     Dovecot version installed, in a fresh container of SUITE."""
-    with booted(f"bench-install-{suite}-{number}", suite) as box:
+    box = booted(f"install{number}", suite)
+    try:
         start = time.monotonic()
         box.run(INSTALL, timeout=900)
         wait_until_status_is_good(box)
         return time.monotonic() - start, installed_dovecot_version(box)
+    finally:
+        box.stop()
 
 
 def measure():

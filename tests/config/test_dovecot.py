@@ -406,6 +406,22 @@ def test_systemd_dropin(relay_config, platform, render):
     assert "\nEnvironment=TZ=:/etc/localtime\n" in text
 
 
+def test_open_files_cover_a_full_imap_hibernate_process(relay_config, platform, render):
+    """A hibernated client holds two file descriptors in imap-hibernate (its connection
+    and its mailbox's notify fd): one process at its client_limit must not run out of
+    them, with systemd's LimitNOFILE and with OpenRC's rc_ulimit alike, or a client
+    fails to hibernate and wakes up late (bench/results/capacity-before-limits.md)."""
+    if relay_config.imap_compress:
+        pytest.skip("a compressed session never hibernates")
+    files = render("dovecot", relay_config, platform)
+    limit = int(settings(files, platform, "service/imap-hibernate/client_limit")[
+        "service/imap-hibernate/client_limit"])
+    spare = 100  # listeners, log, stats, anvil and the master's connections
+    assert 2 * limit + spare <= int(dropin_command(files, "LimitNOFILE"))
+    ulimit = re.search(r'rc_ulimit="\$\{rc_ulimit:--n (\d+)\}"', OUR_INITD.read_text())
+    assert 2 * limit + spare <= int(ulimit.group(1))
+
+
 def test_no_debian_conffile_is_written_or_read(relay_config, platform, render):
     """No file of Debian's dovecot-core (conffiles) is written or read."""
     files = render("dovecot", relay_config, platform)
