@@ -304,6 +304,10 @@ def verify_signatures(verifier, signatures, dnsfunc):
         index, domain = signature.index, signature.domain
         try:
             if verifier.verify(idx=index, dnsfunc=dnsfunc):
+                # which key vouched for the message: what an admin (or a test) checks
+                # when a relay moves or rotates its key
+                log.info("DKIM signature of d=%s verified with key %s", domain,
+                         signature.key_name)
                 return None
         except DnsTemporaryError as exc:
             log.warning("DKIM key lookup failed temporarily: %s", exc)

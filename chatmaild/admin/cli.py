@@ -87,6 +87,12 @@ at the domain's authoritative servers and, once they serve it, switches to the n
 The old key's record must stay published for 7 more days: 'chatmail dns' and 'chatmail
 dkim status' say when it may go. Needs root."""
 
+DKIM_DAILY_HELP = """\
+What the relay's daily job (chatmail-dkim.timer; /etc/periodic/daily on Alpine) runs:
+switch to the new key of a pending rotation once the domain's DNS serves its record (as
+'chatmail dkim rotate' would), and delete the private keys of replaced keys whose grace
+period of 7 days is over. It never starts a rotation. Needs root."""
+
 DKIM_STATUS_HELP = """\
 Show the selector the relay signs with, a pending rotation, and which old DKIM records
 may be removed when."""
@@ -189,6 +195,13 @@ def build_parser():
     rotate.add_argument("--dry-run", action="store_true",
                         help="say what would be done, change nothing")
     add_nameserver_options(rotate)
+    daily = dkim_commands.add_parser(
+        "daily", help="complete a pending rotation, delete keys past their grace period",
+        description=DKIM_DAILY_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    daily.set_defaults(handler=cmd_dkim_daily)
+    daily.add_argument("--dry-run", action="store_true",
+                       help="say what would be done, change nothing")
+    add_nameserver_options(daily)
     dkim_commands.add_parser(
         "status", help="show the DKIM keys", description=DKIM_STATUS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -466,12 +479,22 @@ def cmd_dkim_status(args):
 
 
 def cmd_dkim_rotate(args):
+    return run_rotation(args, "rotate", lambda rotation: rotation.rotate(now_switch=args.now))
+
+
+def cmd_dkim_daily(args):
+    return run_rotation(args, "daily", lambda rotation: rotation.daily())
+
+
+def run_rotation(args, name, act_on):
+    """`chatmail dkim NAME`: ACT_ON(the Rotation) returns whether signing switched; then
+    OpenDKIM's tables name the new key: they are written and OpenDKIM reloaded."""
     from .configure import ConfigureFailed, configure
     from .dkimrotate import Rotation, RotationError, default_resolver
     from .host import CommandFailed, Host
 
     if os.geteuid() != 0 and not args.dry_run:
-        error("dkim rotate makes and switches keys: run it as root")
+        error(f"dkim {name} makes, switches and deletes keys: run it as root")
         return EXIT_FAILURE
     loaded = load_config_and_platform(args.config)
     if loaded is None:
@@ -481,10 +504,8 @@ def cmd_dkim_rotate(args):
                         default_resolver(config, args.nameserver, args.nameserver_port),
                         dry_run=args.dry_run)
     try:
-        if not rotation.rotate(now_switch=args.now):
-            return EXIT_OK
-        # OpenDKIM's tables name the new key: write them and reload it.
-        configure(config, platform, steps=["files", "services"])
+        if act_on(rotation):
+            configure(config, platform, steps=["files", "services"])
     except (RotationError, CommandFailed, ConfigureFailed, OSError) as exc:
         error(str(exc))
         return EXIT_FAILURE

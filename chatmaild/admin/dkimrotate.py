@@ -14,6 +14,11 @@ needed for a while (mail signed with it may still be on its way or waiting in a 
 so `chatmail dns` and `chatmail dkim status` say from when on it may be removed:
 RETIRED_GRACE after the switch.
 
+`chatmail dkim daily` (the relay's daily job) does the rest without the admin: it
+switches once DNS serves the pending key's record, and deletes the private key of a
+retired key whose grace period is over (nothing signs with it since the switch; its line
+stays, so `chatmail dns` and `chatmail dkim status` go on saying its record can go).
+
 The keys are listed in <state_dir>/dkim-keys, one line each:
 
     DOMAIN SELECTOR STATE SINCE KEYFILE
@@ -282,6 +287,37 @@ class Rotation:
         if keys.pending is None or not self.published(keys):
             return False
         return self.switch(keys)
+
+    def prune(self):
+        """Delete the private keys of retired keys whose grace period is over; returns
+        the keys deleted. A key file the active or pending key also names stays."""
+        if self.config.ipv4_relay:
+            return []
+        keys = DomainKeys.load(self.config, self.platform, self.host)
+        in_use = {keys.active.path, keys.pending.path if keys.pending else None}
+        now = int(self.now())
+        deleted = []
+        for key in keys.retired:
+            path = self.host.path(key.path)
+            if now < key.removable_after or key.path in in_use or not path.exists():
+                continue
+            if self.dry_run:
+                self.out(f"Would delete the retired DKIM key {key.path} (selector "
+                         f"{key.selector}); nothing changed (--dry-run).")
+                continue
+            path.unlink()
+            deleted.append(key)
+            self.out(f"Deleted the retired DKIM key {key.path} (selector {key.selector}): "
+                     f"its grace period ended {format_time(key.removable_after)}. Remove "
+                     f"its record {key.record_name} if it is still published.")
+        return deleted
+
+    def daily(self):
+        """The daily job: switch to a pending key whose record DNS serves, then delete
+        retired keys past their grace period; returns whether signing switched."""
+        switched = self.complete()
+        self.prune()
+        return switched
 
     def rotate(self, now_switch=False):
         """`chatmail dkim rotate`: start a rotation or go on with the pending one;

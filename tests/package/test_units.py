@@ -56,11 +56,12 @@ DOVECOT_DICT_USERS = {
 # A platform with each Dovecot version.
 DOVECOT_PLATFORMS = {"2.3": "debian12", "2.4": "debian13"}
 TIMERS = {"chatmail-expire.timer": "*-*-* 00:02:00", "chatmail-fsreport.timer": "*-*-* 08:02:00",
-          "chatmail-backup.timer": "*-*-* 03:12:00"}
-# The daily job that runs as root (it reads every key), with the admin command.
+          "chatmail-backup.timer": "*-*-* 03:12:00", "chatmail-dkim.timer": "*-*-* 04:22:00"}
+# The daily jobs that run as root (they read every key), with the admin command.
 BACKUP_UNIT, BACKUP_EXEC_START = "chatmail-backup.service", "/usr/bin/chatmail backup --daily"
+DKIM_UNIT, DKIM_EXEC_START = "chatmail-dkim.service", "/usr/bin/chatmail dkim daily"
 # Timers that catch up on a day the relay was down.
-PERSISTENT_TIMERS = ("chatmail-fsreport.timer", "chatmail-backup.timer")
+PERSISTENT_TIMERS = ("chatmail-fsreport.timer", "chatmail-backup.timer", "chatmail-dkim.timer")
 # socket -> the chatmail.ini setting of its port (socket activation of the filters)
 SOCKETS = {"filtermail.socket": "filtermail_smtp_port",
            "filtermail-incoming.socket": "filtermail_smtp_port_incoming"}
@@ -111,7 +112,7 @@ def libexec_daemons():
 
 
 def test_every_unit_is_there(units):
-    assert set(units) == set(EXEC_START) | set(TIMERS) | set(SOCKETS) | {BACKUP_UNIT}
+    assert set(units) == set(EXEC_START) | set(TIMERS) | set(SOCKETS) | {BACKUP_UNIT, DKIM_UNIT}
 
 
 @pytest.mark.parametrize("unit", sorted(EXEC_START))
@@ -249,6 +250,17 @@ def test_backup_runs_the_admin_command_as_root_writing_nowhere_but_backup_dir(un
     assert "ReadWritePaths=/srv/backups" in lines
     assert render_component("backup", make_config(backup_dir="/srv/backups"),
                             load_platform("alpine")) == []
+
+
+def test_dkim_upkeep_runs_the_admin_command_as_root(units):
+    """It deletes OpenDKIM's keys and, switching, rewrites its tables in /etc/dkimkeys
+    and reloads it: root, /etc writable, the network for DNS."""
+    service = units[DKIM_UNIT]["Service"]
+    assert service["ExecStart"] == DKIM_EXEC_START
+    assert "User" not in service
+    assert units[DKIM_UNIT]["Unit"]["ConditionPathExists"] == INI
+    assert service["ProtectSystem"] == "true" and service["NoNewPrivileges"] == "yes"
+    assert "PrivateNetwork" not in service and "CapabilityBoundingSet" not in service
 
 
 @pytest.mark.parametrize("unit", sorted(EXEC_START))

@@ -160,3 +160,21 @@ def test_a_second_rotation_switches_through_the_command(published, internet):
     status = a.run("chatmail dkim status").stdout
     assert re.search(rf"^signing with selector {selector} ", status, re.M), status
     assert re.findall(r"^retired: selector \S+: keep its record", status, re.M), status
+
+
+def test_the_daily_job_switches_once_dns_serves_the_record(published, internet):
+    """The admin publishes the new record and does nothing else: chatmail-dkim.service
+    (its timer's daily run) switches, writes OpenDKIM's tables and reloads it."""
+    a, b = published["a"], published["b"]
+    out = a.run("chatmail dkim rotate").stdout
+    selector = re.search(r"selector (dkim\d{8}(-\d+)?)", out).group(1)
+    a.run("systemctl is-enabled --quiet chatmail-dkim.timer")
+    a.run("systemctl start chatmail-dkim.service")  # before the record: nothing changes
+    assert key_table(a)[0] != f"{selector}._domainkey.relay-a.test"
+    publish_dns({"a": a}, internet)
+    a.run("systemctl start chatmail-dkim.service")
+    log = a.run("journalctl -u chatmail-dkim.service -o cat --no-pager").stdout
+    assert f"Switched: mail is signed with {selector} from now on." in log, log
+    assert key_table(a)[0] == f"{selector}._domainkey.relay-a.test"
+    sender = account(a, "rotsend03")
+    assert sent_and_signed(a, sender, account(b, "daily0001")) == selector

@@ -76,6 +76,42 @@ def internet():
             signal.signal(signum, handler)
 
 
+def network_container(internet, name, domain, address, suite, venv):
+    """A container (not booted) for host `name` of `internet` at `address`, resolving
+    through the test DNS server, with the Delta Chat `venv` mounted; box.domain,
+    box.address and box.venv say what it is."""
+    namespace = internet.add_host(name, address)
+    box = Container(f"{name}-{os.getpid()}", rootfs_of(suite),
+                    tempfile.mkdtemp(prefix="chatmail-system-", dir="/var/tmp"),
+                    binds=[(venv, venv)], netns=namespace,
+                    resolv_conf=internet.resolv_conf(), suite=suite)
+    box.domain, box.address, box.venv = domain, address, str(venv)
+    return box
+
+
+def trust_test_network(box, internet):
+    """The test network's CAs (pebble's roots among them) in the box's system store, as a
+    real relay trusts the real CAs: Postfix verifies the other relays' certificates."""
+    for name, pem in internet.ca_certificates().items():
+        box.run(f"cat >/usr/local/share/ca-certificates/{name}", input=pem)
+    box.run("update-ca-certificates >/dev/null 2>&1")
+
+
+def install_acme_relay(box, internet):
+    """README's install of box (booted) with tls_mode acme, its certificate from pebble;
+    the install's result (not checked)."""
+    return box.run(acme_install_script(box.domain, internet.directory_url)
+                   # Postfix says how it secured each delivery
+                   + "postconf -e smtp_tls_loglevel=1 && postfix reload\n",
+                   check=False, timeout=900)
+
+
+def assert_installed(key, result):
+    assert result and result.returncode == 0, (
+        f"install on relay {key}:\n{result.stdout[-5000:]}{result.stderr[-3000:]}"
+        if result else f"install on relay {key} did not finish")
+
+
 @contextlib.contextmanager
 def federated_relays(internet, relays=RELAYS):
     """{"a": container, "b": container}, each in its namespace of `internet`, on its
@@ -85,26 +121,15 @@ def federated_relays(internet, relays=RELAYS):
     boxes = {}
     try:
         for key, (domain, address, suite) in relays.items():
-            namespace = internet.add_host(f"relay-{key}", address)
+            box = boxes[key] = network_container(internet, f"relay-{key}", domain, address,
+                                                 suite, venv)
             internet.set_zone(domain, bootstrap_records(domain, address))
-            box = Container(f"relay-{key}-{os.getpid()}", rootfs_of(suite),
-                            tempfile.mkdtemp(prefix="chatmail-system-", dir="/var/tmp"),
-                            binds=[(venv, venv)], netns=namespace,
-                            resolv_conf=internet.resolv_conf(), suite=suite)
-            boxes[key] = box
-            box.domain, box.address, box.venv = domain, address, str(venv)
             box.boot()
-            for name, pem in internet.ca_certificates().items():
-                box.run(f"cat >/usr/local/share/ca-certificates/{name}", input=pem)
-            box.run("update-ca-certificates >/dev/null 2>&1")
+            trust_test_network(box, internet)
         results = {}
 
         def install(key):
-            box = boxes[key]
-            results[key] = box.run(acme_install_script(box.domain, internet.directory_url)
-                                   # Postfix says how it secured each delivery
-                                   + "postconf -e smtp_tls_loglevel=1 && postfix reload\n",
-                                   check=False, timeout=900)
+            results[key] = install_acme_relay(boxes[key], internet)
 
         # daemon threads: an interrupted test must not wait for the installs to end
         threads = [threading.Thread(target=install, args=(key,), daemon=True)
@@ -114,10 +139,7 @@ def federated_relays(internet, relays=RELAYS):
         for thread in threads:
             thread.join()
         for key in boxes:
-            result = results.get(key)
-            assert result and result.returncode == 0, (
-                f"install on relay {key}:\n{result.stdout[-5000:]}{result.stderr[-3000:]}"
-                if result else f"install on relay {key} did not finish")
+            assert_installed(key, results.get(key))
         yield boxes
     finally:
         for box in boxes.values():

@@ -1,36 +1,72 @@
 """A Debian 12 relay as upstream's cmdeploy leaves it (its chatmail.ini and virtualenv
-place, its units in /etc/systemd/system under the names of ours, holding the filters'
-ports, its Dovecot pin, its DKIM key with selector `opendkim`, accounts whose passwords
-upstream's doveauth hashed) moves onto our packages: the admin follows README's
-migration (the pin goes first, or apt cannot install the relay), installs the package
-(it leaves the running relay alone) and runs `chatmail import-cmdeploy --yes`. Then the
-old accounts log in with their old passwords and exchange mail, the DKIM key and
-selector are the old ones, nothing of cmdeploy runs or overrides our units, `chatmail
-status` is all good, and a second import has nothing to do."""
+place, its units in /etc/systemd/system under the names of ours, its Dovecot pin, its DKIM
+key with selector `opendkim`, accounts whose passwords upstream's doveauth hashed) moves
+onto our packages.
+
+Before the move the relay serves mail as cmdeploy's did: Debian's Dovecot and Postfix
+with the files cmdeploy writes in their places (/etc/dovecot/dovecot.conf, main.cf,
+master.cf, acmetool's certificate), accounts looked up by a doveauth that runs from
+cmdeploy's virtualenv under cmdeploy's unit. That doveauth is this repository's chatmaild
+(upstream's is not packaged; both speak the same dict protocol over the same socket); the
+other chatmaild services and the filters are stand-ins that only hold their names and
+ports, and OpenDKIM does not sign yet: mail before the move stays on the relay. Two Delta
+Chat accounts are configured against it and verify each other.
+
+The relay sits on the test network (internet.py) with the DKIM record cmdeploy's admin
+published (opendkim-genkey's opendkim.txt, selector `opendkim`) served by nsd before the
+move. Then the admin follows README's migration (the pin goes first, or apt cannot install
+the relay), installs the package (it leaves the running relay alone) and runs `chatmail
+import-cmdeploy --yes`. Afterwards the same Delta Chat accounts (not configured again) log
+in and chat, the old accounts log in with their old passwords, mail from the relay passes
+another relay's DKIM check against the old record, nothing of cmdeploy runs or overrides
+our units, `chatmail status` is all good, and a second import has nothing to do."""
 
 import json
-import os
-import tempfile
+import re
+import shutil
+import threading
 
 import pytest
 
 from ..unit.mailfactory import securejoin_mail
 from .conftest import deltachat_clients
-from .container import REPO_MOUNT, Container, deltachat_venv
+from .container import REPO, REPO_MOUNT, deltachat_venv
+from .test_backup_restore import talk
+from .test_dkim_rotation import PASSWORD, account, delivery
+from .test_federation import (  # noqa: F401 (internet: a fixture)
+    RELAYS,
+    assert_installed,
+    bootstrap_records,
+    install_acme_relay,
+    internet,
+    journal,
+    network_container,
+    publish_dns,
+    trust_test_network,
+)
 from .test_install import readme_install_commands
 
+pytestmark = pytest.mark.skipif(
+    not shutil.which("pebble") or not shutil.which("nsd"),
+    reason="the imported relay's mail is checked on the federation test network (apt "
+           "install nsd pebble)")
+
 DOMAIN = "_chat.example.org"
+ADDRESS = "10.231.0.20"  # on the test network, beside RELAYS' a and b
 # alice and bob: the passwords deltachat_pair.py logs in with; carol's has the quotes and
 # backslash upstream's generated passwords may have.
 ACCOUNTS = {f"alice0001@{DOMAIN}": "alice-password-1",
             f"bobby0002@{DOMAIN}": "bob-password-22",
             f"carol0003@{DOMAIN}": "old\"pass'w\\rd"}
-VENV_BIN = "/usr/local/lib/chatmaild/venv/bin"
+CMDEPLOY_DIR = "/usr/local/lib/chatmaild"
+VENV_BIN = f"{CMDEPLOY_DIR}/venv/bin"
+VENV_SITE = f"{CMDEPLOY_DIR}/venv/lib/python3.11/site-packages"  # Debian 12
 # (unit, what it runs): cmdeploy's units, each under its real name; the filters hold
 # their ports as upstream's do.
 HOLD_PORT = "import socket,time;s=socket.socket();s.bind(('127.0.0.1',{}));s.listen();time.sleep(1e9)"
 UNITS = {
-    "doveauth.service": "sleep infinity",
+    # the one that serves: chatmaild's doveauth from the virtualenv, as cmdeploy runs it
+    "doveauth.service": f"env PYTHONPATH={VENV_SITE} python3 -m chatmaild.doveauth \"$@\"",
     "chatmail-metadata.service": "sleep infinity",
     "lastlogin.service": "sleep infinity",
     "filtermail.service": f"python3 -c \"{HOLD_PORT.format(10080)}\"",
@@ -38,6 +74,12 @@ UNITS = {
     "turnserver.service": "sleep infinity",
     "iroh-relay.service": "sleep infinity",
     "mtail.service": "sleep infinity",
+}
+# What cmdeploy's service/doveauth.service.f adds: its arguments, user and socket place.
+UNIT_EXTRAS = {
+    "doveauth.service": (f" /run/doveauth/doveauth.socket {CMDEPLOY_DIR}/chatmail.ini",
+                         "User=vmail\nRuntimeDirectory=doveauth\nRuntimeDirectoryMode=0755\n"
+                         "UMask=0022\n"),
 }
 TIMERS = ("chatmail-expire", "chatmail-fsreport")
 CMDEPLOY_INI = f"""\
@@ -52,9 +94,11 @@ privacy_mail =
 privacy_pdo =
 privacy_supervisor =
 """
+ACME_LIVE = f"/var/lib/acme/live/{DOMAIN}"
 
 # What cmdeploy did, as far as a test without the internet can: Debian's Dovecot
-# (cmdeploy downloads a patched build), then its files.
+# (cmdeploy downloads a patched build), acmetool's certificate (self-signed here), then
+# its files.
 CMDEPLOY_LAYOUT = r"""
 set -e
 apt-get update -qq
@@ -63,9 +107,89 @@ printf 'Package: dovecot-*\nPin: version *\nPin-Priority: -1\n' >/etc/apt/prefer
 groupadd --system vmail
 useradd --system --gid vmail --home-dir /home/vmail --create-home vmail
 install -d -o vmail -g vmail -m 700 /home/vmail/mail/{domain}
-install -d /usr/local/lib/chatmaild/venv/bin
+install -d {venv_bin} {venv_site}
 install -d -o opendkim -g opendkim -m 700 /etc/dkimkeys
 su -s /bin/sh opendkim -c '/usr/sbin/opendkim-genkey -D /etc/dkimkeys -d {domain} -s opendkim'
+install -d -m 700 {acme_live}
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -noenc -days 2 \
+    -keyout {acme_live}/privkey -out {acme_live}/fullchain -subj /CN={domain} 2>/dev/null
+"""
+
+# cmdeploy's /etc/dovecot/dovecot.conf, cut to what serves IMAP, LMTP and Postfix's SASL:
+# accounts from doveauth (dict protocol; its socket is vmail's, so the auth worker runs as
+# vmail), mail in <mailboxes_dir>/<addr>/ as Maildir.
+DOVECOT_CONF = """\
+protocols = imap lmtp
+listen = *
+ssl = required
+ssl_cert = <{acme_live}/fullchain
+ssl_key = <{acme_live}/privkey
+ssl_dh = </usr/share/dovecot/dh.pem
+auth_mechanisms = plain
+first_valid_uid = 100
+mail_uid = vmail
+mail_gid = vmail
+mail_location = maildir:/home/vmail/mail/{domain}/%u
+passdb {{
+  driver = dict
+  args = /etc/dovecot/auth.conf
+}}
+userdb {{
+  driver = dict
+  args = /etc/dovecot/auth.conf
+}}
+service auth {{
+  unix_listener /var/spool/postfix/private/auth {{
+    mode = 0660
+    user = postfix
+    group = postfix
+  }}
+}}
+service auth-worker {{
+  user = vmail
+}}
+service lmtp {{
+  unix_listener /var/spool/postfix/private/dovecot-lmtp {{
+    mode = 0600
+    user = postfix
+    group = postfix
+  }}
+}}
+"""
+DOVECOT_AUTH = """\
+uri = proxy:/run/doveauth/doveauth.socket:auth
+iterate_disable = no
+iterate_prefix = userdb/
+default_pass_scheme = plain
+password_key = passdb/%Ew"%Eu
+user_key = userdb/%Eu
+"""
+# cmdeploy's main.cf and master.cf, cut the same way: the domain's mail to Dovecot's LMTP,
+# submission on 587 and 465 with Dovecot's SASL. (cmdeploy's pass through its filters,
+# whose stand-ins here hold the ports only.)
+POSTFIX = r"""
+set -e
+cat >/etc/postfix/main.cf <<EOF
+myhostname = {domain}
+mydestination =
+virtual_mailbox_domains = {domain}
+virtual_transport = lmtp:unix:private/dovecot-lmtp
+smtpd_tls_cert_file = {acme_live}/fullchain
+smtpd_tls_key_file = {acme_live}/privkey
+smtpd_tls_security_level = may
+smtpd_relay_restrictions = permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination
+compatibility_level = 3.6
+inet_protocols = ipv4
+EOF
+cp /usr/share/postfix/master.cf.dist /etc/postfix/master.cf
+postconf -M 'submission/inet=submission inet n - y - - smtpd'
+postconf -M 'smtps/inet=smtps inet n - y - - smtpd'
+for service in submission smtps; do
+    postconf -P "$service/inet/smtpd_sasl_auth_enable=yes" \
+        "$service/inet/smtpd_sasl_type=dovecot" "$service/inet/smtpd_sasl_path=private/auth" \
+        "$service/inet/smtpd_tls_auth_only=yes" "$service/inet/smtpd_tls_security_level=encrypt"
+done
+postconf -P smtps/inet/smtpd_tls_wrappermode=yes
 """
 
 PASSWORD_FILE = r"""
@@ -130,10 +254,12 @@ print(json.dumps(result))
 def cmdeploy_units(box):
     for name, command in UNITS.items():
         program = f"{VENV_BIN}/{name.removesuffix('.service')}"
+        arguments, settings = UNIT_EXTRAS.get(name, ("", ""))
         box.run(f"cat >{program} && chmod 755 {program}",
                 input=f"#!/bin/sh\nexec {command}\n")
         box.run(f"cat >/etc/systemd/system/{name}", input=(
-            f"[Unit]\nDescription=cmdeploy's {name}\n\n[Service]\nExecStart={program}\n"
+            f"[Unit]\nDescription=cmdeploy's {name}\n\n[Service]\n"
+            f"ExecStart={program}{arguments}\n{settings}"
             "Restart=always\n\n[Install]\nWantedBy=multi-user.target\n"))
     for name in TIMERS:
         box.run(f"cat >/etc/systemd/system/{name}.service", input=(
@@ -148,6 +274,26 @@ def cmdeploy_units(box):
     box.run(f"systemctl daemon-reload && systemctl enable --now {units}")
 
 
+def lay_out_cmdeploy_relay(box):
+    """What `cmdeploy run` leaves: its files, accounts, units, and Dovecot and Postfix
+    serving the domain with cmdeploy's configuration."""
+    names = {"domain": DOMAIN, "venv_bin": VENV_BIN, "venv_site": VENV_SITE,
+             "acme_live": ACME_LIVE}
+    box.run(CMDEPLOY_LAYOUT.format(**names), timeout=600)
+    box.run(f"cat >{CMDEPLOY_DIR}/chatmail.ini", input=CMDEPLOY_INI)
+    # cmdeploy pip-installs chatmaild into its virtualenv
+    shutil.copytree(REPO / "chatmaild", box.root / VENV_SITE.lstrip("/") / "chatmaild",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    box.run("cat >/root/account.py", input=PASSWORD_FILE)
+    for address_and_password in ACCOUNTS.items():
+        box.run("python3 /root/account.py", input=json.dumps(address_and_password))
+    box.run("cat >/etc/dovecot/dovecot.conf", input=DOVECOT_CONF.format(**names))
+    box.run("cat >/etc/dovecot/auth.conf", input=DOVECOT_AUTH)
+    box.run(POSTFIX.format(**names))
+    cmdeploy_units(box)
+    box.run("systemctl restart dovecot postfix")
+
+
 # README: on a relay deployed with cmdeploy, the pin goes before apt can install the relay.
 INSTALL = f"""
 set -e
@@ -158,7 +304,6 @@ REPO=file://{REPO_MOUNT}
 {readme_install_commands()}
 """
 
-
 @pytest.fixture(scope="module")
 def suite():
     """cmdeploy deploys onto Debian 12 only."""
@@ -166,28 +311,71 @@ def suite():
 
 
 @pytest.fixture(scope="module")
-def relay(rootfs):
+def relay_b(internet):
+    """Another relay (our normal install: RELAYS' b, ACME) on the test network, booted and
+    installed in a thread while the cmdeploy relay is laid out and moved. relay_b()
+    waits for it and publishes its records."""
+    domain, address, suite = RELAYS["b"]
+    box = network_container(internet, "relay-b", domain, address, suite, deltachat_venv())
+    internet.set_zone(domain, bootstrap_records(domain, address))
+    results = {}
+
+    def start():
+        try:
+            box.boot()
+            trust_test_network(box, internet)
+            results["install"] = install_acme_relay(box, internet)
+        except BaseException as exc:  # raised again in the test's thread by ready()
+            results["error"] = exc
+
+    thread = threading.Thread(target=start, daemon=True)
+    thread.start()
+
+    def ready():
+        thread.join()
+        if "error" in results:
+            raise results["error"]
+        assert_installed("b", results.get("install"))
+        if not hasattr(box, "zone"):
+            box.zone = publish_dns({"b": box}, internet)["b"]
+        return box
+
+    try:
+        yield ready
+    finally:
+        thread.join(900)
+        box.stop()
+
+
+@pytest.fixture(scope="module")
+def relay(suite, internet, relay_b):
     venv = deltachat_venv()
-    box = Container(f"import-{os.getpid()}", rootfs,
-                    tempfile.mkdtemp(prefix="chatmail-system-", dir="/var/tmp"),
-                    binds=[(venv, venv)])
+    box = network_container(internet, "cmdeploy", DOMAIN, ADDRESS, suite, venv)
     try:
         box.boot()
-        box.run(CMDEPLOY_LAYOUT.format(domain=DOMAIN), timeout=600)
-        box.run("cat >/usr/local/lib/chatmaild/chatmail.ini", input=CMDEPLOY_INI)
-        box.run("cat >/root/account.py", input=PASSWORD_FILE)
-        for account in ACCOUNTS.items():
-            box.run("python3 /root/account.py", input=json.dumps(account))
-        cmdeploy_units(box)
+        trust_test_network(box, internet)
+        lay_out_cmdeploy_relay(box)
         box.old_key = (box.root / "etc/dkimkeys/opendkim.private").read_text()
         box.old_record = (box.root / "etc/dkimkeys/opendkim.txt").read_text()
+        # what cmdeploy's admin published: opendkim-genkey's record, as it wrote it
+        internet.set_zone(DOMAIN, f"{DOMAIN}. 60 IN A {ADDRESS}\n{box.old_record}")
+        box.clients = deltachat_clients(box, venv)
+        # alice and bob log in with their old passwords, verify each other and write
+        talk(box, "setup")
         installed = box.run(INSTALL, check=False, timeout=900)
         assert installed.returncode == 0, installed.stdout[-4000:] + installed.stderr[-4000:]
         box.install_output = installed.stdout + installed.stderr
-        box.clients = deltachat_clients(box, venv)
         yield box
     finally:
         box.stop()
+
+
+def test_delta_chat_accounts_were_configured_against_cmdeploys_relay(relay):
+    # they logged in through cmdeploy's doveauth, which still runs from its virtualenv
+    assert "chatmaild.doveauth" in relay.run("ps -eo args").stdout
+    log = relay.run("journalctl -u dovecot --no-pager -o cat").stdout
+    for addr in list(ACCOUNTS)[:2]:
+        assert re.search(rf"imap-login: Login: user=<{re.escape(addr)}>", log), log[-3000:]
 
 
 def test_the_package_installs_beside_the_running_relay_and_leaves_it_alone(relay):
@@ -287,24 +475,63 @@ def test_status_all_good_and_a_second_import_has_nothing_to_do(relay):
     assert "nothing to import" in again.stdout
 
 
-# The old accounts in Delta Chat: logged in with their old passwords (dclogin), verified
-# with each other, they write end-to-end encrypted through the imported relay.
-DELTACHAT = r'''
-import json
-with open_rpc(VENV, WORKDIR) as rpc:
-    alice, bob = verified_pair(rpc, DOMAIN)
-    alice.create_chat(bob).send_text("hello bob")
-    msg = bob.wait_for_incoming_msg().get_snapshot()
-    result = {"to_bob": [msg.text, msg.show_padlock]}
-    bob.create_chat(alice).send_text("hello alice")
-    msg = alice.wait_for_incoming_msg().get_snapshot()
-    result["to_alice"] = [msg.text, msg.show_padlock]
-print(json.dumps(result))
-'''
+def test_the_same_delta_chat_accounts_chat_after_the_move(relay):
+    """The accounts configured against cmdeploy's relay, as they are (not configured
+    again, verified with each other since before the move), log in to the moved relay
+    and write end-to-end encrypted."""
+    talk(relay, "after-move")
 
 
-def test_old_accounts_chat_in_delta_chat(relay):
-    out = relay.clients(DELTACHAT, timeout=240)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result == {"to_bob": ["hello bob", True], "to_alice": ["hello alice", True]}
+# Submits argv[3] (a message) from account argv[1] (password argv[2]) to argv[4] at the
+# relay's submission port, as a client of the relay does.
+SUBMIT = r"""
+import smtplib, ssl, sys
+ctx = ssl.create_default_context()
+ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+sender, password, recipient = sys.argv[1:4]
+with smtplib.SMTP("127.0.0.1", 587) as smtp:
+    smtp.starttls(context=ctx)
+    smtp.login(sender, password)
+    smtp.sendmail(sender, [recipient], sys.stdin.read().encode())
+"""
+
+
+# The messages in an account's INBOX, as they are stored.
+READ_INBOX = r"""
+import imaplib, ssl, sys
+ctx = ssl.create_default_context()
+ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+imap = imaplib.IMAP4_SSL("127.0.0.1", 993, ssl_context=ctx)
+imap.login(sys.argv[1], sys.argv[2])
+imap.select("INBOX", readonly=True)
+for number in imap.search(None, "ALL")[1][0].split():
+    print(imap.fetch(number, "(RFC822)")[1][0][1].decode(errors="replace"))
+"""
+
+
+def test_mail_from_the_moved_relay_verifies_at_another_relay_against_the_old_record(
+        relay, relay_b, internet):
+    b = relay_b()
+    # DNS still serves only what cmdeploy's admin published
+    public = "".join(relay.old_record.split('"')[1::2]).split("p=")[1]
+    served = internet.query(f"opendkim._domainkey.{DOMAIN}.", "TXT")
+    assert public in "".join(served.split('"')[1::2]), served
+    recipient = account(b, "fromold01")
+    alice, password = next(iter(ACCOUNTS.items()))
+    relay.run("cat >/root/submit.py", input=SUBMIT)
+    quoted = password.replace("'", "'\\''")
+    relay.run(f"python3 /root/submit.py {alice} '{quoted}' {recipient}",
+              input=securejoin_mail(alice, recipient).decode())
+
+    _, reply = delivery(relay, recipient, timeout=90)
+    assert reply.startswith("250"), reply
+    # signed with the old key, under the old selector
+    assert f"DKIM-Signature field added (s=opendkim, d={DOMAIN})" in journal(
+        relay, "DKIM-Signature field added")
+    # relay b's incoming filter verified it with the record published before the move
+    assert (f"DKIM signature of d={DOMAIN} verified with key opendkim._domainkey.{DOMAIN}."
+            in journal(b, "DKIM signature of d=")), journal(b, "DKIM|Incoming")
+    # and it is in the recipient's mailbox, From alice (read over IMAP: relay b stores
+    # mail compressed)
+    inbox = b.run(f"python3 - {recipient} {PASSWORD}", input=READ_INBOX).stdout
+    assert "Secure-Join: vc-request" in inbox and f"From: <{alice}>" in inbox, inbox

@@ -7,6 +7,8 @@ import pwd
 import re
 import shutil
 import stat
+import subprocess
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -26,6 +28,7 @@ pytestmark = pytest.mark.skipif(not shutil.which("opendkim-genkey", path="/usr/s
                                 reason="needs opendkim-genkey (apt install opendkim-tools)")
 
 DOMAIN = "chat.example.org"
+REPO = Path(__file__).resolve().parents[2]
 DAY = 86400
 START = 1_796_000_000  # 2026-11-30 00:53:20 UTC
 
@@ -255,3 +258,79 @@ def test_chatmail_status_shows_the_selector_and_a_pending_rotation(config, platf
     assert pending.level == WARN
     assert pending.detail == ("new key dkim20261130 waits since 2026-11-30T00:53:20Z for its "
                               f"DNS record dkim20261130._domainkey.{DOMAIN}.")
+
+
+def switched_a_week_ago(config, platform, clock):
+    """The install key replaced (--now) at clock's time, then 7 days pass: (the replaced
+    key's path, the new selector)."""
+    assert rotation(config, platform, None, now=clock).rotate(now_switch=True) is True
+    keys = DomainKeys.load(config, platform, Host())
+    clock.now = keys.retired[0].removable_after
+    return keys.retired[0].path, keys.active.selector
+
+
+def test_daily_deletes_a_retired_key_once_its_grace_period_is_over(config, platform):
+    clock = Clock()
+    old_key, selector = switched_a_week_ago(config, platform, clock)
+    clock.now -= 1
+    early = rotation(config, platform, None, now=clock)
+    assert early.daily() is False
+    assert os.path.exists(old_key) and early.lines == []
+    clock.now += 1
+    dry = rotation(config, platform, None, now=clock, dry_run=True)
+    dry.daily()
+    assert os.path.exists(old_key) and "nothing changed (--dry-run)" in dry.lines[0]
+    run = rotation(config, platform, None, now=clock)
+    assert run.daily() is False
+    assert not os.path.exists(old_key)
+    assert run.lines == [f"Deleted the retired DKIM key {old_key} (selector opendkim): its "
+                         "grace period ended 2026-12-07T00:53:20Z. Remove its record "
+                         f"opendkim._domainkey.{DOMAIN}. if it is still published."]
+    # the new key signs on; the replaced one stays listed, so status still names its record
+    keys = DomainKeys.load(config, platform, Host())
+    assert os.path.exists(keys.active.path) and keys.active.selector == selector
+    assert dkimrotate.status_lines(keys, clock.now)[1].endswith(": remove it")
+    assert rotation(config, platform, None, now=clock).prune() == []
+
+
+def test_daily_switches_once_dns_serves_the_pending_record(config, platform, zone):
+    run = rotation(config, platform, zone(""), now=Clock())
+    run.rotate()
+    record = pending_record(run)
+    assert rotation(config, platform, zone(""), now=Clock()).daily() is False
+    assert rotation(config, platform, zone(record), now=Clock()).daily() is True
+    keys = DomainKeys.load(config, platform, Host())
+    assert (keys.active.selector, [key.selector for key in keys.retired]) == (
+        "dkim20261130", ["opendkim"])
+    # the install key stays through its grace period
+    assert os.path.exists(keys.retired[0].path)
+
+
+def run_dkim_key_step(config, platform):
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "CHATMAIL_DATA_DIR": str(REPO),
+           "CHATMAIL_MAIL_DOMAIN": DOMAIN, "CHATMAIL_IPV4_RELAY": "",
+           "PLATFORM_DKIM_KEY_DIR": platform.dkim_key_dir,
+           "PLATFORM_STATE_DIR": platform.state_dir,
+           "PLATFORM_OPENDKIM_USER": platform.opendkim_user}
+    return subprocess.run([str(REPO / "steps" / "dkim-key")], env=env, check=True,
+                          capture_output=True, text=True).stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the step gives the key to opendkim")
+def test_the_install_key_deleted_after_a_rotation_is_not_made_again(config, platform):
+    clock = Clock()
+    old_key, _ = switched_a_week_ago(config, platform, clock)
+    rotation(config, platform, None, now=clock).daily()
+    assert run_dkim_key_step(config, platform) == ""
+    assert not os.path.exists(old_key)
+    # without a rotation the step makes the key, as on a new relay
+    os.unlink(dkimrotate.keys_file(platform, Host()))
+    assert "making a DKIM key" in run_dkim_key_step(config, platform)
+    assert os.path.exists(old_key)
+
+
+def test_daily_command_answers_help(config, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["dkim", "daily", "--help"])
+    assert exited.value.code == 0
+    assert "never starts a rotation" in capsys.readouterr().out

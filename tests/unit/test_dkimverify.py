@@ -58,10 +58,13 @@ def mail_from(addr, body="Hello there.\n"):
     return plain_mail(addr, "bob@chat.example.net", body=body)
 
 
-def test_valid_aligned_signature_passes(rsa_key, keys):
+def test_valid_aligned_signature_passes(rsa_key, keys, caplog):
+    caplog.set_level("INFO", logger="chatmaild.dkimverify")
     signed = sign(mail_from("alice@example.org"), "example.org", rsa_key)
     assert check_dkim(signed, "example.org", keys) is None
     assert keys.lookups == ["sel._domainkey.example.org."]
+    assert ("DKIM signature of d=example.org verified with key sel._domainkey.example.org."
+            in caplog.messages)
 
 
 def test_alignment_ignores_case(rsa_key, keys):

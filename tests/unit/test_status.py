@@ -262,7 +262,7 @@ def test_systemd_all_services_running(config):
         "filtermail.socket", "filtermail-incoming.socket",
         "dovecot", "postfix@-", "nginx", "fcgiwrap.socket", "opendkim",
         "chatmail-expire.timer", "chatmail-fsreport.timer", "chatmail-backup.timer",
-        "certbot.timer"}
+        "chatmail-dkim.timer", "certbot.timer"}
     assert all(f.level == status.OK for f in found.values())
     assert found["doveauth"].detail == "active (running)"
     assert found["filtermail.socket"].detail == "active (listening)"
