@@ -159,8 +159,11 @@ test-piuparts: build
 # Installs dist/ in a fresh Debian 12 and a fresh Debian 13 booted with systemd-nspawn
 # (root file systems cached outside the checkout by tests/system/rootfs.sh) and uses the
 # relays like their users; federation runs between a Debian 12 and a Debian 13 relay.
+# The test network's names and addresses are fixed (tests/system/internet.py): one run
+# on a machine at a time (run benchmarks that boot relays under the same lock).
+SYSTEM_TESTS_LOCK = /tmp/chatmail-system-tests.lock
 test-system: build build-previous
-	$(PYTEST) tests/system
+	flock $(SYSTEM_TESTS_LOCK) $(PYTEST) tests/system
 
 test-py313:
 	@if [ -z "$(PY313)" ]; then echo "test-py313: no Python 3.13 interpreter, skipped"; exit 0; fi; \
