@@ -33,7 +33,7 @@ from tests.system.test_install import DOMAIN, INSTALL  # noqa: E402
 from bench_footprint import kind, mb  # noqa: E402
 from bench_relay_latency import RELEASE, UNLIMITED, ms  # noqa: E402
 from common import (BENCH_MOUNT, booted, installed_dovecot_version,  # noqa: E402
-                    machine_facts, percentile)
+                    machine_facts, percentile, write_results)
 
 DOVECOT_LIMITS = ("default_client_limit", "default_process_limit", "default_vsz_limit",
                   "imap_hibernate_timeout", "mail_max_userip_connections")
@@ -263,10 +263,7 @@ def main():
     found["machine"], found["load"] = machine_facts(), (before, uptime())
     text = report(options.suite, options, found, found["machine"], found["load"])
     name = "capacity" if options.suite == "bookworm" else f"capacity-{RELEASE[options.suite]}"
-    out = REPO / "bench" / "results" / f"{name}.md"
-    out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps(found))
-    print(text)
+    write_results(name, text, found)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ sys.path.insert(0, str(REPO))
 
 from tests.system.test_install import DOMAIN, INSTALL  # noqa: E402
 
-from common import booted, installed_dovecot_version, machine_facts  # noqa: E402
+from common import (booted, installed_dovecot_version, machine_facts,  # noqa: E402
+                    write_results)
 
 ROUNDS = 3
 SUITES = {"bookworm": "Debian 12", "trixie": "Debian 13"}
@@ -80,9 +81,7 @@ caches them there), so the time is the install and configuration, not downloads.
 
 def main():
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    text = report(*measure(), load)
-    (REPO / "bench" / "results" / "install.md").write_text(text)
-    print(text)
+    write_results("install", report(*measure(), load))
 
 
 if __name__ == "__main__":

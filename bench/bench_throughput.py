@@ -19,7 +19,6 @@ Needs root and `make build`. Usage:
 Writes bench/results/throughput[-debian13][-TAG].md and .json."""
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -34,7 +33,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from bench_relay_latency import RELEASE, Relay  # noqa: E402
-from common import installed_dovecot_version, machine_facts, percentile  # noqa: E402
+from common import (installed_dovecot_version, machine_facts, percentile,  # noqa: E402
+                    write_results)
 from tests.unit.mailfactory import OpenPGP, encrypted_mail  # noqa: E402
 
 RATES = [25, 50, 100, 200, 300, 400, 500]
@@ -329,10 +329,7 @@ def main():
     text = report(options.suite, options, result, machine_facts())
     tag = f"-{options.tag}" if options.tag else ""
     release = "" if options.suite == "bookworm" else f"-{RELEASE[options.suite]}"
-    out = REPO / "bench" / "results" / f"throughput{release}{tag}.md"
-    out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps(result))
-    print(text)
+    write_results(f"throughput{release}{tag}", text, result)
 
 
 if __name__ == "__main__":

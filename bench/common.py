@@ -30,6 +30,15 @@ def machine_facts():
     }
 
 
+def write_results(name, text, data=None):
+    """results/NAME.md (and NAME.json with `data`), and the text on stdout."""
+    out = Path(__file__).resolve().parent / "results" / f"{name}.md"
+    out.write_text(text)
+    if data is not None:
+        out.with_suffix(".json").write_text(json.dumps(data))
+    print(text)
+
+
 def rss_kb(pid, field="VmRSS"):
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
