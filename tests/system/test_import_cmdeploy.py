@@ -359,6 +359,7 @@ def install_as_admin_md_says(box):
     assert installed.returncode == 0, installed.stdout[-4000:] + installed.stderr[-4000:]
     box.install_output = installed.stdout + installed.stderr
 
+
 @pytest.fixture(scope="module")
 def suite():
     """cmdeploy deploys onto Debian 12 only."""
