@@ -110,12 +110,13 @@ privacy_supervisor =
 """
 ACME_LIVE = f"/var/lib/acme/live/{DOMAIN}"
 
-# What cmdeploy did, as far as a test without the internet can: its Dovecot, installed
-# as its dovecot deployer installs the .debs it downloaded into /root (stand-ins here),
-# with the pin that keeps apt from replacing them, acmetool's certificate (self-signed
-# here), then its files.
+# What cmdeploy did, as far as a test without the internet can: apt without Recommends,
+# its Dovecot, installed as its dovecot deployer installs the .debs it downloaded into
+# /root (stand-ins here), with the pin that keeps apt from replacing them, acmetool's
+# certificate (self-signed here), then its files.
 CMDEPLOY_LAYOUT = r"""
 set -e
+echo 'APT::Install-Recommends "false";' >/etc/apt/apt.conf.d/00InstallRecommends
 apt-get update -qq
 cd /root
 dpkg --force-confdef --force-confold -i {dovecot_debs} >/dev/null 2>&1 || true
@@ -462,6 +463,9 @@ def test_debians_dovecot_replaced_cmdeploys(relay):
 
 def test_the_package_installs_beside_the_running_relay_and_leaves_it_alone(relay):
     assert "Run 'chatmail import-cmdeploy'" in relay.install_output
+    # admin.md's --install-recommends, against cmdeploy's 00InstallRecommends: the
+    # Recommends our repository brings (the others are in the test's root file system)
+    relay.run("dpkg-query -W chatmail-archive-keyring")
     # its domain is the install's answer
     ini = relay.run("chatmail get mail_domain").stdout.strip()
     assert ini == DOMAIN
