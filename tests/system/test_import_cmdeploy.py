@@ -465,7 +465,9 @@ def test_the_package_installs_beside_the_running_relay_and_leaves_it_alone(relay
     assert "Run 'chatmail import-cmdeploy'" in relay.install_output
     # admin.md's --install-recommends, against cmdeploy's 00InstallRecommends: the
     # Recommends our repository brings (the others are in the test's root file system)
-    relay.run("dpkg-query -W chatmail-archive-keyring")
+    keyring = relay.run("dpkg-query -W -f '${Status}' chatmail-archive-keyring",
+                        check=False).stdout
+    assert keyring == "install ok installed", keyring
     # its domain is the install's answer
     ini = relay.run("chatmail get mail_domain").stdout.strip()
     assert ini == DOMAIN
