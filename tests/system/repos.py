@@ -28,6 +28,10 @@ HOST_SUITE = platform.freedesktop_os_release().get("VERSION_CODENAME")
 # this), and the suffix of the previous release's build (make build-previous).
 CHATMAIL_DOVECOT_SUFFIX = "+chatmail1"
 PREVIOUS_SUFFIX = "~previous"
+# Where upstream's Dovecot 2.3.21 build sorts (1:2.3.21+dfsg1-3: above every Debian 12
+# version, below Debian 13's), marked as the tests' stand-in for it, and its ABI.
+CMDEPLOY_DOVECOT_VERSION = "1:2.3.21+dfsg1-3~chatmail-test"
+CMDEPLOY_DOVECOT_ABI = "abiv21"
 
 
 def build_repo(directory, debs, **release):
@@ -106,17 +110,19 @@ def debian_security_dovecot(directory, ours):
     unattended-upgrades configuration accepts it) holding Debian's newest dovecot. When
     Debian has none newer than `ours`, its newest is offered under a version above ours,
     as the next security update would be. Returns (repository, the version offered)."""
-    version = newest_debian_version("dovecot-core")
-    debs = debian_dovecot_debs(version)
-    newer = subprocess.run(["dpkg", "--compare-versions", version, "gt", ours]).returncode == 0
-    if not newer:
-        # V+security1 sorts above our V+chatmail<N>
-        subprocess.run([str(REPO / "dovecot" / "repack-version.sh"), "+security1",
-                        f"{directory}/security-debs", *map(str, debs)], check=True)
-        debs = sorted(Path(directory, "security-debs").glob("*.deb"))
-        version += "+security1"
-    repo = build_repo(Path(directory) / "security", debs, origin="Debian",
-                      label="Debian-Security", suite="bookworm-security")
+    with _one_at_a_time:  # the download and the signature (a container may be booting)
+        version = newest_debian_version("dovecot-core")
+        debs = debian_dovecot_debs(version)
+        newer = subprocess.run(["dpkg", "--compare-versions", version, "gt", ours]
+                               ).returncode == 0
+        if not newer:
+            # V+security1 sorts above our V+chatmail<N>, and above Debian's V
+            subprocess.run([str(REPO / "dovecot" / "repack-version.sh"), "+security1",
+                            f"{directory}/security-debs", *map(str, debs)], check=True)
+            debs = sorted(Path(directory, "security-debs").glob("*.deb"))
+            version += "+security1"
+        repo = build_repo(Path(directory) / "security", debs, origin="Debian",
+                          label="Debian-Security", suite="bookworm-security")
     return repo, version
 
 
@@ -171,6 +177,21 @@ def debian_stand_in(directory, suite):
         version, debs = debian_dovecot_of(suite)
         repo = build_repo(directory, debs, origin="Debian", label="Debian", suite=suite)
     return repo, version
+
+
+def cmdeploy_dovecot(outdir):
+    """Stand-ins for the Dovecot .debs upstream's cmdeploy downloads and installs with
+    dpkg (chatmail/relay, cmdeploy/src/cmdeploy/dovecot/deployer.py): its build of
+    Debian's packaging of Dovecot 2.3.21 (github.com/chatmail/dovecot), version
+    1:2.3.21+dfsg1-3, which provides dovecot-abi-2.3.abiv21, not Debian 12's abiv19 that
+    our plugin depends on. apt's choices (keep it, refuse the plugin, downgrade on
+    request) depend on those control fields only, so Debian 12's own packages stand in,
+    repacked under CMDEPLOY_DOVECOT_VERSION and that ABI. Returns the .debs in outdir."""
+    with _one_at_a_time:
+        _, debs = debian_dovecot_of("bookworm")
+    subprocess.run([str(REPO / "dovecot" / "repack-version.sh"), "-a", CMDEPLOY_DOVECOT_ABI,
+                    CMDEPLOY_DOVECOT_VERSION, str(outdir), *map(str, debs)], check=True)
+    return sorted(Path(outdir).glob("*.deb"))
 
 
 def previous_release_dovecot(outdir):

@@ -1,10 +1,12 @@
 """A Debian 12 relay as upstream's cmdeploy leaves it (its chatmail.ini and virtualenv
-place, its units in /etc/systemd/system under the names of ours, its Dovecot pin, its DKIM
-key with selector `opendkim`, accounts whose passwords upstream's doveauth hashed) moves
-onto our packages.
+place, its units in /etc/systemd/system under the names of ours, its Dovecot build and
+the pin that holds it, its DKIM key with selector `opendkim`, accounts whose passwords
+upstream's doveauth hashed) moves onto our packages.
 
-Before the move the relay serves mail as cmdeploy's did: Debian's Dovecot and Postfix
-with the files cmdeploy writes in their places (/etc/dovecot/dovecot.conf, main.cf,
+Before the move the relay serves mail as cmdeploy's did: its Dovecot 2.3.21 build
+(stand-ins with its version and ABI, installed with dpkg as cmdeploy installs the .debs
+it downloads: repos.cmdeploy_dovecot) and Debian's Postfix with the files cmdeploy
+writes in their places (/etc/dovecot/dovecot.conf, main.cf,
 master.cf, acmetool's certificate), accounts looked up by a doveauth that runs from
 cmdeploy's virtualenv under cmdeploy's unit. That doveauth is this repository's chatmaild
 (upstream's is not packaged; both speak the same dict protocol over the same socket); the
@@ -14,10 +16,14 @@ Chat accounts are configured against it and verify each other.
 
 The relay sits on the test network (internet.py) with the DKIM record cmdeploy's admin
 published (opendkim-genkey's opendkim.txt, selector `opendkim`) served by nsd before the
-move. Then the admin follows README's migration (the pin goes first, or apt cannot install
-the relay), installs the package (it leaves the running relay alone) and runs `chatmail
-import-cmdeploy --yes`. Afterwards the same Delta Chat accounts (not configured again) log
-in and chat, the old accounts log in with their old passwords, mail from the relay passes
+move; its apt sees Debian 12's archive and security archive (stand-ins, the latter with
+a newer Dovecot than the former, as Debian's are now). Then the admin types docs/admin.md's
+install commands for a cmdeploy relay as they are written (the pin goes, the repository
+comes, Debian's Dovecot replaces cmdeploy's, the package installs and leaves the running
+relay alone); apt refuses the package while cmdeploy's Dovecot is installed. Then
+`chatmail import-cmdeploy --yes`. Afterwards Debian's Dovecot (its security update) runs
+with the instant-IDLE plugin, the same Delta Chat accounts (not configured again) log in
+and chat, the old accounts log in with their old passwords, mail from the relay passes
 another relay's DKIM check against the old record, nothing of cmdeploy runs or overrides
 our units, `chatmail status` is all good, and a second import has nothing to do."""
 
@@ -31,6 +37,13 @@ import pytest
 from ..unit.mailfactory import securejoin_mail
 from .conftest import deltachat_clients
 from .container import REPO, REPO_MOUNT, deltachat_venv
+from .repos import (
+    CMDEPLOY_DOVECOT_VERSION,
+    DOVECOT_PACKAGES,
+    cmdeploy_dovecot,
+    debian_security_dovecot,
+    stand_in_sources,
+)
 from .test_backup_restore import talk
 from .test_dkim_rotation import PASSWORD, account, delivery
 from .test_federation import (  # noqa: F401 (internet: a fixture)
@@ -44,7 +57,8 @@ from .test_federation import (  # noqa: F401 (internet: a fixture)
     publish_dns,
     trust_test_network,
 )
-from .test_install import readme_install_commands
+from .test_install import readme_block, readme_repository_commands
+from .test_upgrade import installed_versions
 
 pytestmark = pytest.mark.skipif(
     not shutil.which("pebble") or not shutil.which("nsd"),
@@ -96,13 +110,18 @@ privacy_supervisor =
 """
 ACME_LIVE = f"/var/lib/acme/live/{DOMAIN}"
 
-# What cmdeploy did, as far as a test without the internet can: Debian's Dovecot
-# (cmdeploy downloads a patched build), acmetool's certificate (self-signed here), then
-# its files.
+# What cmdeploy did, as far as a test without the internet can: apt without Recommends,
+# its Dovecot, installed as its dovecot deployer installs the .debs it downloaded into
+# /root (stand-ins here), with the pin that keeps apt from replacing them, acmetool's
+# certificate (self-signed here), then its files.
 CMDEPLOY_LAYOUT = r"""
 set -e
+echo 'APT::Install-Recommends "false";' >/etc/apt/apt.conf.d/00InstallRecommends
 apt-get update -qq
-apt-get install -y -qq dovecot-core dovecot-imapd dovecot-lmtpd >/dev/null
+cd /root
+dpkg --force-confdef --force-confold -i {dovecot_debs} >/dev/null 2>&1 || true
+apt-get -y --fix-broken install >/dev/null
+dpkg --force-confdef --force-confold -i {dovecot_debs} >/dev/null
 printf 'Package: dovecot-*\nPin: version *\nPin-Priority: -1\n' >/etc/apt/preferences.d/pin-dovecot
 groupadd --system vmail
 useradd --system --gid vmail --home-dir /home/vmail --create-home vmail
@@ -277,8 +296,9 @@ def cmdeploy_units(box):
 def lay_out_cmdeploy_relay(box):
     """What `cmdeploy run` leaves: its files, accounts, units, and Dovecot and Postfix
     serving the domain with cmdeploy's configuration."""
+    debs = cmdeploy_dovecot(box.root / "root")
     names = {"domain": DOMAIN, "venv_bin": VENV_BIN, "venv_site": VENV_SITE,
-             "acme_live": ACME_LIVE}
+             "acme_live": ACME_LIVE, "dovecot_debs": " ".join(deb.name for deb in debs)}
     box.run(CMDEPLOY_LAYOUT.format(**names), timeout=600)
     box.run(f"cat >{CMDEPLOY_DIR}/chatmail.ini", input=CMDEPLOY_INI)
     # cmdeploy pip-installs chatmaild into its virtualenv
@@ -294,15 +314,52 @@ def lay_out_cmdeploy_relay(box):
     box.run("systemctl restart dovecot postfix")
 
 
-# README: on a relay deployed with cmdeploy, the pin goes before apt can install the relay.
-INSTALL = f"""
+# Debian 12's security archive, as a relay's apt sees it beside Debian's archive (both
+# stand-ins here; containers reach no archive).
+SECURITY_DIR = "/srv/debian-security-stand-in"
+# apt's "yes" standing in for the admin at the terminal, and the repository's address.
+ADMIN = f"""
 set -e
-echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
 echo 'APT::Get::Assume-Yes "true";' >/etc/apt/apt.conf.d/90test-assume-yes
-rm -f /etc/apt/preferences.d/pin-dovecot
 REPO=file://{REPO_MOUNT}
-{readme_install_commands()}
 """
+
+
+def migration_commands():
+    """docs/admin.md's commands that install the package on a relay cmdeploy set up, as
+    written, README's repository commands in place of the comment that points to them;
+    in two parts, before the line that goes back to Debian's Dovecot and from it on."""
+    block = readme_block("cmdeploy install commands", "docs/admin.md")
+    pointer = next(line for line in block.splitlines()
+                   if line.startswith("# add the repository"))
+    block = block.replace(pointer + "\n", readme_repository_commands())
+    before, downgrade, rest = block.partition("apt install --allow-downgrades")
+    assert downgrade, block
+    return before, downgrade + rest
+
+
+def debian_security_stand_in(box):
+    """Debian 12's security archive with a Dovecot newer than the stand-in for Debian's
+    archive has (as now: bookworm's and bookworm-security's differ), in the box's apt
+    sources; the version it offers."""
+    _, version = debian_security_dovecot(box.root / SECURITY_DIR.lstrip("/"),
+                                         box.dovecot_version)
+    box.run(stand_in_sources("debian-security-stand-in", f"{SECURITY_DIR}/security",
+                             "bookworm-security"))
+    return version
+
+
+def install_as_admin_md_says(box):
+    """docs/admin.md's install commands, typed by the admin; between the repository and
+    the Dovecot downgrade, whether apt would install the package without the downgrade
+    (box.refused). The install's result (box.install_output)."""
+    before, rest = migration_commands()
+    box.run(ADMIN + before, timeout=300)
+    box.refused = box.run("apt-get install --simulate chatmail-relay", check=False)
+    installed = box.run(ADMIN + rest, check=False, timeout=900)
+    assert installed.returncode == 0, installed.stdout[-4000:] + installed.stderr[-4000:]
+    box.install_output = installed.stdout + installed.stderr
+
 
 @pytest.fixture(scope="module")
 def suite():
@@ -359,12 +416,13 @@ def relay(suite, internet, relay_b):
         box.old_record = (box.root / "etc/dkimkeys/opendkim.txt").read_text()
         # what cmdeploy's admin published: opendkim-genkey's record, as it wrote it
         internet.set_zone(DOMAIN, f"{DOMAIN}. 60 IN A {ADDRESS}\n{box.old_record}")
+        box.security_dovecot = debian_security_stand_in(box)
         box.clients = deltachat_clients(box, venv)
         # alice and bob log in with their old passwords, verify each other and write
         talk(box, "setup")
-        installed = box.run(INSTALL, check=False, timeout=900)
-        assert installed.returncode == 0, installed.stdout[-4000:] + installed.stderr[-4000:]
-        box.install_output = installed.stdout + installed.stderr
+        box.dovecot_before = installed_versions(box, *DOVECOT_PACKAGES)
+        box.abi_before = box.run("dpkg-query -W -f '${Provides}' dovecot-core").stdout
+        install_as_admin_md_says(box)
         yield box
     finally:
         box.stop()
@@ -378,8 +436,38 @@ def test_delta_chat_accounts_were_configured_against_cmdeploys_relay(relay):
         assert re.search(rf"imap-login: Login: user=<{re.escape(addr)}>", log), log[-3000:]
 
 
+def test_cmdeploys_dovecot_served_the_relay_before_the_move(relay):
+    assert relay.dovecot_before == dict.fromkeys(DOVECOT_PACKAGES, CMDEPLOY_DOVECOT_VERSION)
+    assert "dovecot-abi-2.3.abiv21" in relay.abi_before, relay.abi_before
+
+
+def test_apt_refuses_the_package_while_cmdeploys_dovecot_is_installed(relay):
+    """Without admin.md's downgrade line: the plugin needs Debian 12's Dovecot ABI, and apt
+    never downgrades by itself."""
+    out = relay.refused.stdout + relay.refused.stderr
+    assert relay.refused.returncode != 0, out
+    assert "unmet dependencies" in out, out
+    assert re.search(r"dovecot-chatmail-instant-idle : Depends: dovecot-abi-2\.3\.abiv19",
+                     out), out
+
+
+def test_debians_dovecot_replaced_cmdeploys(relay):
+    """Debian's newest Dovecot (the security archive's), from Debian's archives, and
+    apt's candidate from now on: security updates install."""
+    versions = installed_versions(relay, *DOVECOT_PACKAGES)
+    assert versions == dict.fromkeys(DOVECOT_PACKAGES, relay.security_dovecot), versions
+    policy = relay.run("apt-cache policy dovecot-core").stdout
+    assert f"Candidate: {relay.security_dovecot}" in policy, policy
+    assert f"file:{SECURITY_DIR}/security bookworm-security/main" in policy, policy
+
+
 def test_the_package_installs_beside_the_running_relay_and_leaves_it_alone(relay):
     assert "Run 'chatmail import-cmdeploy'" in relay.install_output
+    # admin.md's --install-recommends, against cmdeploy's 00InstallRecommends: the
+    # Recommends our repository brings (the others are in the test's root file system)
+    keyring = relay.run("dpkg-query -W -f '${Status}' chatmail-archive-keyring",
+                        check=False).stdout
+    assert keyring == "install ok installed", keyring
     # its domain is the install's answer
     ini = relay.run("chatmail get mail_domain").stdout.strip()
     assert ini == DOMAIN
@@ -470,6 +558,9 @@ def test_old_accounts_log_in_with_old_passwords_and_exchange_mail(relay):
 def test_status_all_good_and_a_second_import_has_nothing_to_do(relay):
     status = relay.run("chatmail status", check=False)
     assert status.returncode == 0, status.stdout + status.stderr
+    # Debian's Dovecot with the plugin built for it, in its configuration; IMAP (which
+    # loads it) served the tests before this one
+    assert "instant IDLE: plugin" in status.stdout, status.stdout
     assert relay.run("systemctl --failed --no-legend").stdout.strip() == ""
     again = relay.run("chatmail import-cmdeploy --yes")
     assert "nothing to import" in again.stdout

@@ -14,17 +14,26 @@ from .container import REPO, REPO_MOUNT
 DOMAIN = "_chat.example.org"
 
 
-def readme_block(name):
-    """The shell block README gives admins under the comment `<!-- NAME: ... -->`."""
-    readme = (REPO / "README.md").read_text()
+def readme_block(name, doc="README.md"):
+    """The shell block README (or another document `doc` of the checkout) gives admins
+    under the comment `<!-- NAME: ... -->`."""
+    readme = (REPO / doc).read_text()
     found = re.search(rf"<!-- {name}[^>]*-->\n```sh\n(.*?)```", readme, re.S)
-    assert found, f"README.md lost its {name} block"
+    assert found, f"{doc} lost its {name} block"
     return found.group(1)
 
 
 def readme_install_commands():
     """The block README tells admins to type to add the repository and install."""
     return readme_block("install commands")
+
+
+def readme_repository_commands():
+    """The part of README's install block that adds the repository: all but its last
+    line, apt's install (other documents point to these commands)."""
+    *repository, install = readme_install_commands().rstrip("\n").split("\n")
+    assert install.startswith("apt update && apt install chatmail-relay"), install
+    return "\n".join(repository) + "\n"
 
 
 def install_script(domain):
