@@ -64,6 +64,15 @@ def idle_status_line(status):
                  if re.search(r"instant.IDLE|chatmail patch", line)), "?")
 
 
+def idle_wakeups(box, domain, count):
+    """Seconds from the end of each of `count` LMTP deliveries to the EXISTS an IDLE-ing
+    client gets, measured in container `box` by idle_meter.py (tests/system/test_install.py
+    checks the plugin with it)."""
+    script = (Path(__file__).resolve().parent / "idle_meter.py").read_text()
+    out = box.run(f"python3 - {domain} {count}", input=script, timeout=300)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 class Agent:
     """A measuring script started inside container `box` (all its namespaces, a clean
     environment), spoken to in JSON lines: {"do": verb, ...} in, one reply out."""

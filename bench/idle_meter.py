@@ -1,11 +1,29 @@
 """The time from the end of an LMTP delivery into Dovecot to the EXISTS an IDLE-ing IMAP
 client gets, which is where Dovecot's 500 ms notification delay (and the instant-IDLE
-plugin) acts: for bench_idle_plugin.py and tests/config/test_dovecot.py."""
+plugin) acts. Run inside a relay's container with Debian's python3 (common.idle_wakeups,
+for tests/system/test_install.py), it prints one JSON list of seconds; bench_idle_plugin.py
+and tests/config/test_dovecot.py import its functions.
+Usage: idle_meter.py DOMAIN COUNT"""
 
+import imaplib
+import json
 import socket
+import ssl
+import sys
 import time
 
 LMTP_SOCKET = "/var/spool/postfix/private/dovecot-lmtp"
+PASSWORD = "idle-meter-password"
+
+
+def login(address):
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    imap = imaplib.IMAP4_SSL("127.0.0.1", 993, ssl_context=ctx)
+    imap.login(address, PASSWORD)  # the first login creates the account
+    imap.select("INBOX")
+    return imap
 
 
 def lmtp_deliver(address, number, socket_path=LMTP_SOCKET, timeout=None):
@@ -50,3 +68,13 @@ def imap_exists_after(imap, delivered_at):
         pass
     return time.monotonic() - delivered_at
 
+
+def main():
+    domain, count = sys.argv[1], int(sys.argv[2])
+    address = "idlemeter@" + domain
+    imap = login(address)
+    print(json.dumps([idle_wakeup(imap, address, number) for number in range(count)]))
+
+
+if __name__ == "__main__":
+    main()

@@ -21,12 +21,9 @@ import argparse
 import asyncio
 import logging
 import os
-import select
 import signal
 import smtplib
 import sys
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from email import policy
 from email.parser import BytesParser
@@ -51,9 +48,6 @@ INTERNAL_ERROR_451 = "451 4.3.0 Internal error while filtering, try again later"
 LISTEN_HOST = "127.0.0.1"
 REINJECT_HOST = "127.0.0.1"
 REINJECT_TIMEOUT = 60
-# How long an unused reinjection session is kept; Postfix's smtpd waits 300 s
-# (smtpd_timeout) before it drops a silent client.
-REINJECT_IDLE = 30
 WORKER_THREADS = 16
 # MAIL FROM parameters that aiosmtpd itself understands; all others are dropped.
 KNOWN_MAIL_PARAMS = ("SIZE", "BODY", "SMTPUTF8")
@@ -185,107 +179,6 @@ class FilterSMTP(SMTP):
         return {key: value for key, value in parsed.items() if key in KNOWN_MAIL_PARAMS}
 
 
-class ReinjectionClient(smtplib.SMTP):
-    """smtplib's client that knows whether the server answered MAIL FROM: before that
-    answer, the server has no part of the message, so sending again cannot duplicate it."""
-
-    mail_answered = False
-
-    def mail(self, *args, **kwargs):
-        self.mail_answered = False
-        reply = super().mail(*args, **kwargs)
-        self.mail_answered = True
-        return reply
-
-
-class ReinjectionSessions:
-    """SMTP sessions to Postfix's reinjection ports, kept open between messages.
-
-    A new connection per message cost Postfix's reinjection smtpd a greeting, an EHLO and
-    a new milter session with OpenDKIM, and us a connect: under load more CPU than the
-    message itself. Worker threads share the sessions; each is used by one at a time."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.idle = {}  # port -> [(client, when it was last used)]
-
-    def send(self, port, *message):
-        """sendmail(*message) on an open session, or on a new one. A reused session that
-        the server closed meanwhile (a reload, its timeout) is replaced once, if it broke
-        before the server answered MAIL FROM: then it had none of the message, and a
-        new session cannot deliver it twice."""
-        client = self.take(port)
-        if client is not None:
-            try:
-                return self.send_on(port, client, *message)
-            except (OSError, smtplib.SMTPServerDisconnected):
-                if client.mail_answered:
-                    raise
-        return self.send_on(port, self.connect(port), *message)
-
-    def send_on(self, port, client, mail_from, rcpt_tos, content, mail_options):
-        try:
-            refused = client.sendmail(mail_from, rcpt_tos, content, mail_options)
-        except (smtplib.SMTPRecipientsRefused, smtplib.SMTPSenderRefused,
-                smtplib.SMTPDataError):
-            self.give_back(port, client)  # smtplib has sent RSET: the session goes on
-            raise
-        except BaseException:
-            close_quietly(client)
-            raise
-        self.give_back(port, client)
-        return refused
-
-    @staticmethod
-    def connect(port):
-        # A fixed EHLO name: smtplib's default resolves our FQDN on every connection.
-        return ReinjectionClient(REINJECT_HOST, port, local_hostname="localhost",
-                                 timeout=REINJECT_TIMEOUT)
-
-    def take(self, port):
-        """An open session to `port` used within REINJECT_IDLE seconds, or None."""
-        now = time.monotonic()
-        stale = []
-        found = None
-        with self.lock:
-            sessions = self.idle.setdefault(port, [])
-            while sessions and found is None:
-                client, used = sessions.pop()
-                if now - used < REINJECT_IDLE and still_open(client):
-                    found = client
-                else:
-                    stale.append(client)
-        for client in stale:
-            close_quietly(client, quit=True)
-        return found
-
-    def give_back(self, port, client):
-        if client.sock is None:  # smtplib closed it (a 421)
-            return
-        with self.lock:
-            self.idle.setdefault(port, []).append((client, time.monotonic()))
-
-
-def still_open(client):
-    """True if the server has neither closed the session nor said anything unasked
-    (such as a 421 before closing): nothing to read. (Not a non-blocking recv: on a
-    socket with a timeout, Python waits that long for data first.)"""
-    if client.sock is None:
-        return False
-    poller = select.poll()
-    poller.register(client.sock, select.POLLIN)
-    return not poller.poll(0)
-
-
-def close_quietly(client, quit=False):
-    try:
-        if quit and client.sock is not None:
-            client.quit()
-    except (OSError, smtplib.SMTPException):
-        pass
-    client.close()
-
-
 class BeforeQueueFilter:
     """Shared part of both filters: aiosmtpd's DATA hook and the reinjection."""
 
@@ -293,7 +186,6 @@ class BeforeQueueFilter:
 
     def __init__(self, config):
         self.config = config
-        self.sessions = ReinjectionSessions()
 
     @property
     def reinject_port(self):
@@ -332,8 +224,10 @@ class BeforeQueueFilter:
         retries, except a 4xx/5xx answer to the message itself, which is passed on.
         """
         try:
-            refused = self.sessions.send(self.reinject_port, mail_from, rcpt_tos, content,
-                                         list(mail_options))
+            # A fixed EHLO name: smtplib's default resolves our FQDN on every connection.
+            with smtplib.SMTP(REINJECT_HOST, self.reinject_port, local_hostname="localhost",
+                              timeout=REINJECT_TIMEOUT) as client:
+                refused = client.sendmail(mail_from, rcpt_tos, content, list(mail_options))
         except smtplib.SMTPRecipientsRefused as exc:
             code, text = next(iter(exc.recipients.values()))
             return self._passed_on_error(code, text)

@@ -7,7 +7,6 @@ import os
 
 import dkim
 import pytest
-from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import Envelope
 
 from chatmaild.filtermail import (
@@ -482,62 +481,6 @@ def test_reinjection_recipient_errors_are_passed_on(make_config, openpgp, smtp_s
     outgoing = OutgoingFilter(make_config(DOMAIN, postfix_reinject_port=smtp_sink.port))
     mail = encrypted_mail(ALICE, BOB, openpgp.encrypt())
     assert filtered(outgoing, envelope(ALICE, [BOB], mail)) == "450 4.2.0 Try later"
-
-
-def open_sessions(mail_filter):
-    return [client for sessions in mail_filter.sessions.idle.values()
-            for client, _ in sessions]
-
-
-def test_reinjection_session_is_reused(make_config, openpgp, smtp_sink):
-    outgoing = OutgoingFilter(make_config(DOMAIN, postfix_reinject_port=smtp_sink.port))
-    mail = encrypted_mail(ALICE, BOB, openpgp.encrypt())
-    assert filtered(outgoing, envelope(ALICE, [BOB], mail)) == "250 OK"
-    first = open_sessions(outgoing)
-    assert filtered(outgoing, envelope(ALICE, [BOB], mail)) == "250 OK"
-    assert open_sessions(outgoing) == first and len(first) == 1
-    assert len(smtp_sink.messages) == 2
-
-
-def test_reinjection_session_survives_a_refused_message(make_config, openpgp, smtp_sink):
-    outgoing = OutgoingFilter(make_config(DOMAIN, postfix_reinject_port=smtp_sink.port))
-    mail = encrypted_mail(ALICE, BOB, openpgp.encrypt())
-    smtp_sink.recorder.reply = "452 4.3.1 Out of space"
-    assert filtered(outgoing, envelope(ALICE, [BOB], mail)) == "452 4.3.1 Out of space"
-    smtp_sink.recorder.reply = "250 OK"
-    assert filtered(outgoing, envelope(ALICE, [BOB], mail)) == "250 OK"
-    assert len(open_sessions(outgoing)) == 1 and len(smtp_sink.messages) == 1
-
-
-def restart_sink(sink):
-    """The server side of every open session closes, as on `postfix reload`."""
-    sink.stop()
-    sink.controller = Controller(sink.recorder, hostname="127.0.0.1", port=sink.port,
-                                 enable_SMTPUTF8=True)
-    sink.controller.start()
-
-
-def test_reinjection_session_closed_by_the_server_is_replaced(make_config, openpgp,
-                                                             smtp_sink):
-    outgoing = OutgoingFilter(make_config(DOMAIN, postfix_reinject_port=smtp_sink.port))
-    mail = encrypted_mail(ALICE, BOB, openpgp.encrypt())
-    assert filtered(outgoing, envelope(ALICE, [BOB], mail)) == "250 OK"
-    restart_sink(smtp_sink)
-    assert filtered(outgoing, envelope(ALICE, [BOB], mail)) == "250 OK"
-    assert len(smtp_sink.messages) == 2
-
-
-def test_reinjection_retries_once_when_mail_from_finds_the_session_closed(
-        make_config, openpgp, smtp_sink, monkeypatch):
-    """Closed between the check and MAIL FROM: the server had nothing of the message
-    yet, so it is sent once more, on a new session, and arrives once."""
-    outgoing = OutgoingFilter(make_config(DOMAIN, postfix_reinject_port=smtp_sink.port))
-    mail = encrypted_mail(ALICE, BOB, openpgp.encrypt())
-    assert filtered(outgoing, envelope(ALICE, [BOB], mail)) == "250 OK"
-    restart_sink(smtp_sink)
-    monkeypatch.setattr("chatmaild.filtermail.still_open", lambda client: True)
-    assert filtered(outgoing, envelope(ALICE, [BOB], mail)) == "250 OK"
-    assert len(smtp_sink.messages) == 2
 
 
 def test_unexpected_error_asks_to_retry(outgoing, monkeypatch):
