@@ -123,11 +123,17 @@ STRAGGLER = 5.0  # s from the 250 to the EXISTS: far behind the rest, worth a lo
 def straggler_logs(box, steps, limit=5):
     """Postfix's and Dovecot's log of the messages whose EXISTS came STRAGGLER s or more
     after their 250: was the delivery late, or only the IDLE notification?"""
-    late = [(step, n) for step in steps for n, s in step["samples"].items()
-            if s[2] is None or s[2] - s[1] > STRAGGLER][:limit]
+    def lateness(sample):
+        return float("inf") if sample[2] is None else sample[2] - sample[1]
+
+    # the latest ones: the first few of a backlog only show the queue it started with
+    late = sorted(((step, n) for step in steps for n, s in step["samples"].items()
+                   if lateness(s) > STRAGGLER),
+                  key=lambda late: -lateness(late[0]["samples"][late[1]]))[:limit]
     if not late:
         return {}
-    log = box.run("journalctl -o short-precise --no-pager -u postfix@- -u dovecot",
+    # Debian 12's Postfix logs under postfix@-, Debian 13's under postfix
+    log = box.run("journalctl -o short-precise --no-pager -u postfix@- -u postfix -u dovecot",
                   check=False, timeout=300).stdout.splitlines()
     found = {}
     for step, number in late:
