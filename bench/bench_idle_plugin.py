@@ -25,7 +25,6 @@ import random
 import shutil
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_facts, percentile  # noqa: E402
 from idle_meter import lmtp_deliver  # noqa: E402
+from relay_meter import Imap  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -277,79 +277,27 @@ class RelayDovecot(Dovecot):
 
     def create_account(self, user):
         """doveauth creates an account at its first login."""
-        Client(self, user).close()
+        imap_client(self, user).close()
 
 
-class Client:
-    """A minimal IMAP client: LOGIN, SELECT INBOX, IDLE/DONE, waits for EXISTS."""
-
-    def __init__(self, dovecot, user):
-        self.dovecot, self.user = dovecot, user
-        self.sock = socket.create_connection(("127.0.0.1", dovecot.connect_port),
-                                             timeout=TIMEOUT)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if dovecot.tls:
-            context = ssl.create_default_context()
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-            self.sock = context.wrap_socket(self.sock)
-        self.stream = self.sock.makefile("rwb")
-        self.tag = 0
-        self.stream.readline()
-        self.command(f"LOGIN {dovecot.address(user)} {PASSWORD}")
-        self.command("SELECT INBOX")
-
-    def send(self, line):
-        self.stream.write(line.encode() + b"\r\n")
-        self.stream.flush()
-
-    def command(self, line):
-        self.tag += 1
-        tag = f"a{self.tag}"
-        self.send(f"{tag} {line}")
-        while not (reply := self.stream.readline()).startswith(tag.encode()):
-            if not reply:
-                raise RuntimeError(f"{self.user}: connection closed")
-        if b" OK" not in reply:
-            raise RuntimeError(f"{self.user}: {line}: {reply!r}")
-
-    def idle(self):
-        self.tag += 1
-        self.idle_tag = f"a{self.tag}".encode()
-        self.send(f"a{self.tag} IDLE")
-        if not self.stream.readline().startswith(b"+"):
-            raise RuntimeError(f"{self.user}: IDLE refused")
-
-    def wait_exists(self):
-        while b"EXISTS" not in (line := self.stream.readline()):
-            if not line:
-                raise RuntimeError(f"{self.user}: connection closed in IDLE")
-        return time.monotonic()
-
-    def done(self):
-        self.send("DONE")
-        while not (line := self.stream.readline()).startswith(self.idle_tag):
-            if not line:
-                raise RuntimeError(f"{self.user}: connection closed after DONE")
-
-    def close(self):
-        try:
-            self.command("LOGOUT")
-        except (OSError, RuntimeError):
-            pass
-        self.sock.close()
+def imap_client(dovecot, user):
+    """relay_meter's IMAP client (LOGIN, SELECT INBOX, IDLE/DONE, waits for EXISTS) on
+    `dovecot`'s port, with TLS when it has TLS; client.user is `user`."""
+    client = Imap(dovecot.address(user), PASSWORD, dovecot.connect_port, dovecot.tls, TIMEOUT)
+    client.user = user
+    return client
 
 
 def wakeup(dovecot, client, number):
     delivered = dovecot.deliver(client.user, number)
-    return client.wait_exists() - delivered
+    return client.exists_at() - delivered
 
 
 def measure_idle(instances, samples, started):
     """Interleaved: each sample once per instance, the order shuffled per sample."""
     for d in instances:
         d.create_account(IDLE_USER)
-    clients = {d.label: Client(d, IDLE_USER) for d in instances}
+    clients = {d.label: imap_client(d, IDLE_USER) for d in instances}
     for d in instances:  # warm-up: the first delivery creates the maildir files
         clients[d.label].idle()
         wakeup(d, clients[d.label], 0)
@@ -378,7 +326,7 @@ def measure_hibernated(instances, rounds, per_round, started):
         for i in range(per_round):  # before SELECT (else IDLE reports them at once)
             d.create_account(hib_user(i))
             d.deliver(hib_user(i), 0)
-    clients = {d.label: [Client(d, hib_user(i)) for i in range(per_round)]
+    clients = {d.label: [imap_client(d, hib_user(i)) for i in range(per_round)]
                for d in instances}
     times = {d.label: [] for d in instances}
     hibernated = {d.label: 0 for d in instances}

@@ -63,16 +63,18 @@ def message(sender, recipient, number):
 
 
 class Imap:
-    """LOGIN (creates the account), SELECT INBOX, IDLE, EXISTS, DONE over TLS on 993."""
+    """LOGIN (creates the account), SELECT INBOX, IDLE, EXISTS, DONE, over TLS on 993 by
+    default (bench_idle_plugin.py uses it too, against its own Dovecot)."""
 
-    def __init__(self, address):
+    def __init__(self, address, password=PASSWORD, port=993, tls=True, timeout=TIMEOUT):
         self.address = address
-        raw = nodelay(socket.create_connection(("127.0.0.1", 993), timeout=TIMEOUT))
-        self.sock = CONTEXT.wrap_socket(raw)
+        self.sock = nodelay(socket.create_connection(("127.0.0.1", port), timeout=timeout))
+        if tls:
+            self.sock = CONTEXT.wrap_socket(self.sock)
         self.stream = self.sock.makefile("rwb")
         self.tag = 0
         self.stream.readline()
-        self.command(f"LOGIN {address} {PASSWORD}")
+        self.command(f"LOGIN {address} {password}")
         self.command("SELECT INBOX")
 
     def send(self, line):
@@ -96,12 +98,17 @@ class Imap:
         if not self.stream.readline().startswith(b"+"):
             raise RuntimeError(f"{self.address}: IDLE refused")
 
+    def exists_at(self):
+        """time.monotonic() when IDLE reads the next EXISTS."""
+        while b"EXISTS" not in (line := self.stream.readline()):
+            if not line:
+                raise RuntimeError(f"{self.address}: connection closed in IDLE")
+        return time.monotonic()
+
     def wait_exists(self, found):
+        """exists_at() into `found`, or the error (a reader thread's result)."""
         try:
-            while b"EXISTS" not in (line := self.stream.readline()):
-                if not line:
-                    raise RuntimeError(f"{self.address}: connection closed in IDLE")
-            found.append(time.monotonic())
+            found.append(self.exists_at())
         except Exception as error:  # noqa: BLE001 - reported by the caller
             found.append(error)
 
@@ -110,6 +117,13 @@ class Imap:
         while not (line := self.stream.readline()).startswith(self.idle_tag):
             if not line:
                 raise RuntimeError(f"{self.address}: connection closed after DONE")
+
+    def close(self):
+        try:
+            self.command("LOGOUT")
+        except (OSError, RuntimeError):
+            pass
+        self.sock.close()
 
 
 class Meter:
