@@ -1,10 +1,12 @@
 """The relay's own services, from conf/services.toml, and the service manager's units for
 them on a platform.
 
-    python3 -m chatmaild.admin.services services|sockets|systemd-units   (debian/rules)
+    python3 -m chatmaild.admin.services services|sockets|systemd-units|openrc-instances
 
-prints the names space-separated: the services, their socket units, or all their systemd
-units (daily timers, sockets, services: what a removal stops) on this system's platform.
+prints the names space-separated: the services, their socket units, all their systemd
+units (daily timers, sockets, services: what a removal stops), or the other daemons the
+relay runs under init scripts of its own on OpenRC, on this system's platform (debian/rules
+and Alpine's APKBUILD ask when they build the package).
 """
 
 import sys
@@ -43,10 +45,20 @@ def systemd_units(platform):
     return timers + relay_sockets(platform) + [f"{name}.service" for name in relay_services()]
 
 
+def openrc_instances(platform):
+    """On OpenRC, the other packages' daemons that the relay runs as services of its own
+    (/new's fcgiwrap, Dovecot, OpenDKIM: platform.toml says why for each); the install
+    scripts enable them and a removal stops them like the relay's own services."""
+    if platform.service_manager != "openrc":
+        return []
+    return [platform.fcgiwrap_service, platform.dovecot_service, platform.opendkim_service]
+
+
 LISTS = {
     "services": lambda platform: relay_services(),
     "sockets": relay_sockets,
     "systemd-units": systemd_units,
+    "openrc-instances": openrc_instances,
 }
 
 

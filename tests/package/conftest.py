@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from chatmaild.admin.platform import load_platform
-from chatmaild.admin.services import relay_services
+from chatmaild.admin.services import openrc_instances, relay_services
 from chatmaild.admin.units import write_units
 from tests.conftest import REPO
 from tests.package.alpine_root import AlpineShell, DebianShell, unpack_minirootfs
@@ -32,19 +32,28 @@ def load_mkapk():
     return module
 
 
+def relay_lists():
+    """The lists the APKBUILD writes beside enable-services, by file name: the relay's own
+    services (conf/services.toml's) and the other daemons it runs under its own init
+    scripts (platform.toml's)."""
+    return {"relay-services": relay_services(),
+            "relay-instances": openrc_instances(load_platform("alpine"))}
+
+
 def enabled_services():
-    """The services alpine/enable-services puts into the default runlevel: the relay's
-    own (conf/services.toml's, which it reads from relay-services beside it) and those it
-    names."""
+    """The services alpine/enable-services puts into the default runlevel: those of the
+    lists it reads from beside it, and those it names."""
     text = (REPO / "alpine" / "enable-services").read_text()
+    lists = {f"${variable}": relay_lists()[file] for variable, file in re.findall(
+        r'^(\w+)=\$\(cat "\$\{0%/\*\}"/([\w-]+)\)', text, re.M)}
     names = re.search(r'^SERVICES="([^"]*)"', text, re.M).group(1).split()
-    return [service for name in names
-            for service in (relay_services() if name == "$RELAY_SERVICES" else [name])]
+    return [service for name in names for service in lists.get(name, [name])]
 
 
 def write_relay_services(directory):
-    """relay-services as the APKBUILD writes it beside enable-services, into DIRECTORY."""
-    (directory / "relay-services").write_text(" ".join(relay_services()) + "\n")
+    """The lists as the APKBUILD writes them beside enable-services, into DIRECTORY."""
+    for file, names in relay_lists().items():
+        (directory / file).write_text(" ".join(names) + "\n")
 
 
 # The relay's services as the build generates them (chatmaild/admin/units.py): systemd

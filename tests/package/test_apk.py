@@ -26,6 +26,7 @@ from tests.package.conftest import (
     SYSTEMD_PREFIX,
     enabled_services,
     load_mkapk,
+    relay_lists,
     write_relay_services,
 )
 from tests.package.test_deb import DIST as DEBS_DIR
@@ -393,13 +394,19 @@ def test_relay_package_lists_the_relay_services_for_its_scripts(parsed):
     """The install scripts and enable-services read conf/services.toml's list from the
     file the build wrote: it stays until apk removes chatmail-relay's files, after
     pre-deinstall, whatever happens to python3 in the same transaction."""
-    listed = packaged_file(parsed["chatmail-relay"], RELAY_SERVICES_FILE).decode().split()
-    assert listed == RELAY_SERVICES
-    assert set(RELAY_SERVICES) <= set(enabled_services())
+    data_dir = RELAY_SERVICES_FILE.rpartition("/")[0]
+    for file, names in relay_lists().items():
+        listed = packaged_file(parsed["chatmail-relay"], f"{data_dir}/{file}").decode().split()
+        assert listed == names, file
+        assert set(names) <= set(enabled_services())
     for script in ["post-upgrade", "pre-deinstall"]:
         text = (RELAY_APKBUILD_DIR / f"chatmail-relay.{script}").read_text()
         assert re.search(r'^RELAY_SERVICES=\$\(cat "\$DATA_DIR"/relay-services\b', text, re.M)
-        assert f"DATA_DIR={RELAY_SERVICES_FILE.rpartition('/')[0]}\n" in text
+        assert f"DATA_DIR={data_dir}\n" in text
+    # a removal stops the other daemons the relay runs under its own init scripts too
+    text = (RELAY_APKBUILD_DIR / "chatmail-relay.pre-deinstall").read_text()
+    assert re.search(r'^RELAY_INSTANCES=\$\(cat "\$DATA_DIR"/relay-instances\b', text, re.M)
+    assert re.search(r'^for service in \$RELAY_SERVICES \$RELAY_INSTANCES;', text, re.M)
 
 
 def test_openrc_package_ships_the_generated_init_scripts(parsed, openrc_dir):
