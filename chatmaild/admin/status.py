@@ -54,7 +54,7 @@ class Probes:
     run: object = run_command
     proc_net_tcp: tuple = ("/proc/net/tcp", "/proc/net/tcp6")
     proc_dir: str = "/proc"
-    dovecot_pid_file: str = "/run/dovecot/master.pid"
+    dovecot_pid_file: str = ""  # default: master.pid in the platform's Dovecot base_dir
     dovecot_instant_idle_plugin: str = ""  # default: the platform's
     dovecot_config: str = ""  # the file Dovecot runs with; default: the platform's
     postfix_pid_file: str = ""  # default: in the platform's Postfix queue directory
@@ -453,24 +453,25 @@ def check_dovecot_build(platform, probes):
     package = dovecot_package_version(platform, probes.run)
     label = f"{result.stdout.strip()}, package {package or 'unknown'}"
     findings = [instant_idle_finding(platform, probes, label, package)]
-    stale = check_dovecot_binary(probes, platform.dovecot_service)
+    stale = check_dovecot_binary(probes, platform)
     if stale:
         findings.append(stale)
     return findings
 
 
-def check_dovecot_binary(probes, service="dovecot"):
+def check_dovecot_binary(probes, platform):
     """A Dovecot still running the binary an upgrade replaced keeps the old code (and any
     fixed security hole) until restarted."""
+    pid_file = probes.dovecot_pid_file or f"{platform.dovecot_base_dir}/master.pid"
     try:
-        pid = int(Path(probes.dovecot_pid_file).read_text().split()[0])
+        pid = int(Path(pid_file).read_text().split()[0])
         exe = (Path(probes.proc_dir) / str(pid) / "exe").readlink()
     except (OSError, ValueError, IndexError):
         return None  # not running, or not ours to look at (needs root)
     if str(exe).endswith(" (deleted)"):
         return Finding("Mail", "Dovecot binary", FAIL,
                        f"the running Dovecot (pid {pid}) uses a replaced binary",
-                       f"restart the {service} service")
+                       f"restart the {platform.dovecot_service} service")
     return None
 
 

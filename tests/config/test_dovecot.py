@@ -422,6 +422,24 @@ def test_open_files_cover_a_full_imap_hibernate_process(relay_config, platform, 
     assert 2 * limit + spare <= int(ulimit.group(1))
 
 
+def test_a_stale_login_penalty_socket_is_removed_before_dovecot_starts(
+        relay_config, platform, render):
+    """The login penalty is off (its anvil socket has mode 0, so the master makes none);
+    a socket of that name left by Dovecot run with Debian's configuration would make
+    the auth process retry it for 5 s at every start before the first login
+    (bench/results/dovecot-restart-debian13.md), so both service managers remove it."""
+    files = render("dovecot", relay_config, platform)
+    mode = "service/anvil/unix_listener/anvil-auth-penalty/mode"
+    found = settings(files, platform, "base_dir", mode)
+    assert found["base_dir"] == platform.dovecot_base_dir
+    assert int(found[mode], 8) == 0  # 2.3 prints "00", 2.4 "0"
+    assert dropin_command(files, "ExecStartPre") == (
+        f"-/bin/rm -f {platform.dovecot_base_dir}/anvil-auth-penalty")
+    start_pre = re.search(r"^start_pre\(\) \{\n(.*?)^\}", OUR_INITD.read_text(), re.M | re.S)
+    assert ('rm -f "$(/usr/bin/doveconf -h base_dir)"/anvil-auth-penalty'
+            in start_pre.group(1))
+
+
 def test_no_debian_conffile_is_written_or_read(relay_config, platform, render):
     """No file of Debian's dovecot-core (conffiles) is written or read."""
     files = render("dovecot", relay_config, platform)

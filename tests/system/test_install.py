@@ -169,6 +169,15 @@ def test_every_unit_active_and_status_all_good(relay):
     relay.run("test -e /etc/aliases.db")  # built although Postfix had "No configuration"
 
 
+def test_dovecot_auth_starts_without_waiting_for_a_stale_penalty_socket(relay):
+    """The dovecot-core package started Dovecot with Debian's configuration before ours,
+    and that one made the login penalty's socket, which ours turns off. Left in /run, it
+    made our Dovecot's auth process retry it for 5 s at every start, before any login."""
+    relay.run("test ! -e /run/dovecot/anvil-auth-penalty")
+    log = relay.run("journalctl -u dovecot --no-pager").stdout
+    assert "anvil-auth-penalty" not in log
+
+
 def test_ports_answer(relay):
     listening = relay.run("cat /proc/net/tcp /proc/net/tcp6").stdout
     for port in (25, 80, 143, 443, 465, 587, 993):

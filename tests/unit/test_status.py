@@ -542,10 +542,12 @@ def test_a_running_replaced_binary_is_found(tmp_path):
         pid_file = tmp_path / "master.pid"
         pid_file.write_text(f"{proc.pid}\n")
         probes = status.Probes(dovecot_pid_file=str(pid_file))
-        assert status.check_dovecot_binary(probes) is None
+        platform = load_platform("debian12")
+        assert status.check_dovecot_binary(probes, platform) is None
         binary.unlink()
-        finding = status.check_dovecot_binary(probes)
+        finding = status.check_dovecot_binary(probes, platform)
         assert finding.level == status.FAIL and f"pid {proc.pid}" in finding.detail
+        assert finding.hint == "restart the dovecot service"
     finally:
         proc.kill()
         proc.wait()
