@@ -98,7 +98,7 @@ def compare(box, baseline, rounds, settle):
             time.sleep(settle)
             at_rest = meter(box)
             used = box.run(f"python3 {BENCH_MOUNT}/footprint_use.py "
-                           f"fpround{number:02d}{variant[0]}", timeout=120)
+                           f"fpuse{number:02d}{variant[0]}x", timeout=120)
             time.sleep(5)
             found.append({"round": number, "variant": variant, "at_rest": at_rest,
                           "used": json.loads(used.stdout.strip().splitlines()[-1]),

@@ -12,7 +12,8 @@ measured too. With plain protocol clients (relay_meter.py's):
                      check refuses it)
 
 Prints one JSON line: what each step answered.
-Usage: footprint_use.py LOCALPART (a new account for each call: 9 or more characters)"""
+Usage: footprint_use.py LOCALPART (a new account for each call; doveauth's default
+wants 9 characters)"""
 
 import configparser
 import json
