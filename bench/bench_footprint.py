@@ -185,6 +185,20 @@ def table(found):
     return lines, totals
 
 
+def goal_lines(totals):
+    """Which goal is met under which measure: an RSS sum counts every shared page (the
+    interpreter, libcrypto, Dovecot's binaries) once per process, PSS once in all."""
+    lines = []
+    for key, label, goal in (("ours", "ours", 100), ("relay+ours", "the whole relay", 150)):
+        t = totals.get(key, {"rss": 0, "pss": 0})
+        verdict = {True: "met", False: "missed"}
+        lines.append(f"- {label} (goal <= {goal} MB): RSS sum {mb(t['rss'])} MB, goal "
+                     f"{verdict[t['rss'] / 1024 <= goal]} by that measure; PSS sum "
+                     f"{mb(t['pss'])} MB (what it really occupies), goal "
+                     f"{verdict[t['pss'] / 1024 <= goal]}")
+    return lines
+
+
 def median_table(runs, key, baseline):
     """Per daemon and in sum, the median over the rounds of each variant, side by side."""
     def value(variant, unit, field):
@@ -247,8 +261,8 @@ def report(results, settle, facts, options):
             continue
         versions = ", ".join(f"{p} {v}" for p, v in found["versions"].items())
         lines += [f"{found['python_version']}; {versions}", ""]
-        rows, _ = table(found)
-        lines += rows + [""]
+        rows, totals = table(found)
+        lines += rows + [""] + goal_lines(totals) + [""]
         if found.get("compared"):
             lines += compared_section(found, options.baseline)
         if found.get("compared_error"):
