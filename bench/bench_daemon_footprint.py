@@ -11,8 +11,8 @@ Debian (12) and in tests/chroot.sh's Debian 13, which needs no container and no 
 PSS divides the pages the five share among them (the measuring python3 shares some too,
 equally for both versions). bench_footprint.py measures the same in an installed relay.
 
-Needs root (the chroot). Usage: bench_daemon_footprint.py REV [--rounds N]
-(default 5). Writes bench/results/footprint-daemons.md and .json."""
+Needs root (the chroot). Usage: bench_daemon_footprint.py [REV] [--rounds N]
+(default: main, 5 rounds). Writes bench/results/footprint-daemons.md and .json."""
 
 import argparse
 import json
@@ -289,14 +289,13 @@ def report(results, ref, rounds, facts):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("ref", nargs="?", help="the git revision to compare with")
+    parser.add_argument("ref", nargs="?", default="main",
+                        help="the git revision to compare with (default: main)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--measure", metavar="WORK", help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.measure:
         return measure_here(options.measure, options.rounds)
-    if not options.ref:
-        parser.error("which revision to compare with?")
     if os.geteuid() != 0:
         sys.exit("needs root (tests/chroot.sh)")
     sys.path.insert(0, str(BENCH))
