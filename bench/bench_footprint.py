@@ -11,8 +11,8 @@ With --baseline REV, then in the same containers: our daemons from this build an
 git revision REV's chatmaild/, in turns (--rounds of each, alternating which goes first):
 the package's chatmaild/ swapped for the other, our five units restarted, `chatmail
 status` all good, SETTLE seconds at rest, measured; then each daemon's first use
-(bench/footprint_use.py: a new account's login, a push token, TURN credentials, a message
-out and one in), 5 s, measured again. What a daemon imports only when it first needs it
+(bench/footprint_use.py: new accounts' logins, a push token, TURN credentials, a message
+from one to the other with its push, one from outside), 5 s, measured again. What a daemon imports only when it first needs it
 shows in the second measurement.
 
 Needs root and `make build`. Usage: bench_footprint.py [SETTLE_SECONDS] [--baseline REV
@@ -98,7 +98,7 @@ def compare(box, baseline, rounds, settle):
             time.sleep(settle)
             at_rest = meter(box)
             used = box.run(f"python3 {BENCH_MOUNT}/footprint_use.py "
-                           f"fpuse{number:02d}{variant[0]}x", timeout=120)
+                           f"fpuse{number:02d}{variant[0]}", timeout=120)
             time.sleep(5)
             found.append({"round": number, "variant": variant, "at_rest": at_rest,
                           "used": json.loads(used.stdout.strip().splitlines()[-1]),
