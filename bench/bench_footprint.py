@@ -7,11 +7,25 @@ counted in each), PSS (shared pages divided among the processes sharing them: th
 what the relay really takes) and USS (private pages only). And what a python3 costs before
 our code: the interpreter, and each library our daemons import (bench/footprint_meter.py).
 
-Needs root and `make build`. Usage: bench_footprint.py [SETTLE_SECONDS] (default 60: the
-wait after `chatmail status` is all good). Writes bench/results/footprint.md and .json."""
+With --baseline REV, then in the same containers: our daemons from this build and from
+git revision REV's chatmaild/, in turns (--rounds of each, alternating which goes first):
+the package's chatmaild/ swapped for the other, our five units restarted, `chatmail
+status` all good, SETTLE seconds at rest, measured; then each daemon's first use
+(bench/footprint_use.py: new accounts' logins, a push token, TURN credentials, a message
+from one to the other with its push, one from outside), 5 s, measured again. What a daemon imports only when it first needs it
+shows in the second measurement.
 
+Needs root and `make build`. Usage: bench_footprint.py [SETTLE_SECONDS] [--baseline REV
+[--rounds N] [--round-settle SECONDS]] (SETTLE default 60: the wait after `chatmail status`
+is all good after the install; rounds 3, 20 s each). Writes bench/results/footprint.md and
+.json."""
+
+import argparse
+import base64
 import json
 import os
+import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -33,16 +47,71 @@ PACKAGES = ("postfix", "dovecot-core", "nginx", "opendkim", "coturn", "python3",
             "python3-chatmaild", "python3-aiosmtpd", "python3-dkim", "python3-dnspython")
 
 
-def measure(suite, settle, results):
+# Where the package puts chatmaild/, and where the two variants wait their turn.
+INSTALLED_TREE = "/usr/lib/python3/dist-packages/chatmaild"
+VARIANTS = "/var/lib/footprint-variants"
+
+
+def wait_status(box, timeout=120):
+    deadline = time.monotonic() + timeout
+    while box.run("chatmail status", check=False).returncode != 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError(box.run("chatmail status", check=False).stdout)
+        time.sleep(1)
+
+
+def baseline_tar(ref):
+    """chatmaild/ of git revision `ref`, as a base64 tar archive."""
+    tar = subprocess.run(["git", "-C", str(REPO), "archive", ref, "chatmaild"],
+                         check=True, capture_output=True).stdout
+    return base64.b64encode(tar).decode()
+
+
+def add_baseline(box, tar):
+    """The installed chatmaild/ and the baseline's side by side, both byte-compiled as
+    the package's is (by root, beforehand: the daemons cannot write __pycache__)."""
+    box.run(f"mkdir -p {VARIANTS}/installed {VARIANTS}/baseline && "
+            f"cp -a {INSTALLED_TREE} {VARIANTS}/installed/ && "
+            f"base64 -d | tar -x -C {VARIANTS}/baseline && "
+            f"python3 -m compileall -q {VARIANTS}/baseline", input=tar)
+
+
+def use_variant(box, variant):
+    box.run(f"rm -rf {INSTALLED_TREE} && cp -a {VARIANTS}/{variant}/chatmaild "
+            f"{INSTALLED_TREE} && systemctl restart {' '.join(OURS)}")
+    wait_status(box)
+
+
+def meter(box):
+    out = box.run(f"python3 {BENCH_MOUNT}/footprint_meter.py", timeout=300)
+    return json.loads(out.stdout.strip().splitlines()[-1])["processes"]
+
+
+def compare(box, baseline, rounds, settle):
+    """Each variant `rounds` times, alternating: at rest, then after its first use."""
+    add_baseline(box, baseline_tar(baseline))
+    found = []
+    for number in range(rounds):
+        order = ("baseline", "installed") if number % 2 == 0 else ("installed", "baseline")
+        for variant in order:
+            use_variant(box, variant)
+            time.sleep(settle)
+            at_rest = meter(box)
+            used = box.run(f"python3 {BENCH_MOUNT}/footprint_use.py "
+                           f"fpuse{number:02d}{variant[0]}", timeout=120)
+            time.sleep(5)
+            found.append({"round": number, "variant": variant, "at_rest": at_rest,
+                          "used": json.loads(used.stdout.strip().splitlines()[-1]),
+                          "after_use": meter(box)})
+    return found
+
+
+def measure(suite, settle, results, options):
     box = None
     try:
         box = booted("fp", suite)
         box.run(INSTALL, timeout=900)
-        deadline = time.monotonic() + 120
-        while box.run("chatmail status", check=False).returncode != 0:
-            if time.monotonic() > deadline:
-                raise RuntimeError(box.run("chatmail status", check=False).stdout)
-            time.sleep(1)
+        wait_status(box)
         time.sleep(settle)
         out = box.run(f"python3 {BENCH_MOUNT}/footprint_meter.py --imports", timeout=300)
         found = json.loads(out.stdout.strip().splitlines()[-1])
@@ -51,6 +120,12 @@ def measure(suite, settle, results):
                 "dpkg-query -W " + " ".join(PACKAGES), check=False).stdout.splitlines()
             if "\t" in line)
         found["python_version"] = box.run("python3 --version").stdout.strip()
+        if options.baseline:
+            try:
+                found["compared"] = compare(box, options.baseline, options.rounds,
+                                            options.round_settle)
+            except Exception as error:  # noqa: BLE001 - reported, with what was measured
+                found["compared_error"] = f"{type(error).__name__}: {error}"
         results[suite] = found
     except Exception as error:  # noqa: BLE001 - reported by main
         results[suite] = {"error": f"{type(error).__name__}: {error}"}
@@ -110,9 +185,64 @@ def table(found):
     return lines, totals
 
 
-def report(results, settle, facts):
+def goal_lines(totals):
+    """Which goal is met under which measure: an RSS sum counts every shared page (the
+    interpreter, libcrypto, Dovecot's binaries) once per process, PSS once in all."""
+    lines = []
+    for key, label, goal in (("ours", "ours", 100), ("relay+ours", "the whole relay", 150)):
+        t = totals.get(key, {"rss": 0, "pss": 0})
+        verdict = {True: "met", False: "missed"}
+        lines.append(f"- {label} (goal <= {goal} MB): RSS sum {mb(t['rss'])} MB, goal "
+                     f"{verdict[t['rss'] / 1024 <= goal]} by that measure; PSS sum "
+                     f"{mb(t['pss'])} MB (what it really occupies), goal "
+                     f"{verdict[t['pss'] / 1024 <= goal]}")
+    return lines
+
+
+def median_table(runs, key, baseline):
+    """Per daemon and in sum, the median over the rounds of each variant, side by side."""
+    def value(variant, unit, field):
+        per_round = []
+        for run in runs:
+            if run["variant"] == variant:
+                units = group(run[key])
+                if unit in ("ours", "relay+ours"):
+                    per_round.append(sum(u[field] for name, u in units.items()
+                                         if kind(name) in ({"ours"} if unit == "ours"
+                                                           else {"ours", "relay"})))
+                else:
+                    per_round.append(units.get(unit, {}).get(field, 0))
+        return statistics.median(per_round)
+
+    lines = [f"| unit | RSS {baseline} | RSS this | PSS {baseline} | PSS this | "
+             f"USS {baseline} | USS this |", "|---|---|---|---|---|---|---|"]
+    for unit, label in [(u, u) for u in OURS] + [
+            ("ours", "**ours, together**"), ("relay+ours", "**whole relay**")]:
+        cells = [mb(value(variant, unit, field)) for field in ("rss", "pss", "uss")
+                 for variant in ("baseline", "installed")]
+        if unit in ("ours", "relay+ours"):
+            cells = [f"**{cell}**" for cell in cells]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def compared_section(found, baseline):
+    runs = found["compared"]
+    rounds = len(runs) // 2
+    lines = [f"Our daemons from this build and from {baseline}'s chatmaild/, alternating in "
+             f"this container ({rounds} rounds each; medians, MB), after a restart of our "
+             "five units:", "", "At rest:", ""]
+    lines += median_table(runs, "at_rest", baseline)
+    lines += ["", "After each daemon's first use (bench/footprint_use.py; the first "
+              f"answered: {runs[0]['used']}):", ""]
+    lines += median_table(runs, "after_use", baseline)
+    return lines + [""]
+
+
+def report(results, settle, facts, options):
     lines = ["# Footprint: the relay's memory at rest", "",
-             f"Measured by `bench/bench_footprint.py {settle}` on {facts['date']}.", "",
+             f"Measured by `bench/bench_footprint.py {' '.join(sys.argv[1:]) or settle}` "
+             f"on {facts['date']}.", "",
              f"- machine: {facts['nproc']} CPUs ({facts['cpu']}), {facts['memory']}, "
              f"Linux {facts['kernel']}, host {facts['os']}",
              "- each release: a fresh container (systemd-nspawn, private network), README's "
@@ -131,8 +261,13 @@ def report(results, settle, facts):
             continue
         versions = ", ".join(f"{p} {v}" for p, v in found["versions"].items())
         lines += [f"{found['python_version']}; {versions}", ""]
-        rows, _ = table(found)
-        lines += rows + [""]
+        rows, totals = table(found)
+        lines += rows + [""] + goal_lines(totals) + [""]
+        if found.get("compared"):
+            lines += compared_section(found, options.baseline)
+        if found.get("compared_error"):
+            lines += [f"The comparison with {options.baseline} failed: "
+                      f"{found['compared_error']}", ""]
         costs = found.get("python") or {}
         if costs:
             lines += ["RSS of a fresh python3 that only imports (MB):", "",
@@ -143,11 +278,18 @@ def report(results, settle, facts):
 
 
 def main():
-    settle = int(sys.argv[1]) if len(sys.argv) > 1 else 60
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("settle", nargs="?", type=int, default=60)
+    parser.add_argument("--baseline", help="also our daemons of this git revision, "
+                        "alternating with this build's")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--round-settle", type=int, default=20)
+    options = parser.parse_args()
+    settle = options.settle
     if os.geteuid() != 0:
         sys.exit("needs root")
     results = {}
-    threads = [threading.Thread(target=measure, args=(suite, settle, results))
+    threads = [threading.Thread(target=measure, args=(suite, settle, results, options))
                for suite in SUITES]
     for t in threads:
         t.start()
@@ -155,7 +297,7 @@ def main():
         t.join()
     results = {suite: results[suite] for suite in SUITES}
     out = REPO / "bench" / "results" / "footprint.md"
-    out.write_text(report(results, settle, machine_facts()))
+    out.write_text(report(results, settle, machine_facts(), options))
     out.with_suffix(".json").write_text(json.dumps(results))
     print(out.read_text())
 

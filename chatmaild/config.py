@@ -8,9 +8,8 @@ import configparser
 import ipaddress
 import re
 import unicodedata
-from importlib import resources
+from collections import namedtuple
 from pathlib import Path
-from typing import Callable, NamedTuple
 
 DEFAULT_INI_PATH = "/etc/chatmail/chatmail.ini"
 ACME_TLS_DIR = "/etc/chatmail/tls"
@@ -248,13 +247,12 @@ def implied_tls_mode(domain):
     return "self" if domain.startswith("_") or is_valid_ipv4(domain) else "acme"
 
 
-class Setting(NamedTuple):
-    """A key of chatmail.ini: its default (None: absent means none) and form."""
-
-    default: str | None
-    parse: Callable
-    attribute: str | None = None  # the Config attribute, when its name differs
-    multiline: bool = False  # may go on in indented lines (upstream's postal addresses)
+# A key of chatmail.ini: its default (None: absent means none), its form (the parser of
+# its text), the Config attribute when its name differs, and whether it may go on in
+# indented lines (upstream's postal addresses). A collections.namedtuple, not a
+# typing.NamedTuple: every daemon reads its configuration, and typing would cost each of
+# them 0.5 MB of memory for nothing else (bench/README.md, footprint).
+Setting = namedtuple("Setting", "default parse attribute multiline", defaults=(None, False))
 
 
 # Every key the relay reads, with upstream's default. A default may name {mail_domain}.
@@ -519,6 +517,10 @@ def continuation_line(text, key):
 
 def default_config_text(mail_domain, **overrides):
     """Our annotated chatmail.ini for a new relay, with `overrides` set (key = value)."""
+    # Imported here: only `chatmail` writes a new chatmail.ini, the daemons never do, and
+    # importlib.resources would cost each of them 1 MB of memory (bench/README.md).
+    from importlib import resources
+
     template = resources.files(__package__).joinpath("ini", "chatmail.ini.in").read_text()
     return set_ini_values(template.replace("@MAIL_DOMAIN@", mail_domain), overrides)
 

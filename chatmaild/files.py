@@ -4,7 +4,6 @@ import fcntl
 import json
 import logging
 import os
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,6 +38,11 @@ def write_atomic(path, data, mode=0o600, gid=-1, replace=True):
     """Write bytes so that readers see either no file, the old or the new content, never
     a part. With replace=False an existing file is kept and FileExistsError raised, also
     when another process created it meanwhile (link() does not overwrite)."""
+    # Imported at the first write (about 3 ms, once): lastlogin and the filters never
+    # write, and tempfile (with shutil, bz2, lzma) is 0.6 MB of each daemon's memory
+    # (bench/README.md, footprint).
+    import tempfile
+
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

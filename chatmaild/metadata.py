@@ -22,7 +22,7 @@ import logging
 import sys
 import time
 from contextlib import contextmanager
-from importlib import resources
+from pathlib import Path
 
 from .dictproxy import DictServer, daemon_main
 from .mailbox import Mailbox
@@ -114,7 +114,9 @@ class DeviceTokens:
 
 def read_appversions():
     """The packaged app version list as one line of JSON, or None if it is unusable."""
-    path = resources.files(__package__).joinpath("defaults", "appversions.json")
+    # Beside this module: the package is installed as files, never zipped, and
+    # importlib.resources would cost the daemon 1 MB of memory (bench/README.md).
+    path = Path(__file__).parent / "defaults" / "appversions.json"
     try:
         data = json.loads(path.read_bytes())
     except (OSError, ValueError) as exc:

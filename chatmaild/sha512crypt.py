@@ -7,8 +7,6 @@ musl's libc, which has crypt_r built in, on Alpine.
 """
 
 import ctypes
-import hmac
-import secrets
 
 PREFIX = "$6$"
 # crypt(3)'s base64 alphabet; it is not the one of RFC 4648.
@@ -48,6 +46,10 @@ def verify(password, hashed):
         candidate = crypt(password, hashed)
     except ValueError:
         return False
+    # Imported here, as secrets below: doveauth only makes hashes (Dovecot checks them),
+    # and hmac loads OpenSSL's libcrypto, 3.5 MB of doveauth's memory (bench/README.md).
+    import hmac
+
     return hmac.compare_digest(candidate, hashed)
 
 
@@ -75,6 +77,8 @@ def _c_string(data):
 
 def _setting_from_secrets():
     """A new setting for C libraries without crypt_gensalt (musl), like libxcrypt's."""
+    import secrets  # only on musl; it imports hmac (see verify)
+
     return PREFIX + "".join(secrets.choice(ALPHABET) for _ in range(SALT_LENGTH))
 
 
