@@ -37,7 +37,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from tests.system.test_install import INSTALL  # noqa: E402
 
-from common import BENCH_MOUNT, booted, machine_facts  # noqa: E402
+from common import (BENCH_MOUNT, booted, machine_facts,  # noqa: E402
+                    wait_until_status_is_good)
 
 SUITES = {"bookworm": "Debian 12", "trixie": "Debian 13"}
 OURS = ("doveauth.service", "lastlogin.service", "chatmail-metadata.service",
@@ -50,14 +51,6 @@ PACKAGES = ("postfix", "dovecot-core", "nginx", "opendkim", "coturn", "python3",
 # Where the package puts chatmaild/, and where the two variants wait their turn.
 INSTALLED_TREE = "/usr/lib/python3/dist-packages/chatmaild"
 VARIANTS = "/var/lib/footprint-variants"
-
-
-def wait_status(box, timeout=120):
-    deadline = time.monotonic() + timeout
-    while box.run("chatmail status", check=False).returncode != 0:
-        if time.monotonic() > deadline:
-            raise RuntimeError(box.run("chatmail status", check=False).stdout)
-        time.sleep(1)
 
 
 def baseline_tar(ref):
@@ -79,7 +72,7 @@ def add_baseline(box, tar):
 def use_variant(box, variant):
     box.run(f"rm -rf {INSTALLED_TREE} && cp -a {VARIANTS}/{variant}/chatmaild "
             f"{INSTALLED_TREE} && systemctl restart {' '.join(OURS)}")
-    wait_status(box)
+    wait_until_status_is_good(box)
 
 
 def meter(box):
@@ -111,7 +104,7 @@ def measure(suite, settle, results, options):
     try:
         box = booted("fp", suite)
         box.run(INSTALL, timeout=900)
-        wait_status(box)
+        wait_until_status_is_good(box)
         time.sleep(settle)
         out = box.run(f"python3 {BENCH_MOUNT}/footprint_meter.py --imports", timeout=300)
         found = json.loads(out.stdout.strip().splitlines()[-1])

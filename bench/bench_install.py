@@ -16,18 +16,10 @@ sys.path.insert(0, str(REPO))
 from tests.system.test_install import DOMAIN, INSTALL  # noqa: E402
 
 from common import (booted, installed_dovecot_version, machine_facts,  # noqa: E402
-                    write_results)
+                    wait_until_status_is_good, write_results)
 
 ROUNDS = 3
 SUITES = {"bookworm": "Debian 12", "trixie": "Debian 13"}
-
-
-def wait_until_status_is_good(box, timeout=120):
-    deadline = time.monotonic() + timeout
-    while box.run("chatmail status", check=False).returncode != 0:
-        if time.monotonic() > deadline:
-            raise RuntimeError(box.run("chatmail status", check=False).stdout)
-        time.sleep(0.2)
 
 
 def timed_install(suite, number):
@@ -37,7 +29,7 @@ def timed_install(suite, number):
     try:
         start = time.monotonic()
         box.run(INSTALL, timeout=900)
-        wait_until_status_is_good(box)
+        wait_until_status_is_good(box, interval=0.2)  # the install's time is measured
         return time.monotonic() - start, installed_dovecot_version(box)
     finally:
         box.stop()

@@ -136,6 +136,16 @@ def relay_journal(box, since):
     return lines
 
 
+def wait_until_status_is_good(box, timeout=120, interval=1.0):
+    """Until `chatmail status` in `box` says all is well; RuntimeError with its report
+    after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while box.run("chatmail status", check=False).returncode != 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError(box.run("chatmail status", check=False).stdout)
+        time.sleep(interval)
+
+
 def booted(prefix, suite, attempts=3):
     """A booted test container (tests/system) of Debian `suite` with this folder at
     BENCH_MOUNT; a new one when a boot fails (on this busy host: systemd not answering, or
