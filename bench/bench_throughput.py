@@ -15,7 +15,10 @@ and shares the host's cores with the relay.
 
 Needs root and `make build`. Usage:
   bench_throughput.py [--suite bookworm|trixie] [--tag TAG] [--clients N] [--seconds S]
-                      [--perf] [RATE ...]
+                      [--perf] [--baseline REV | --bare] [RATE ...]
+--bare alternates, step by step, the relay as installed with Postfix and Dovecot alone:
+the submission service without its before-queue filter, so no filtermail, no reinjection
+and no OpenDKIM (a ceiling of what the rest of the relay allows on this machine).
 Writes bench/results/throughput[-debian13][-TAG].md and .json."""
 
 import argparse
@@ -81,7 +84,7 @@ def perf_profile(seconds, path):
                      if line.strip() and not line.startswith("#"))
 
 
-def run(suite, clients, seconds, rates, with_perf, baseline):
+def run(suite, clients, seconds, rates, with_perf, baseline, bare=False):
     relay = ThroughputRelay("tp", suite)
     result = {"steps": [], "perf": {}}
     try:
@@ -94,13 +97,17 @@ def run(suite, clients, seconds, rates, with_perf, baseline):
         if baseline:
             install_baseline(relay.box, baseline)
             variants.append(f"filtermail of {baseline}")
+        filters = submission_filters(relay.box) if bare else None
+        if bare:
+            variants.append(BARE)
         relay.since = relay.box.run("date +%s").stdout.strip()
         relay.start_agent()
         result["setup"] = relay.ask("setup", clients=clients, message=test_message())
         for number, rate in enumerate(rates):
             # Variants alternate which goes first, so neither always meets a warmer host.
             order = variants if number % 2 == 0 else variants[::-1]
-            steps = [run_step(relay, rate, seconds, with_perf, result, variant, baseline)
+            steps = [run_step(relay, rate, seconds, with_perf, result, variant, baseline,
+                              filters)
                      for variant in order]
             for step in steps:
                 print(summary_row(step), flush=True)
@@ -165,9 +172,30 @@ def use_filtermail(box, variant):
             "systemctl restart filtermail filtermail-incoming && sleep 2")
 
 
-def run_step(relay, rate, seconds, with_perf, result, variant="installed", baseline=None):
+BARE = "Postfix and Dovecot alone"
+FILTER_SETTING = "smtps/inet/smtpd_proxy_filter"
+
+
+def submission_filters(box):
+    """{variant: the submission service's before-queue filter}: as installed, and none."""
+    installed = box.run(f"postconf -P {FILTER_SETTING}").stdout.split("=", 1)[1].strip()
+    return {"installed": installed, BARE: ""}
+
+
+def use_submission_filter(relay, value):
+    """Sets the filter of the submission service on 465 and opens new sessions, which
+    meet the new configuration (smtpd processes keep the one they started with)."""
+    relay.box.run(f"postconf -P '{FILTER_SETTING}={value}' && postfix reload >/dev/null "
+                  "2>&1 && sleep 1")
+    relay.ask("reconnect")
+
+
+def run_step(relay, rate, seconds, with_perf, result, variant="installed", baseline=None,
+             filters=None):
     if baseline:
         use_filtermail(relay.box, variant)
+    if filters:
+        use_submission_filter(relay, filters[variant])
     load = Path("/proc/loadavg").read_text().split()[:3]
     profiler = None
     if with_perf:
@@ -268,7 +296,8 @@ def report(suite, options, result, facts):
         f"# Sustained throughput ({RELEASE[suite]})", "",
         f"Measured by `bench/bench_throughput.py --suite {suite} --clients {options.clients} "
         f"--seconds {options.seconds}{' --perf' if options.perf else ''}"
-        f"{' --baseline ' + options.baseline if options.baseline else ''} "
+        f"{' --baseline ' + options.baseline if options.baseline else ''}"
+        f"{' --bare' if options.bare else ''} "
         f"{' '.join(map(str, options.rates))}` on {facts['date']}.", "",
         f"- machine: {facts['nproc']} CPUs ({facts['cpu']}), {facts['memory']}, "
         f"Linux {facts['kernel']}, host {facts['os']}; shared with other people's builds "
@@ -326,12 +355,16 @@ def main():
     parser.add_argument("--perf", action="store_true", help="perf record during each step")
     parser.add_argument("--baseline", help="also measure the filtermail.py of this git "
                         "revision, in the same relay, steps alternating")
+    parser.add_argument("--bare", action="store_true", help=f"also measure {BARE} (no "
+                        "before-queue filter on 465), in the same relay, steps alternating")
     parser.add_argument("rates", nargs="*", type=int, default=RATES)
     options = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("needs root")
+    if options.bare and options.baseline:
+        sys.exit("--bare and --baseline do not go together")
     result = run(options.suite, options.clients, options.seconds, options.rates,
-                 options.perf, options.baseline)
+                 options.perf, options.baseline, options.bare)
     text = report(options.suite, options, result, machine_facts())
     tag = f"-{options.tag}" if options.tag else ""
     release = "" if options.suite == "bookworm" else f"-{RELEASE[options.suite]}"

@@ -12,6 +12,7 @@ One JSON command per line on stdin, one JSON reply per line on stdout:
       message (CRLF) with <__FROM__>, <__TO__> and the Message-ID to replace
   {"do": "step", "rate": R, "seconds": S, "tag": T}  one load step; every message
       accepted (250) is then looked for in its recipient's mailbox by Message-ID
+  {"do": "reconnect"}                             new submission sessions
   {"do": "quit"}
 A step's reply: per message [sender start, 250, EXISTS] times (s, monotonic, relative
 to the step's start; EXISTS null if never seen), the SMTP errors, the lost Message-IDs,
@@ -258,6 +259,14 @@ class Meter:
         for imap in self.recipients:
             await imap.idle()
         return {"message_bytes": len(self.template)}
+
+    async def reconnect(self):
+        """New submission sessions, so that they meet Postfix's configuration as it is
+        now (an smtpd process keeps the one it started with)."""
+        for smtp in self.senders:
+            smtp.writer.close()
+        await asyncio.gather(*(smtp.open() for smtp in self.senders))
+        return {}
 
     def content(self, sender, recipient, message_id):
         return (self.template.replace(b"<__FROM__>", f"<{sender}>".encode())
