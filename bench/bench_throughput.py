@@ -15,10 +15,13 @@ and shares the host's cores with the relay.
 
 Needs root and `make build`. Usage:
   bench_throughput.py [--suite bookworm|trixie] [--tag TAG] [--clients N] [--seconds S]
-                      [--perf] [--baseline REV | --bare] [RATE ...]
+                      [--perf] [--baseline REV | --bare | --stock] [RATE ...]
 --bare alternates, step by step, the relay as installed with Postfix and Dovecot alone:
 the submission service without its before-queue filter, so no filtermail, no reinjection
 and no OpenDKIM (a ceiling of what the rest of the relay allows on this machine).
+--stock alternates the relay as installed with the same relay on Debian's stock Dovecot
+(the instant-IDLE plugin's file diverted away, `chatmail configure` again; the recipients
+log in again after each switch).
 Writes bench/results/throughput[-debian13][-TAG].md and .json."""
 
 import argparse
@@ -35,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_relay_latency import RELEASE, Relay  # noqa: E402
+from bench_relay_latency import PLUGIN, RELEASE, Relay  # noqa: E402
 from common import (installed_dovecot_version, machine_facts, percentile,  # noqa: E402
                     write_results)
 from tests.unit.mailfactory import OpenPGP, encrypted_mail  # noqa: E402
@@ -84,7 +87,7 @@ def perf_profile(seconds, path):
                      if line.strip() and not line.startswith("#"))
 
 
-def run(suite, clients, seconds, rates, with_perf, baseline, bare=False):
+def run(suite, clients, seconds, rates, with_perf, baseline, bare=False, stock=False):
     relay = ThroughputRelay("tp", suite)
     result = {"steps": [], "perf": {}}
     try:
@@ -100,6 +103,8 @@ def run(suite, clients, seconds, rates, with_perf, baseline, bare=False):
         filters = submission_filters(relay.box) if bare else None
         if bare:
             variants.append(BARE)
+        if stock:
+            variants.append(STOCK)
         relay.since = relay.box.run("date +%s").stdout.strip()
         relay.start_agent()
         result["setup"] = relay.ask("setup", clients=clients, message=test_message())
@@ -107,7 +112,7 @@ def run(suite, clients, seconds, rates, with_perf, baseline, bare=False):
             # Variants alternate which goes first, so neither always meets a warmer host.
             order = variants if number % 2 == 0 else variants[::-1]
             steps = [run_step(relay, rate, seconds, with_perf, result, variant, baseline,
-                              filters)
+                              filters, stock)
                      for variant in order]
             for step in steps:
                 print(summary_row(step), flush=True)
@@ -190,12 +195,29 @@ def use_submission_filter(relay, value):
     relay.ask("reconnect")
 
 
+STOCK = "stock Dovecot"
+DIVERTED = f"{PLUGIN}.bench-disabled"
+
+
+def use_dovecot(relay, variant):
+    """The relay with the instant-IDLE plugin (as installed) or without it (stock), and
+    the recipients in IDLE again in the Dovecot that `chatmail configure` restarted."""
+    if variant == STOCK:
+        relay.box.run(f"dpkg-divert --local --rename --divert {DIVERTED} --add {PLUGIN}")
+    else:
+        relay.box.run(f"dpkg-divert --local --rename --divert {DIVERTED} --remove {PLUGIN}")
+    relay.box.run("chatmail configure >/dev/null && sleep 2")
+    relay.ask("reconnect", recipients=True)
+
+
 def run_step(relay, rate, seconds, with_perf, result, variant="installed", baseline=None,
-             filters=None):
+             filters=None, stock=False):
     if baseline:
         use_filtermail(relay.box, variant)
     if filters:
         use_submission_filter(relay, filters[variant])
+    if stock:
+        use_dovecot(relay, variant)
     load = Path("/proc/loadavg").read_text().split()[:3]
     profiler = None
     if with_perf:
@@ -297,7 +319,7 @@ def report(suite, options, result, facts):
         f"Measured by `bench/bench_throughput.py --suite {suite} --clients {options.clients} "
         f"--seconds {options.seconds}{' --perf' if options.perf else ''}"
         f"{' --baseline ' + options.baseline if options.baseline else ''}"
-        f"{' --bare' if options.bare else ''} "
+        f"{' --bare' if options.bare else ''}{' --stock' if options.stock else ''} "
         f"{' '.join(map(str, options.rates))}` on {facts['date']}.", "",
         f"- machine: {facts['nproc']} CPUs ({facts['cpu']}), {facts['memory']}, "
         f"Linux {facts['kernel']}, host {facts['os']}; shared with other people's builds "
@@ -357,14 +379,16 @@ def main():
                         "revision, in the same relay, steps alternating")
     parser.add_argument("--bare", action="store_true", help=f"also measure {BARE} (no "
                         "before-queue filter on 465), in the same relay, steps alternating")
+    parser.add_argument("--stock", action="store_true", help=f"also measure {STOCK} (the "
+                        "plugin diverted away), in the same relay, steps alternating")
     parser.add_argument("rates", nargs="*", type=int, default=RATES)
     options = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("needs root")
-    if options.bare and options.baseline:
-        sys.exit("--bare and --baseline do not go together")
+    if sum(map(bool, (options.bare, options.baseline, options.stock))) > 1:
+        sys.exit("one of --bare, --baseline and --stock at a time")
     result = run(options.suite, options.clients, options.seconds, options.rates,
-                 options.perf, options.baseline, options.bare)
+                 options.perf, options.baseline, options.bare, options.stock)
     text = report(options.suite, options, result, machine_facts())
     tag = f"-{options.tag}" if options.tag else ""
     release = "" if options.suite == "bookworm" else f"-{RELEASE[options.suite]}"

@@ -12,7 +12,7 @@ One JSON command per line on stdin, one JSON reply per line on stdout:
       message (CRLF) with <__FROM__>, <__TO__> and the Message-ID to replace
   {"do": "step", "rate": R, "seconds": S, "tag": T}  one load step; every message
       accepted (250) is then looked for in its recipient's mailbox by Message-ID
-  {"do": "reconnect"}                             new submission sessions
+  {"do": "reconnect", "recipients": B}            new submission (and IMAP) sessions
   {"do": "quit"}
 A step's reply: per message [sender start, 250, EXISTS] times (s, monotonic, relative
 to the step's start; EXISTS null if never seen), the SMTP errors, the lost Message-IDs,
@@ -260,12 +260,21 @@ class Meter:
             await imap.idle()
         return {"message_bytes": len(self.template)}
 
-    async def reconnect(self):
+    async def reconnect(self, recipients=False):
         """New submission sessions, so that they meet Postfix's configuration as it is
-        now (an smtpd process keeps the one it started with)."""
+        now (an smtpd process keeps the one it started with); with `recipients`, new
+        IMAP sessions in IDLE too (after a restart of Dovecot, which ended them)."""
         for smtp in self.senders:
             smtp.writer.close()
         await asyncio.gather(*(smtp.open() for smtp in self.senders))
+        if recipients:
+            for imap in self.recipients:
+                imap.watcher.cancel()
+                imap.writer.close()
+                imap.tag = 0
+            await asyncio.gather(*(imap.open() for imap in self.recipients))
+            for imap in self.recipients:
+                await imap.idle()
         return {}
 
     def content(self, sender, recipient, message_id):
