@@ -16,7 +16,8 @@ Variants, in alternating rounds:
   - greeted only: TLS handshake and greeting, no login.
 Needs root and `make build`; run under the system tests' lock.
 Usage: check_imaplogin_memory.py [--suites trixie,bookworm] [--rounds 2] [COUNT]
-(default 1000). Writes bench/results/imaplogin-memory.md and .json."""
+(default 1000). Writes bench/results/imaplogin-memory.md and .json (with --rounds 0 and
+--heaptrack, only the profile: imaplogin-heaptrack.md)."""
 
 import argparse
 import json
@@ -81,20 +82,22 @@ def profile(box, count, debs):
     target.mkdir(parents=True, exist_ok=True)
     for deb in debs.glob("*.deb"):
         (target / deb.name).write_bytes(deb.read_bytes())
-    box.run("dpkg -i /var/tmp/ht-debs/*.deb >/dev/null && mkdir -p /var/tmp/ht "
-            "&& rm -f /var/tmp/ht/*")
+    box.run("dpkg -i /var/tmp/ht-debs/*.deb >/dev/null && mkdir -p /var/lib/ht "
+            "&& rm -f /var/lib/ht/*")
     box.run(f"cat > {WRAPPER} && chmod 755 {WRAPPER}",
-            input="#!/bin/sh\nexec heaptrack -o /var/tmp/ht/imap-login.$$ "
+            input="#!/bin/sh\nexec heaptrack -o /var/lib/ht/imap-login.$$ "
                   "/usr/lib/dovecot/imap-login \"$@\"\n")
+    # not /var/tmp: dovecot.service has a private one (PrivateTmp)
     found = measure(box, count, "", HEAPTRACK_CONF)
+    running = box.run("pgrep -c heaptrack_inter", check=False).stdout.strip()
     box.run("systemctl stop dovecot")
     time.sleep(5)
-    out = box.run("for f in /var/tmp/ht/imap-login.*; do echo \"== $f\"; "
+    out = box.run("for f in /var/lib/ht/imap-login.*; do echo \"== $f\"; "
                   "heaptrack_print -f \"$f\" --print-peaks 1 --print-allocators 0 "
                   "--print-temporary 0 --print-leaks 0 --peak-limit 25 "
                   "--sub-peak-limit 6 2>&1 | head -400; done", check=False, timeout=600)
     box.run(f"rm -f {LOCAL}")
-    return {"pss_per_conn": found["pss_per_conn"], "held": found["held"],
+    return {"pss_per_conn": found["pss_per_conn"], "held": found["held"], "running": running,
             "print": out.stdout[-60000:]}
 
 
@@ -197,7 +200,8 @@ def main():
         suites[suite] = run_suite(suite, options.count, options.rounds, options.heaptrack)
         data = {suite: {"facts": facts, "results": results}
                 for suite, (facts, results) in suites.items()}
-        write_results("imaplogin-memory", report(options, facts_host, suites), data)
+        write_results("imaplogin-memory" if options.rounds else "imaplogin-heaptrack",
+                      report(options, facts_host, suites), data)
 
 
 if __name__ == "__main__":
