@@ -95,7 +95,7 @@ def profile(box, count, debs):
     out = box.run("for f in /var/lib/ht/imap-login.*; do echo \"== $f\"; "
                   "heaptrack_print -f \"$f\" --print-peaks 1 --print-allocators 0 "
                   "--print-temporary 0 --print-leaks 0 --peak-limit 25 "
-                  "--sub-peak-limit 6 2>&1 | head -400; done", check=False, timeout=600)
+                  "--sub-peak-limit 6 2>&1 | head -1500; done", check=False, timeout=600)
     box.run(f"rm -f {LOCAL}")
     return {"pss_per_conn": found["pss_per_conn"], "held": found["held"], "running": running,
             "print": out.stdout[-60000:]}
@@ -148,7 +148,9 @@ def run_suite(suite, count, rounds, heaptrack=None):
 def report(options, facts_host, suites):
     lines = ["# Experiment: what one IMAP-over-TLS connection costs imap-login", "",
              f"Measured by `bench/check_imaplogin_memory.py --suites {options.suites} "
-             f"--rounds {options.rounds} {options.count}` on {facts_host['date']}, "
+             f"--rounds {options.rounds} "
+             + ("--heaptrack DIR " if options.heaptrack else "")
+             + f"{options.count}` on {facts_host['date']}, "
              f"{facts_host['nproc']} CPUs ({facts_host['cpu']}), Linux {facts_host['kernel']}. "
              "One relay per release (README's install, fresh container); Dovecot restarted "
              f"before each variant; {options.count} connections on 993 from "
@@ -158,9 +160,10 @@ def report(options, facts_host, suites):
              "(least squares across the processes). One value per round.", ""]
     for suite, (facts, results) in suites.items():
         lines += [f"## {suite}: Dovecot `{facts['dovecot']}`, {facts['openssl']}, glibc "
-                  f"{facts['glibc']}, client {facts['python']}", "",
-                  "| variant | held | negotiated | PSS KB per connection (heap slope) |",
-                  "|---|---|---|---|"]
+                  f"{facts['glibc']}, client {facts['python']}", ""]
+        if any(results.values()):
+            lines += ["| variant | held | negotiated | PSS KB per connection (heap slope) |",
+                      "|---|---|---|---|"]
         for label, runs in results.items():
             if not runs:
                 continue
