@@ -17,8 +17,8 @@ Variants, in alternating rounds:
 --heaptrack DIR: afterwards imap-login runs under heaptrack (one process) and the peak's
 largest allocators are printed; DIR/bookworm/ and DIR/trixie/ hold that release's .debs
 (`apt-get download` of heaptrack, libheaptrack, libunwind8, libboost-filesystem,
--iostreams, -program-options and -atomic of its Boost version, and on Debian 13 libdw1t64
-and libelf1t64), copied into the container and installed with dpkg.
+-iostreams, -program-options and -atomic of its Boost version, libdw1 and libelf1, on
+Debian 13 libdw1t64 and libelf1t64), copied into the container and installed with dpkg.
 Needs root and `make build`; run under the system tests' lock.
 Usage: check_imaplogin_memory.py [--suites trixie,bookworm] [--rounds 2] [COUNT]
 (default 1000). Writes bench/results/imaplogin-memory.md and .json (with --rounds 0 and
