@@ -12,9 +12,11 @@ still connected. Every limit the relay needs for that is the package's (conf/, s
 the benchmark changes nothing but the one sender's rate limit.
 
 Needs root and `make build`. Run it under the system tests' lock. Usage:
-  bench_capacity.py [--suite bookworm|trixie] [--parallel N] [COUNT [SAMPLES]]
-(defaults bookworm, 50, 10000 50). Writes bench/results/capacity.md (Debian 12) or capacity-debian13.md
-and .json."""
+  bench_capacity.py [--suite bookworm|trixie] [--parallel N] [--groups G] [COUNT [SAMPLES]]
+(defaults bookworm, 50, 10000 50). --groups: the one key exchange group the clients offer
+(capacity_meter.py), e.g. X25519 as Delta Chat's core. Writes bench/results/capacity.md
+(Debian 12) or capacity-debian13.md and .json; with --groups, capacity-debian13-x25519.md
+and so on."""
 
 import argparse
 import json
@@ -71,7 +73,7 @@ def dovecot_limits(box):
     return found
 
 
-def measure(suite, count, samples, parallel, deadline):
+def measure(suite, count, samples, parallel, deadline, groups=None):
     box = booted("cap", suite)
     try:
         box.run(INSTALL, timeout=900)
@@ -86,7 +88,8 @@ def measure(suite, count, samples, parallel, deadline):
                  for label, command in FACTS.items()}
         facts.update(dovecot_limits(box))
         out = box.run(f"python3 {BENCH_MOUNT}/capacity_meter.py {DOMAIN} {count} {samples} "
-                      f"--parallel {parallel} --deadline {deadline}",
+                      f"--parallel {parallel} --deadline {deadline}"
+                      + (f" --groups {groups}" if groups else ""),
                       timeout=deadline + TIMEOUT_MARGIN, check=False)
         sys.stderr.write(out.stderr[-6000:])
         if out.returncode:
@@ -187,7 +190,8 @@ def report(suite, options, found, facts, load):
     lines = [
         f"# Capacity: concurrent IMAP IDLE connections ({RELEASE[suite]})", "",
         f"Measured by `bench/bench_capacity.py --suite {suite} --parallel {options.parallel} "
-        f"{options.count} {options.samples}` on {facts['date']}.", "",
+        + (f"--groups {options.groups} " if options.groups else "")
+        + f"{options.count} {options.samples}` on {facts['date']}.", "",
         f"- machine: {facts['nproc']} CPUs ({facts['cpu']}), {facts['memory']}, "
         f"Linux {facts['kernel']}, host {facts['os']}; load (uptime) before: {load[0]}; "
         f"after: {load[1]}",
@@ -196,7 +200,9 @@ def report(suite, options, found, facts, load):
         "only max_user_send_per_minute raised (for the one sender)",
         f"- clients (bench/capacity_meter.py, asyncio, inside the container, over loopback): "
         f"{options.count} distinct accounts, {options.parallel} logins at a time, each "
-        "TLS on 993, LOGIN (creates the account), SELECT INBOX, IDLE; then "
+        "TLS on 993 (key exchange groups offered: "
+        + (f"{options.groups} only" if options.groups else "the container's OpenSSL's default")
+        + "), LOGIN (creates the account), SELECT INBOX, IDLE; then "
         "at least 30 s until no imap process is left (all hibernated); then "
         f"{options.samples} sampled clients, one after another, each gets a message by "
         "submission on 465 (TLS, AUTH PLAIN, relay_meter.py's client); the clock runs "
@@ -252,6 +258,7 @@ def main():
     parser.add_argument("--parallel", type=int, default=50)
     parser.add_argument("--deadline", type=int, default=900,
                         help="seconds the load generator runs at most")
+    parser.add_argument("--groups", help="the one key exchange group the clients offer")
     parser.add_argument("numbers", nargs="*", type=int)
     options = parser.parse_args()
     options.count, options.samples = options.numbers + [10000, 50][len(options.numbers):]
@@ -259,10 +266,12 @@ def main():
         sys.exit("needs root")
     before = uptime()
     found = measure(options.suite, options.count, options.samples, options.parallel,
-                    options.deadline)
+                    options.deadline, options.groups)
     found["machine"], found["load"] = machine_facts(), (before, uptime())
     text = report(options.suite, options, found, found["machine"], found["load"])
     name = "capacity" if options.suite == "bookworm" else f"capacity-{RELEASE[options.suite]}"
+    if options.groups:
+        name += "-" + options.groups.lower()
     write_results(name, text, found)
 
 

@@ -10,7 +10,10 @@ times each from the start of the submission to the `* N EXISTS` its IDLE reads.
 It stops by itself: every phase has a deadline, and the whole run ends after --deadline
 seconds with whatever it has. Progress goes to stderr; the result is one JSON object on
 the last line of stdout.
-Usage: capacity_meter.py DOMAIN COUNT SAMPLES [--parallel N] [--deadline S]"""
+--groups limits the key exchange groups the clients offer (as set_ecdh_curve: one group),
+e.g. X25519 as Delta Chat's core does; by default they offer what Debian's OpenSSL offers
+(OpenSSL 3.5, Debian 13: the X25519MLKEM768 hybrid first; OpenSSL 3.0: X25519 first).
+Usage: capacity_meter.py DOMAIN COUNT SAMPLES [--parallel N] [--deadline S] [--groups G]"""
 
 import argparse
 import asyncio
@@ -348,7 +351,10 @@ def main():
     parser.add_argument("samples", type=int)
     parser.add_argument("--parallel", type=int, default=50)
     parser.add_argument("--deadline", type=int, default=900)
+    parser.add_argument("--groups")
     options = parser.parse_args()
+    if options.groups:
+        CONTEXT.set_ecdh_curve(options.groups)  # SSL_CTX_set1_groups with OpenSSL 3
     # The load generator's own sockets: one per client.
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
