@@ -352,9 +352,11 @@ def test_relay_data_files_match_the_deb(parsed):
     deb = {f for f in deb_files("chatmail-relay") if f.startswith(SHARED_PLACES)}
     apk = {f for f in apk_files(parsed["chatmail-relay"]) if f.startswith(SHARED_PLACES)}
     assert "/usr/lib/sysctl.d/60-chatmail-relay.conf" in deb
-    # The runlevel helper of the install scripts: systemd units are enabled by
-    # deb-systemd-helper on Debian.
-    assert apk - deb == {"/usr/share/chatmail-relay/enable-services", RELAY_SERVICES_FILE}, \
+    # The runlevel helper of the install scripts and the lists it reads: systemd units are
+    # enabled by deb-systemd-helper on Debian.
+    data_dir = RELAY_SERVICES_FILE.rpartition("/")[0]
+    assert apk - deb == {f"{data_dir}/enable-services",
+                         *(f"{data_dir}/{name}" for name in relay_lists())}, \
         "files only in the .apk"
     assert deb - apk == set(), "files only in the .deb"
 

@@ -402,8 +402,8 @@ def test_fsreport_writes_its_textfile(units, config, tmp_path):
 def test_filtermail_accepts_its_unit_arguments(units, unit):
     from chatmaild.filtermail import parse_args
 
-    args = parse_args(unit_args(units, unit, {}))
-    assert args.inipath == INI and args.mode in ("outgoing", "incoming")
+    inipath, mode = parse_args(unit_args(units, unit, {}))
+    assert inipath == INI and mode in ("outgoing", "incoming")
 
 
 @pytest.mark.parametrize("unit", DICT_SERVICES)
