@@ -17,6 +17,7 @@ Needs root, nsd, pebble and `make build`. Writes bench/results/federation.md (a 
 per release) and federation-<debian12|debian13>.json (every sample).
 
     /usr/bin/python3 bench/bench_federation.py [--suite bookworm|trixie] [--samples 60]
+        [--before-after] [--quickack]
 """
 
 import random
@@ -59,6 +60,57 @@ def acknowledge_at_once(internet, relays):
                         "src", box.address, "quickack", "1"], check=True)
 
 
+BEFORE_AFTER_HELP = ("only \"to ours\" (relay b sends to relay a), in blocks that switch both "
+                     "relays' port 25 between its TLS sessions as configured now and as "
+                     "before (Postfix's own session ticket, no new ticket after a "
+                     "resumption: results/delivery-analysis.md)")
+# the two states of port 25 for --before-after: shell commands run in each relay
+PORT25 = {
+    "port 25 now": "postconf -P 'smtp/inet/tls_session_ticket_cipher='",
+    "port 25 before": "postconf -PX smtp/inet/tls_session_ticket_cipher",
+}
+BLOCK = 8  # samples counted per block of one port 25 state
+
+
+def switch_port25(relays, state):
+    """Both relays' port 25 in `state` (a key of PORT25); the smtpd processes of the other
+    state end at the reload, tlsmgr keeps its session cache."""
+    for box in relays.values():
+        box.run(f"{PORT25[state]} && postfix reload 2>/dev/null")
+    time.sleep(2)
+
+
+def measure_before_after(relays, venv, samples, gap):
+    """Samples of the "to ours" way in blocks of BLOCK + 1, the state of port 25 switching
+    between blocks (first state at random); a block's first sample is not kept: relay b's
+    client then holds a session of the other state, which port 25 cannot resume, and the
+    full handshake that follows ends with a ticket (no stall)."""
+    pairs = [{"sender": [relays["b"].domain] * 2, "receiver": [relays["a"].domain] * 2}]
+    meter = deltachat_meter(relays["a"], venv, pairs)
+    states = random.sample(sorted(PORT25), len(PORT25))
+    try:
+        core = meter.ask("setup")["version"]
+        since = time.time()
+        runs = {state: [] for state in PORT25}
+        number = 0
+        while min(len(run) for run in runs.values()) < WARMUP + samples:
+            state = states[number // (BLOCK + 1) % len(states)]
+            switch_port25(relays, state)
+            for index in range(BLOCK + 1):
+                sample = meter.ask("sample", pair=0, n=number)
+                number += 1
+                if index:
+                    runs[state].append(sample)
+                time.sleep(gap)
+    finally:
+        meter.close()
+        switch_port25(relays, "port 25 now")
+    journals = {key: relay_journal(box, since - 1) for key, box in relays.items()}
+    for state in PORT25:
+        split_journal(runs[state], journals["b"], journals["a"])
+    return runs, core
+
+
 def relays_of(suite):
     return {"a": ("relay-a.test", "10.231.0.10", suite),
             "b": ("relay-b.test", "10.231.0.11", suite)}
@@ -97,7 +149,8 @@ def measure(relays, venv, samples, gap):
 
 
 def main():
-    args = arguments(__doc__, RELEASE, [("--quickack", QUICKACK_HELP)])
+    args = arguments(__doc__, RELEASE, [("--quickack", QUICKACK_HELP),
+                                        ("--before-after", BEFORE_AFTER_HELP)])
     venv = deltachat_venv()
     load_before = load_line()
     started = time.monotonic()
@@ -107,8 +160,13 @@ def main():
         prepare(relays)
         if args.quickack:
             acknowledge_at_once(internet, relays)
-        runs, core = measure(relays, venv, args.samples, args.gap)
-    release = RELEASE[args.suite] + ("-quickack" if args.quickack else "")
+        if args.before_after:
+            runs, core = measure_before_after(relays, venv, args.samples, args.gap)
+        else:
+            runs, core = measure(relays, venv, args.samples, args.gap)
+    release = (RELEASE[args.suite] + ("-quickack" if args.quickack else "")
+               + ("-before-after" if args.before_after else ""))
+    labels = list(PORT25) if args.before_after else [way for way, _, _ in WAYS]
     lines = save_run("federation", args, release, core, runs, load_before) + [
         f"- relays: two {args.suite} containers (systemd-nspawn), each in its own network "
         "namespace on a bridge (tests/system/internet.py), chatmail-relay installed from "
@@ -127,12 +185,16 @@ def main():
         f"- {args.samples} samples per way after {WARMUP} discarded, alternating in random "
         f"order, {args.gap} s between samples; the clock runs from the send call to the "
         "receiver's incoming-message event (stamped when the client library receives it)",
-    ] + ([f"- with --quickack: {QUICKACK_HELP}"] if args.quickack else []) + [
+    ] + ([f"- with --quickack: {QUICKACK_HELP}"] if args.quickack else []) + (
+        [f"- with --before-after: {BEFORE_AFTER_HELP}; blocks of {BLOCK} counted samples "
+         "(one more before each, not kept), each block's state set by "
+         + "; ".join(f"{state}: `{command}`" for state, command in PORT25.items())
+         + " and `postfix reload`"] if args.before_after else []) + [
         "",
     ]
     out = REPO / "bench" / "results" / "federation.md"
     write_report(out, "Delta Chat A→B across two relays (bench_federation.py)",
-                 {release: {"header": lines, "labels": [way for way, _, _ in WAYS],
+                 {release: {"header": lines, "labels": labels,
                             "raw": f"federation-{release}.json"}})
     print(out.read_text())
 
