@@ -61,8 +61,8 @@ def acknowledge_at_once(internet, relays):
 
 
 BEFORE_AFTER_HELP = ("only \"to ours\" (relay b sends to relay a), in blocks that switch both "
-                     "relays' port 25 between its TLS sessions as configured now and as "
-                     "before (Postfix's own session ticket, no new ticket after a "
+                     "relays' port 25 between its TLS session tickets as now (OpenSSL's, one "
+                     "after every handshake) and as before (Postfix's own, none after a "
                      "resumption: results/delivery-analysis.md)")
 # the two states of port 25 for --before-after: shell commands run in each relay
 PORT25 = {
@@ -74,7 +74,7 @@ BLOCK = 8  # samples counted per block of one port 25 state
 
 def switch_port25(relays, state):
     """Both relays' port 25 in `state` (a key of PORT25); the smtpd processes of the other
-    state end at the reload, tlsmgr keeps its session cache."""
+    state end at the reload."""
     for box in relays.values():
         box.run(f"{PORT25[state]} && postfix reload 2>/dev/null")
     time.sleep(2)
@@ -82,9 +82,9 @@ def switch_port25(relays, state):
 
 def measure_before_after(relays, venv, samples, gap):
     """Samples of the "to ours" way in blocks of BLOCK + 1, the state of port 25 switching
-    between blocks (first state at random); a block's first sample is not kept: relay b's
-    client then holds a session of the other state, which port 25 cannot resume, and the
-    full handshake that follows ends with a ticket (no stall)."""
+    between blocks (first state at random); a block's first sample is not kept: after a
+    switch relay b's client may hold a ticket port 25 cannot take, and the full handshake
+    that follows ends with a new ticket either way."""
     pairs = [{"sender": [relays["b"].domain] * 2, "receiver": [relays["a"].domain] * 2}]
     meter = deltachat_meter(relays["a"], venv, pairs)
     states = random.sample(sorted(PORT25), len(PORT25))
