@@ -61,41 +61,45 @@ def acknowledge_at_once(internet, relays):
 
 
 BEFORE_AFTER_HELP = ("only \"to ours\" (relay b sends to relay a), in blocks that switch both "
-                     "relays' port 25 between its TLS session tickets as now (OpenSSL's, one "
-                     "after every handshake) and as before (Postfix's own, none after a "
-                     "resumption: results/delivery-analysis.md)")
-# the two states of port 25 for --before-after: shell commands run in each relay
-PORT25 = {
-    "port 25 now": "postconf -P 'smtp/inet/tls_session_ticket_cipher='",
-    "port 25 before": "postconf -PX smtp/inet/tls_session_ticket_cipher",
+                     "relays' TLS sessions between now (port 25: OpenSSL's ticket after every "
+                     "handshake; smtp client: no session cache) and before (port 25: "
+                     "Postfix's own tickets, none after a resumption; smtp client: resumes): "
+                     "results/delivery-analysis.md")
+# the two states for --before-after: shell commands run in each relay, then a restart
+# (tlsmgr opens the smtp client's session cache only when it starts)
+TLS_STATES = {
+    "TLS as now": "postconf -P 'smtp/inet/tls_session_ticket_cipher=' && "
+                  "postconf -e 'smtp_tls_session_cache_database='",
+    "TLS as before": "postconf -PX smtp/inet/tls_session_ticket_cipher && "
+                     "postconf -e 'smtp_tls_session_cache_database="
+                     "btree:${data_directory}/smtp_scache'",
 }
-BLOCK = 8  # samples counted per block of one port 25 state
+BLOCK = 8  # samples counted per block of one state
 
 
-def switch_port25(relays, state):
-    """Both relays' port 25 in `state` (a key of PORT25); the smtpd processes of the other
-    state end at the reload."""
+def switch_tls(relays, state):
+    """Both relays in `state` (a key of TLS_STATES), Postfix restarted."""
     for box in relays.values():
-        box.run(f"{PORT25[state]} && postfix reload 2>/dev/null")
+        box.run(f"{TLS_STATES[state]} && systemctl restart postfix")
     time.sleep(2)
 
 
 def measure_before_after(relays, venv, samples, gap):
-    """Samples of the "to ours" way in blocks of BLOCK + 1, the state of port 25 switching
-    between blocks (first state at random); a block's first sample is not kept: after a
-    switch relay b's client may hold a ticket port 25 cannot take, and the full handshake
-    that follows ends with a new ticket either way."""
+    """Samples of the "to ours" way in blocks of BLOCK + 1, the TLS state switching
+    between blocks (first state at random); a block's first sample is not kept: after the
+    restart relay b's client has no session to resume, and the full handshake ends with a
+    ticket in either state."""
     pairs = [{"sender": [relays["b"].domain] * 2, "receiver": [relays["a"].domain] * 2}]
     meter = deltachat_meter(relays["a"], venv, pairs)
-    states = random.sample(sorted(PORT25), len(PORT25))
+    states = random.sample(sorted(TLS_STATES), len(TLS_STATES))
     try:
         core = meter.ask("setup")["version"]
         since = time.time()
-        runs = {state: [] for state in PORT25}
+        runs = {state: [] for state in TLS_STATES}
         number = 0
         while min(len(run) for run in runs.values()) < WARMUP + samples:
             state = states[number // (BLOCK + 1) % len(states)]
-            switch_port25(relays, state)
+            switch_tls(relays, state)
             for index in range(BLOCK + 1):
                 sample = meter.ask("sample", pair=0, n=number)
                 number += 1
@@ -104,9 +108,9 @@ def measure_before_after(relays, venv, samples, gap):
                 time.sleep(gap)
     finally:
         meter.close()
-        switch_port25(relays, "port 25 now")
+        switch_tls(relays, "TLS as now")
     journals = {key: relay_journal(box, since - 1) for key, box in relays.items()}
-    for state in PORT25:
+    for state in TLS_STATES:
         split_journal(runs[state], journals["b"], journals["a"])
     return runs, core
 
@@ -166,7 +170,7 @@ def main():
             runs, core = measure(relays, venv, args.samples, args.gap)
     release = (RELEASE[args.suite] + ("-quickack" if args.quickack else "")
                + ("-before-after" if args.before_after else ""))
-    labels = list(PORT25) if args.before_after else [way for way, _, _ in WAYS]
+    labels = list(TLS_STATES) if args.before_after else [way for way, _, _ in WAYS]
     lines = save_run("federation", args, release, core, runs, load_before) + [
         f"- relays: two {args.suite} containers (systemd-nspawn), each in its own network "
         "namespace on a bridge (tests/system/internet.py), chatmail-relay installed from "
@@ -188,8 +192,8 @@ def main():
     ] + ([f"- with --quickack: {QUICKACK_HELP}"] if args.quickack else []) + (
         [f"- with --before-after: {BEFORE_AFTER_HELP}; blocks of {BLOCK} counted samples "
          "(one more before each, not kept), each block's state set by "
-         + "; ".join(f"{state}: `{command}`" for state, command in PORT25.items())
-         + " and `postfix reload`"] if args.before_after else []) + [
+         + "; ".join(f"{state}: `{command}`" for state, command in TLS_STATES.items())
+         + ", then `systemctl restart postfix`"] if args.before_after else []) + [
         "",
     ]
     out = REPO / "bench" / "results" / "federation.md"
