@@ -186,8 +186,8 @@ def main():
         "(bot=1: the core's send rate limiter never holds them), the receivers normal "
         "accounts, each pair verified by SecureJoin; the clients accept any certificate "
         "(the core does not trust pebble's root), relay to relay TLS is verified",
-        (f"- samples in blocks (below) until each state has at least {args.samples} after its first "
-         f"{WARMUP}, which are discarded" if args.before_after else
+        (f"- samples in blocks (below) until each state has at least {args.samples} after "
+         f"its first {WARMUP}, which are discarded" if args.before_after else
          f"- {args.samples} samples per way after {WARMUP} discarded, alternating in random "
          "order") + f", {args.gap} s between samples; the clock runs from the send call to "
         "the receiver's incoming-message event (stamped when the client library receives it)",
