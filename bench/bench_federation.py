@@ -17,6 +17,7 @@ Needs root, nsd, pebble and `make build`. Writes bench/results/federation.md (a 
 per release) and federation-<debian12|debian13>.json (every sample).
 
     /usr/bin/python3 bench/bench_federation.py [--suite bookworm|trixie] [--samples 60]
+        [--before-after] [--quickack]
 """
 
 import random
@@ -59,6 +60,61 @@ def acknowledge_at_once(internet, relays):
                         "src", box.address, "quickack", "1"], check=True)
 
 
+BEFORE_AFTER_HELP = ("only \"to ours\" (relay b sends to relay a), in blocks that switch both "
+                     "relays' TLS sessions between now (port 25: OpenSSL's ticket after every "
+                     "handshake; smtp client: no session cache) and before (port 25: "
+                     "Postfix's own tickets, none after a resumption; smtp client: resumes): "
+                     "results/delivery-analysis.md")
+# the two states for --before-after: shell commands run in each relay, then a restart
+# (tlsmgr opens the smtp client's session cache only when it starts)
+TLS_STATES = {
+    "TLS as now": "postconf -P 'smtp/inet/tls_session_ticket_cipher=' && "
+                  "postconf -e 'smtp_tls_session_cache_database='",
+    "TLS as before": "postconf -PX smtp/inet/tls_session_ticket_cipher && "
+                     "postconf -e 'smtp_tls_session_cache_database="
+                     "btree:${data_directory}/smtp_scache'",
+}
+BLOCK = 8  # samples counted per block of one state
+
+
+def switch_tls(relays, state):
+    """Both relays in `state` (a key of TLS_STATES), Postfix restarted."""
+    for box in relays.values():
+        box.run(f"{TLS_STATES[state]} && systemctl restart postfix")
+    time.sleep(2)
+
+
+def measure_before_after(relays, venv, samples, gap):
+    """Samples of the "to ours" way in blocks of BLOCK + 1, the TLS state switching
+    between blocks (first state at random); a block's first sample is not kept: after the
+    restart relay b's client has no session to resume, and the full handshake ends with a
+    ticket in either state."""
+    pairs = [{"sender": [relays["b"].domain] * 2, "receiver": [relays["a"].domain] * 2}]
+    meter = deltachat_meter(relays["a"], venv, pairs)
+    states = random.sample(sorted(TLS_STATES), len(TLS_STATES))
+    try:
+        core = meter.ask("setup")["version"]
+        since = time.time()
+        runs = {state: [] for state in TLS_STATES}
+        number = 0
+        while min(len(run) for run in runs.values()) < WARMUP + samples:
+            state = states[number // (BLOCK + 1) % len(states)]
+            switch_tls(relays, state)
+            for index in range(BLOCK + 1):
+                sample = meter.ask("sample", pair=0, n=number)
+                number += 1
+                if index:
+                    runs[state].append(sample)
+                time.sleep(gap)
+    finally:
+        meter.close()
+        switch_tls(relays, "TLS as now")
+    journals = {key: relay_journal(box, since - 1) for key, box in relays.items()}
+    for state in TLS_STATES:
+        split_journal(runs[state], journals["b"], journals["a"])
+    return runs, core
+
+
 def relays_of(suite):
     return {"a": ("relay-a.test", "10.231.0.10", suite),
             "b": ("relay-b.test", "10.231.0.11", suite)}
@@ -97,7 +153,8 @@ def measure(relays, venv, samples, gap):
 
 
 def main():
-    args = arguments(__doc__, RELEASE, [("--quickack", QUICKACK_HELP)])
+    args = arguments(__doc__, RELEASE, [("--quickack", QUICKACK_HELP),
+                                        ("--before-after", BEFORE_AFTER_HELP)])
     venv = deltachat_venv()
     load_before = load_line()
     started = time.monotonic()
@@ -107,8 +164,13 @@ def main():
         prepare(relays)
         if args.quickack:
             acknowledge_at_once(internet, relays)
-        runs, core = measure(relays, venv, args.samples, args.gap)
-    release = RELEASE[args.suite] + ("-quickack" if args.quickack else "")
+        if args.before_after:
+            runs, core = measure_before_after(relays, venv, args.samples, args.gap)
+        else:
+            runs, core = measure(relays, venv, args.samples, args.gap)
+    release = (RELEASE[args.suite] + ("-quickack" if args.quickack else "")
+               + ("-before-after" if args.before_after else ""))
+    labels = list(TLS_STATES) if args.before_after else [way for way, _, _ in WAYS]
     lines = save_run("federation", args, release, core, runs, load_before) + [
         f"- relays: two {args.suite} containers (systemd-nspawn), each in its own network "
         "namespace on a bridge (tests/system/internet.py), chatmail-relay installed from "
@@ -124,15 +186,21 @@ def main():
         "(bot=1: the core's send rate limiter never holds them), the receivers normal "
         "accounts, each pair verified by SecureJoin; the clients accept any certificate "
         "(the core does not trust pebble's root), relay to relay TLS is verified",
-        f"- {args.samples} samples per way after {WARMUP} discarded, alternating in random "
-        f"order, {args.gap} s between samples; the clock runs from the send call to the "
-        "receiver's incoming-message event (stamped when the client library receives it)",
-    ] + ([f"- with --quickack: {QUICKACK_HELP}"] if args.quickack else []) + [
+        (f"- samples in blocks (below) until each state has at least {args.samples} after "
+         f"its first {WARMUP}, which are discarded" if args.before_after else
+         f"- {args.samples} samples per way after {WARMUP} discarded, alternating in random "
+         "order") + f", {args.gap} s between samples; the clock runs from the send call to "
+        "the receiver's incoming-message event (stamped when the client library receives it)",
+    ] + ([f"- with --quickack: {QUICKACK_HELP}"] if args.quickack else []) + (
+        [f"- with --before-after: {BEFORE_AFTER_HELP}; blocks of {BLOCK} counted samples "
+         "(one more before each, not kept), each block's state set by "
+         + "; ".join(f"{state}: `{command}`" for state, command in TLS_STATES.items())
+         + ", then `systemctl restart postfix`"] if args.before_after else []) + [
         "",
     ]
     out = REPO / "bench" / "results" / "federation.md"
     write_report(out, "Delta Chat A→B across two relays (bench_federation.py)",
-                 {release: {"header": lines, "labels": [way for way, _, _ in WAYS],
+                 {release: {"header": lines, "labels": labels,
                             "raw": f"federation-{release}.json"}})
     print(out.read_text())
 

@@ -25,6 +25,10 @@ WARMUP = 3  # samples per relay not counted: the first ones open the SMTP connec
 STAGES = [
     ("submitted: A's relay has the message (smtpd, after MAIL FROM)", "sender_relay",
      r"smtpd\[\d+\]: (NOQUEUE|[0-9A-F]+): client=.*sasl_username"),
+    ("A's relay: TLS to B's relay up (smtp: `Verified TLS connection established`)",
+     "sender_relay", r"postfix/smtp\[\d+\]: Verified TLS connection established"),
+    ("B's relay has the message (port 25 smtpd, after MAIL FROM)", "receiver_relay",
+     r"postfix/smtpd\[\d+\]: (NOQUEUE|[0-9A-F]+): client="),
     ("A's relay sent it to B's relay (smtp status=sent)", "sender_relay",
      r"postfix/smtp\[\d+\]: .*status=sent"),
     ("delivery: Dovecot's LMTP session starts", "receiver_relay",
@@ -139,7 +143,8 @@ def summary_table(runs, labels):
     lines += ["", "| part | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     for name, first, second in PARTS:
         cells = [spread([part(s, first, second) for s in counted[label]]) for label in labels]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        if any(cell != "–" for cell in cells):
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     limited = {label: sum("rate limited" in e[2] for s in runs[label]
                           for e in s["sender_events"]) for label in labels}
     lines += ["", "Sender's core log lines saying `rate limited` during the run: "
@@ -150,11 +155,13 @@ def summary_table(runs, labels):
 # (part, from stage, to stage): stage indices into STAGES, "start" or "incoming"
 PARTS = [
     ("A's client: send call to the relay having the message", "start", 0),
-    ("relay(s): submission to the LMTP delivery", 0, 2),
-    ("Dovecot: delivery and IDLE notification, until the core wakes", 2, 3),
-    ("B's client: IMAP FETCH", 3, 4),
-    ("B's client: parsing and decryption (MimeMessage::from_bytes)", 4, 5),
-    ("B's client: the rest of receive_imf until the incoming-message event", 5, "incoming"),
+    ("relay(s): submission to the LMTP delivery", 0, 4),
+    ("of which relay to relay: TLS up to B's relay having the message (EHLO, MAIL FROM)",
+     1, 2),
+    ("Dovecot: delivery and IDLE notification, until the core wakes", 4, 5),
+    ("B's client: IMAP FETCH", 5, 6),
+    ("B's client: parsing and decryption (MimeMessage::from_bytes)", 6, 7),
+    ("B's client: the rest of receive_imf until the incoming-message event", 7, "incoming"),
 ]
 
 

@@ -220,6 +220,9 @@ def test_delivery_through_postfix_smtp_with_verified_tls(applied):
     assert main["smtp_address_preference"] == "ipv4"
     assert main["smtp_tls_CApath"] == "/etc/ssl/certs"
     assert main["smtp_tls_mandatory_protocols"] == ">=TLSv1.2"
+    # no resumption: a full handshake ends with the server's ticket, which acknowledges our
+    # TLS Finished at once (bench/results/starttls-tickets.md); Debian's main.cf sets one
+    assert main["smtp_tls_session_cache_database"] == ""
 
 
 def test_server_tls_certificate(applied, relay_config):
@@ -443,36 +446,69 @@ def test_becoming_an_ipv4_relay_removes_the_opendkim_milter(make_config, debian1
 # --- the plain files ---------------------------------------------------------------------------
 
 OPENSSL_CONF = "/etc/postfix/chatmail-openssl.cnf"
-NUM_TICKETS = ("import os, ssl; "
-               "print(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).num_tickets)")
+# How many TLS 1.3 tickets a server context gets from OPENSSL_CONF, loaded as Postfix's
+# tls_library_init loads it for a service with tls_config_name (argv[1], if given).
+NUM_TICKETS = """
+import ctypes, ctypes.util, sys
+ssl = ctypes.CDLL(ctypes.util.find_library("ssl"))
+ssl.OPENSSL_INIT_new.restype = ctypes.c_void_p
+ssl.OPENSSL_INIT_set_config_appname.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+ssl.OPENSSL_init_ssl.argtypes = [ctypes.c_uint64, ctypes.c_void_p]
+ssl.TLS_server_method.restype = ctypes.c_void_p
+ssl.SSL_CTX_new.argtypes = [ctypes.c_void_p]
+ssl.SSL_CTX_new.restype = ctypes.c_void_p
+ssl.SSL_CTX_get_num_tickets.argtypes = [ctypes.c_void_p]
+ssl.SSL_CTX_get_num_tickets.restype = ctypes.c_size_t
+settings = ssl.OPENSSL_INIT_new()
+if len(sys.argv) > 1:
+    ssl.OPENSSL_INIT_set_config_appname(settings, sys.argv[1].encode())
+assert ssl.OPENSSL_init_ssl(0x40, settings) == 1  # OPENSSL_INIT_LOAD_CONFIG
+print(ssl.SSL_CTX_get_num_tickets(ssl.SSL_CTX_new(ssl.TLS_server_method())))
+"""
 
 
-def test_submission_issues_no_tls_session_tickets(domain_rendered, tmp_path):
-    """On 465 OpenSSL's TLS 1.3 session tickets held smtpd's greeting back 40 ms (Nagle
-    against the client's delayed ACK, bench/results/relay-latency-*.md): Postfix's own
-    tickets are off on the submission services, and OpenSSL's configuration for Postfix's
-    daemons, which main.cf hands them, sets their number to 0. OpenSSL itself reads the
-    file here (Python's ssl module loads OPENSSL_CONF as Postfix does)."""
+def num_tickets(conf, *appname):
+    proc = subprocess.run([sys.executable, "-c", NUM_TICKETS, *appname], capture_output=True,
+                          text=True, env={**os.environ, "OPENSSL_CONF": str(conf)})
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    return int(proc.stdout)
+
+
+def master_entry(master, service):
+    return master.split("\n" + service + " ", 1)[1].split("\n\n", 1)[0] + "\n"
+
+
+def test_tls_session_tickets_per_service(domain_rendered, tmp_path):
+    """smtpd writes without TCP_NODELAY, so TLS 1.3 session tickets decide whether a small
+    write waits for the peer's delayed ACK (chatmail-openssl.cnf says how).
+    Port 465: none; they held smtpd's greeting back 40 ms (bench/results/relay-latency-*.md):
+    Postfix's own are off, and OpenSSL's configuration under the service's
+    tls_config_name sets their number to 0.
+    Ports 25 and 587 (STARTTLS): one after every handshake, resumptions included, which
+    acknowledges the client's TLS Finished at once (the EHLO after it waited 40-45 ms,
+    bench/results/delivery-analysis.md): Postfix's own are off (OpenSSL sends none of them
+    after a resumption), and the file's default part sets the number to 1.
+    OpenSSL itself reads the file here, as Postfix's tls_library_init does."""
     main = domain_rendered["/etc/postfix/main.cf"].content
     environment = next(line.split("=", 1)[1].split() for line in main.splitlines()
                        if line.startswith("import_environment ="))
     assert f"OPENSSL_CONF={OPENSSL_CONF}" in environment
     assert {"MAIL_CONFIG", "MAIL_LOGTAG", "TZ", "LANG=C"} <= set(environment)
+    assert "smtpd_tls_session_cache_database" not in main  # the tickets resume nothing
     master = domain_rendered["/etc/postfix/master.cf"].content
-    for service in ("submission", "smtps"):
-        entry = master.split("\n" + service + " ", 1)[1].split("\n\n", 1)[0]
-        assert "\n  -o tls_session_ticket_cipher=\n" in entry + "\n", entry
-    smtp = master.split("\nsmtp ", 1)[1].split("\n\n", 1)[0]
-    assert "tls_session_ticket_cipher" not in smtp  # other relays keep Postfix's ticket
+    for service in ("smtp", "submission", "smtps"):
+        entry = master_entry(master, service)
+        assert "\n  -o tls_session_ticket_cipher=\n" in entry, entry
+    assert "tls_config_name" not in master_entry(master, "smtp")
+    assert "tls_config_name" not in master_entry(master, "submission")
+    [name] = [line.split("=", 1)[1] for line in master_entry(master, "smtps").splitlines()
+              if line.startswith("  -o tls_config_name=")]
     conf = tmp_path / "openssl.cnf"
     conf.write_text(domain_rendered[OPENSSL_CONF].content)
-    tickets = {}
-    for label, path in (("default", "/dev/null"), ("ours", conf)):
-        proc = subprocess.run([sys.executable, "-c", NUM_TICKETS], capture_output=True,
-                              text=True, env={**os.environ, "OPENSSL_CONF": str(path)})
-        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
-        tickets[label] = int(proc.stdout)
-    assert tickets == {"default": 2, "ours": 0}
+    assert num_tickets("/dev/null") == 2  # OpenSSL's own number
+    assert num_tickets(conf) == 1  # ports 25 and 587, and every other smtpd
+    assert num_tickets(conf, name) == 0  # port 465
+
 
 def test_lookup_tables(domain_rendered):
     tables = {Path(path).name: item for path, item in domain_rendered.items()
@@ -575,7 +611,7 @@ def test_no_systemd_drop_in_on_alpine(relay_config, render):
     assert not [path for path in rendered if "systemd" in path]
     main = rendered["/etc/postfix/main.cf"].content
     assert "alias_maps = lmdb:/etc/postfix/aliases" in main
-    assert "smtp_tls_session_cache_database = lmdb:" in main
+    assert "\nsmtp_tls_session_cache_database =\n" in main  # no client session cache
     # Alpine's /etc/ssl/certs has no hash links (tests/package/test_apk.py checks why)
     assert "smtp_tls_CAfile = /etc/ssl/certs/ca-certificates.crt\n" in main
     assert "smtp_tls_CApath" not in main
