@@ -344,6 +344,15 @@ async def main_async(options):
     return result
 
 
+def prepare_clients(groups=None):
+    """The clients' TLS key exchange groups (OpenSSL's default without `groups`), and
+    the load generator's file limit raised for its sockets: one per client."""
+    if groups:
+        CONTEXT.set_ecdh_curve(groups)  # SSL_CTX_set1_groups with OpenSSL 3
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("domain")
@@ -353,11 +362,7 @@ def main():
     parser.add_argument("--deadline", type=int, default=900)
     parser.add_argument("--groups")
     options = parser.parse_args()
-    if options.groups:
-        CONTEXT.set_ecdh_curve(options.groups)  # SSL_CTX_set1_groups with OpenSSL 3
-    # The load generator's own sockets: one per client.
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    prepare_clients(options.groups)
     result = asyncio.run(main_async(options))
     result["meter_maxrss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps(result))

@@ -11,7 +11,6 @@ Usage: imaplogin_meter.py DOMAIN COUNT [--greet-only] [--groups X25519] [--paral
 import argparse
 import asyncio
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -80,10 +79,7 @@ def main():
     parser.add_argument("--groups")
     parser.add_argument("--parallel", type=int, default=50)
     options = parser.parse_args()
-    if options.groups:
-        CONTEXT.set_ecdh_curve(options.groups)  # SSL_CTX_set1_groups with OpenSSL 3
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    capacity_meter.prepare_clients(options.groups)
     capacity_meter.log(f"{options}")
     result = asyncio.run(run(options))
     print(json.dumps(result))
