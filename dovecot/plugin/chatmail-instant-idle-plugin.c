@@ -29,9 +29,10 @@
 #include "mail-storage-private.h"
 #include "mail-storage-hooks.h"
 
-#define NOTIFY_INSTANT_MSECS 0
-/* Dovecot's own delay: when it would have told the client, it is told again */
-#define NOTIFY_SECOND_LOOK_MSECS 500
+/* When the client is told of a change, each counted from the one before: at once; again
+   when stock Dovecot would have told it (the change may be a delivery still being
+   recorded); and once more after Maildir's "dirty" window (instant_idle_look()). */
+static const unsigned int instant_idle_look_msecs[] = { 0, 500, 2500 };
 
 #define INSTANT_IDLE_CONTEXT_REQUIRE(obj) \
 	MODULE_CONTEXT_REQUIRE(obj, chatmail_instant_idle_storage_module)
@@ -50,10 +51,10 @@ struct chatmail_instant_idle_mailbox {
 
 	/* our notify I/Os, one per storage watch */
 	ARRAY(struct io *) ios;
-	/* box->to_notify_delay while it is ours: the instant notification, or the second
-	   look after it (at most one of them is set) */
-	struct timeout *to_instant;
-	struct timeout *to_second_look;
+	/* box->to_notify_delay while it is ours: the next look at the mailbox */
+	struct timeout *to_look;
+	/* index of that look in instant_idle_look_msecs */
+	unsigned int look;
 };
 
 void chatmail_instant_idle_plugin_init(struct module *module);
@@ -68,41 +69,48 @@ static void instant_idle_forget_timeout(struct mailbox *box,
 					struct chatmail_instant_idle_mailbox *ibox)
 {
 	/* mailbox_watch_remove_all() removes box->to_notify_delay */
-	if (box->to_notify_delay != ibox->to_instant)
-		ibox->to_instant = NULL;
-	if (box->to_notify_delay != ibox->to_second_look)
-		ibox->to_second_look = NULL;
+	if (box->to_notify_delay != ibox->to_look)
+		ibox->to_look = NULL;
 }
 
-static void instant_idle_second_look(struct mailbox *box)
-{
-	struct chatmail_instant_idle_mailbox *ibox = INSTANT_IDLE_CONTEXT_REQUIRE(box);
+static void instant_idle_look(struct mailbox *box);
 
-	i_assert(box->to_notify_delay == ibox->to_second_look);
-	ibox->to_second_look = NULL;
-	timeout_remove(&box->to_notify_delay);
-	if (box->notify_callback != NULL)
-		box->notify_callback(box, box->notify_context);
+static void instant_idle_arm_look(struct mailbox *box,
+				  struct chatmail_instant_idle_mailbox *ibox,
+				  unsigned int look)
+{
+	ibox->look = look;
+	ibox->to_look = timeout_add_short(instant_idle_look_msecs[look],
+					  instant_idle_look, box);
+	box->to_notify_delay = ibox->to_look;
 }
 
-static void instant_idle_notify(struct mailbox *box)
+/* Tell the client (the callback syncs the mailbox and sends what it finds), and arm the
+   next look first: the callback may close the mailbox, which removes it.
+
+   Why three looks. The first change is often a delivery still in progress: Maildir's
+   file is in new/ before the delivering process has recorded it in the index and
+   dovecot-uidlist (outside the watched directories, so no further event comes), so the
+   sync at once can miss it; the look 500 ms later, when Dovecot would have told the
+   client, finds it (without it, 2 to 3 of 10 first deliveries in Dovecot 2.4.5 waited
+   for the 30 s polling). And a sync that moves files from new/ to cur/ records new/'s
+   mtime after its scan: a delivery renamed into new/ between the scan and that stat,
+   whose process could not lock dovecot-uidlist (the sync held it; LMTP then leaves the
+   file to the next sync), is invisible to every sync until the scan is older than
+   MAILDIR_SYNC_SECS in whole seconds (DIR_DELAYED_REFRESH in maildir-sync.c). Its own
+   inotify event comes at once, so only a look 2 s or more after the last scan finds
+   it; without one it waited for the 30 s polling (bench/check_idle_overload.py). The
+   last look is armed before the second look's sync starts, hence 2.5 s, not 2. */
+static void instant_idle_look(struct mailbox *box)
 {
 	struct chatmail_instant_idle_mailbox *ibox = INSTANT_IDLE_CONTEXT_REQUIRE(box);
+	unsigned int next = ibox->look + 1;
 
-	i_assert(box->to_notify_delay == ibox->to_instant);
-	ibox->to_instant = NULL;
+	i_assert(box->to_notify_delay == ibox->to_look);
+	ibox->to_look = NULL;
 	timeout_remove(&box->to_notify_delay);
-	/* The change that woke us may be a delivery still in progress: Maildir's file is in
-	   new/ before the delivering process has recorded it in the index and
-	   dovecot-uidlist (outside the watched directories, so no further event comes), and
-	   the client's sync now may miss it. Dovecot's 500 ms hid that; without them about
-	   one in five first notifications in Dovecot 2.4.5 waited for the 30 s polling.
-	   So the client is told again when Dovecot would have told it: never later than
-	   stock Dovecot, and a second look costs one sync that usually finds nothing new.
-	   Armed before the callback, which may close the mailbox (close removes it). */
-	ibox->to_second_look = timeout_add_short(NOTIFY_SECOND_LOOK_MSECS,
-						 instant_idle_second_look, box);
-	box->to_notify_delay = ibox->to_second_look;
+	if (next < N_ELEMENTS(instant_idle_look_msecs))
+		instant_idle_arm_look(box, ibox, next);
 	if (box->notify_callback != NULL)
 		box->notify_callback(box, box->notify_context);
 }
@@ -116,17 +124,17 @@ static void instant_idle_changed(struct mailbox *box)
 	if (box->to_notify != NULL)
 		timeout_reset(box->to_notify);
 
-	if (box->to_notify_delay != NULL && box->to_notify_delay == ibox->to_instant)
+	if (box->to_notify_delay != NULL && box->to_notify_delay == ibox->to_look &&
+	    ibox->look == 0)
 		return; /* already due on the next ioloop run: changes merge */
 
-	/* a pending second look, or the storage's 500 ms timeout should its handler have
-	   run as well, is replaced: the second look follows the instant notification */
-	ibox->to_second_look = NULL;
+	/* a pending later look, or the storage's 500 ms timeout should its handler have
+	   run as well, is replaced: the looks start again from this change. A timeout
+	   (not a direct call) merges the changes of one ioloop run and runs the client's
+	   callback outside the inotify handler, as the patched Dovecot does */
+	ibox->to_look = NULL;
 	timeout_remove(&box->to_notify_delay);
-	/* a timeout (not a direct call) merges the changes of one ioloop run and runs the
-	   client's callback outside the inotify handler, as the patched Dovecot does */
-	ibox->to_instant = timeout_add_short(NOTIFY_INSTANT_MSECS, instant_idle_notify, box);
-	box->to_notify_delay = ibox->to_instant;
+	instant_idle_arm_look(box, ibox, 0);
 }
 
 static void instant_idle_remove_ios(struct chatmail_instant_idle_mailbox *ibox)
