@@ -293,9 +293,16 @@ async def measure(instances, args, cap):
         await asyncio.sleep(random.uniform(0, args.pause))
     elapsed = time.monotonic() - started
     throttled = [a - b_ for a, b_ in zip(cap.throttled(), throttled_before)]
+    cpu = {d.label: imap_cpu_seconds(d) for d in instances}
     for client in clients.values():
         client.writer.close()
-    return lateness, missed, logs, elapsed, throttled
+    return lateness, missed, logs, elapsed, throttled, cpu
+
+
+def imap_cpu_seconds(dovecot):
+    """CPU time of the instance's imap processes so far: one per client, alive since its
+    login, so this is all their syncs."""
+    return sum(b.cpu_seconds(pid) for pid in dovecot.imap_pids())
 
 
 def classify(values, missed):
@@ -309,17 +316,26 @@ def classify(values, missed):
     return row
 
 
-def report(args, facts, version, lateness, missed, logs, elapsed, throttled, hibernations):
+def imap_cpu(seconds, hibernations):
+    """A hibernated client's imap process ends and its successor starts from 0, so the
+    sum counts all syncs only without hibernations."""
+    return f"{seconds:.2f}" if hibernations == 0 else "(hibernated: not comparable)"
+
+
+def report(args, facts, version, lateness, missed, logs, elapsed, throttled, hibernations,
+           cpu):
     head = ["| dovecot | recipients told | " + " | ".join(name for name, _ in CLASSES)
-            + " | > 35 s | missed (only at DONE) | p50 | p95 | max | hibernations |",
-            "|---|" + "---|" * (len(CLASSES) + 7)]
+            + " | > 35 s | missed (only at DONE) | p50 | p95 | max | hibernations"
+            " | imap CPU s |",
+            "|---|" + "---|" * (len(CLASSES) + 8)]
     rows = []
     for label, values in lateness.items():
         counts = classify(values, missed[label])
         rows.append(f"| {label} | {len(values)} | " + " | ".join(map(str, counts))
                     + f" | {percentile(values, 0.5) * 1000:.0f} ms"
                     f" | {percentile(values, 0.95) * 1000:.0f} ms"
-                    f" | {max(values) * 1000:.0f} ms | {hibernations[label]} |")
+                    f" | {max(values) * 1000:.0f} ms | {hibernations[label]}"
+                    f" | {imap_cpu(cpu[label], hibernations[label])} |")
     return "\n".join([
         f"- {facts['date']}; {facts['nproc']} CPUs ({facts['cpu']}), {facts['memory']}, "
         f"Linux {facts['kernel']}, {facts['os']}; Dovecot {version[0]} (`{version[1]}`)",
@@ -354,7 +370,7 @@ def main():
             for index in range(args.recipients):  # accounts and maildirs, outside the cap
                 d.create_account(user(index))
         cap = CpuCap(args.cpus)
-        lateness, missed, logs, elapsed, throttled = asyncio.run(
+        lateness, missed, logs, elapsed, throttled, cpu = asyncio.run(
             measure(instances, args, cap))
         hibernations = {d.label: d.count("Successfully hibernated") for d in instances}
         problems = {d.label: d.problems() for d in instances}
@@ -368,7 +384,7 @@ def main():
         for build in builds:
             shutil.rmtree(build, ignore_errors=True)
     text = report(args, machine_facts(), b.dovecot_version(), lateness, missed, logs,
-                  elapsed, throttled, hibernations)
+                  elapsed, throttled, hibernations, cpu)
     print(text)
     for label, lines in problems.items():
         for line in lines[:20]:
