@@ -70,10 +70,13 @@ def save_run(name, args, release, core, runs, load_before):
     raw = RESULTS / f"{name}-{release}.json"
     raw.write_text(json.dumps({"core": core, "runs": runs}))
     facts, loads = machine_facts(), (load_before, load_line())
+    flags = "".join(f" --{flag.replace('_', '-')}" for flag in ("quickack", "before_after")
+                    if getattr(args, flag, False))
     return [
         f"## {release}",
         "",
-        f"Measured by `bench/bench_{name}.py --suite {args.suite} --samples {args.samples}` on "
+        f"Measured by `bench/bench_{name}.py --suite {args.suite} --samples {args.samples}"
+        f"{flags}` on "
         f"{facts['date']}; every sample in results/{raw.name}.",
         "",
         f"- machine: {facts['nproc']} CPUs ({facts['cpu']}), {facts['memory']}, "
