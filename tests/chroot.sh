@@ -48,7 +48,7 @@ quietly() {
 build_base() {
 	mkdir -p "$cache"
 	tmp=$(mktemp -d "$cache/.chroot-$suite.XXXXXX")
-	trap 'umount "$tmp/proc" 2>/dev/null || true; rm -rf "$tmp"' EXIT
+	trap 'umount "$tmp/proc" 2>/dev/null || true; rm -rf --one-file-system "$tmp"' EXIT
 	echo "chroot.sh: building a $suite chroot with its Dovecot (cached as $base)" >&2
 	quietly "$tmp.log" debootstrap --variant=minbase "$suite" "$tmp" http://deb.debian.org/debian
 	# Nothing may start in the chroot: it shares the host's network.
@@ -74,7 +74,7 @@ build_base() {
 # The layer with another suite's Dovecot: an overlay upper directory kept for reuse.
 build_dovecot_layer() {
 	tmp=$(mktemp -d "$cache/.layer.XXXXXX")
-	trap 'umount "$tmp/root/proc" "$tmp/root" 2>/dev/null || true; rm -rf "$tmp"' EXIT
+	trap 'umount "$tmp/root/proc" "$tmp/root" 2>/dev/null || true; rm -rf --one-file-system "$tmp"' EXIT
 	echo "chroot.sh: adding $dovecot_suite's Dovecot (cached as $layer)" >&2
 	mkdir -p "$tmp/upper" "$tmp/work" "$tmp/root"
 	mount -t overlay overlay -o "lowerdir=$base,upperdir=$tmp/upper,workdir=$tmp/work" "$tmp/root"
@@ -91,7 +91,7 @@ build_dovecot_layer() {
 	umount "$tmp/root/proc" "$tmp/root"
 	rm -f "$tmp.log"
 	mv "$tmp/upper" "$layer"
-	rm -rf "$tmp"
+	rm -rf --one-file-system "$tmp"
 	trap - EXIT
 }
 
@@ -118,7 +118,7 @@ cleanup() {
 	for mount in "$root/src" "$root/dev" "$root/proc" "$root/tmp" "$root"; do
 		umount "$mount" 2>/dev/null || true
 	done
-	rm -rf "$run"
+	rm -rf --one-file-system "$run"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
