@@ -129,8 +129,9 @@ def descendants(root):
 class Client:
     """One IDLE-ing IMAP session over TLS; a reader task records each EXISTS."""
 
-    def __init__(self, dovecot, user):
-        self.dovecot, self.user = dovecot, user
+    def __init__(self, dovecot, index):
+        self.dovecot, self.user = dovecot, user(index)
+        self.key = (dovecot.label, index)  # its key in the meter's dicts
         self.count = 0  # as IDLE (or DONE) last reported
         self.count_at = {}  # count -> time.monotonic() it was first reported
         self.tag = 0
@@ -263,7 +264,7 @@ async def measure(instances, args, cap):
     clients, totals = {}, {}
     for d in instances:
         for index in range(args.recipients):
-            client = Client(d, user(index))
+            client = Client(d, index)
             await client.connect()
             await client.idle()
             clients[(d.label, index)] = client
@@ -282,8 +283,7 @@ async def measure(instances, args, cap):
             for value, client in outcomes:
                 if value is None:
                     missed[label] += 1
-                    await settle_missed(client, totals[(label, int(client.user[-3:]))],
-                                        logs)
+                    await settle_missed(client, totals[client.key], logs)
                 else:
                     lateness[label].append(value)
         print(f"round {number + 1}/{args.rounds}: "
