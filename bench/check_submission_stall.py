@@ -58,21 +58,25 @@ def flags_of(path):
 
 
 def connections(found, flags):
-    """Packets grouped per connection (the client's ephemeral port and the server port)."""
-    groups = {}
+    """Packets grouped per connection: the server port, the client's ephemeral port, and
+    how often that port had opened a connection before (ports are reused)."""
+    groups, opened = {}, {}
     for packet, flag in zip(found, flags):
         time_, src, dst, length, text = packet
         server = src if src in PORTS else dst
         client = dst if src in PORTS else src
         side = "server" if src in PORTS else "client"
-        groups.setdefault((server, client), []).append((time_, side, flag, length, text))
+        if side == "client" and flag == "S":
+            opened[(server, client)] = opened.get((server, client), 0) + 1
+        key = (server, client, opened.get((server, client), 0))
+        groups.setdefault(key, []).append((time_, side, flag, length, text))
     return groups
 
 
 def stalls(groups):
     """(server port, gap, packets around it) for every pause of STALL or more."""
     result = []
-    for (server, _), group in groups.items():
+    for (server, _, _), group in groups.items():
         for index in range(1, len(group)):
             gap = group[index][0] - group[index - 1][0]
             # a connection idle between commands of the meter is not a stall: only gaps
