@@ -88,19 +88,20 @@ static void instant_idle_arm_look(struct mailbox *box,
 /* Tell the client (the callback syncs the mailbox and sends what it finds), and arm the
    next look first: the callback may close the mailbox, which removes it.
 
-   Why three looks. The first change is often a delivery still in progress: Maildir's
-   file is in new/ before the delivering process has recorded it in the index and
-   dovecot-uidlist (outside the watched directories, so no further event comes), so the
-   sync at once can miss it; the look 500 ms later, when Dovecot would have told the
-   client, finds it (without it, 2 to 3 of 10 first deliveries in Dovecot 2.4.5 waited
-   for the 30 s polling). And a sync that moves files from new/ to cur/ records new/'s
-   mtime after its scan: a delivery renamed into new/ between the scan and that stat,
-   whose process could not lock dovecot-uidlist (the sync held it; LMTP then leaves the
-   file to the next sync), is invisible to every sync until the scan is older than
-   MAILDIR_SYNC_SECS in whole seconds (DIR_DELAYED_REFRESH in maildir-sync.c). Its own
-   inotify event comes at once, so only a look 2 s or more after the last scan finds
-   it; without one it waited for the 30 s polling (bench/check_idle_overload.py). The
-   last look is armed before the second look's sync starts, hence 2.5 s, not 2. */
+   Why three looks. The first change can be a delivery still in progress, which the sync
+   at once misses, and the rest of it (index, dovecot-uidlist) is outside the watched
+   directories, so no further event comes: with attachment flags on (Dovecot 2.4.2's
+   default; our configuration turns them off) a delivery is renamed into cur/ and records
+   cur/'s mtime in the index before the message itself. The look 500 ms later, when
+   Dovecot would have told the client, finds it. And a sync that moves files from new/ to
+   cur/ records new/'s mtime after its scan: a delivery renamed into new/ between the
+   scan and that stat, whose process could not lock dovecot-uidlist (the sync held it;
+   LMTP then leaves the file to the next sync), is invisible to every sync until the scan
+   is older than MAILDIR_SYNC_SECS in whole seconds (DIR_DELAYED_REFRESH in
+   maildir-sync.c). Its own inotify event comes at once, so only a look 2 s or more after
+   the last scan finds it; without one it waited for the 30 s polling
+   (bench/check_idle_overload.py). The last look is armed before the second look's sync
+   starts, hence 2.5 s, not 2. */
 static void instant_idle_look(struct mailbox *box)
 {
 	struct chatmail_instant_idle_mailbox *ibox = INSTANT_IDLE_CONTEXT_REQUIRE(box);

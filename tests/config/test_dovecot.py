@@ -21,7 +21,6 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from statistics import median
 from dataclasses import dataclass
 from pathlib import Path
 from pwd import getpwnam
@@ -1063,17 +1062,16 @@ def scratch_dir():
 def test_dovecot_loads_the_instant_idle_plugin_and_idle_wakes_at_once(push, scratch_dir):
     """The relay's configuration with the plugin built from dovecot/plugin: Dovecot
     loads it (IMAP logins would fail if it could not) and an IDLE-ing client hears of
-    deliveries at once, never later than without it; the same relay without it waits
-    Dovecot's 500 ms. (Dovecot 2.4.5 misses about one in three first deliveries to a new
-    mailbox at once; the plugin's second look tells the client after 500 ms, as stock
-    Dovecot does, instead of after the 30 s polling.)"""
+    every delivery at once; the same relay without it waits Dovecot's 500 ms. (With
+    Dovecot 2.4.2's default attachment flags, which our configuration turns off, about
+    one in three deliveries was missed at once and told only by the plugin's look 500 ms
+    later.)"""
     if not os.path.exists(DOVECOT_DEV):
         pytest.skip(f"needs dovecot-dev ({DOVECOT_DEV})")
     module = build_instant_idle_plugin(scratch_dir)
     with_plugin = run_idle_relay(push, module, scratch_dir / "with")
     assert with_plugin.loads_plugin and with_plugin.problems == []
-    assert median(with_plugin.waits) < STOCK_DELAY / 10, with_plugin.waits
-    assert max(with_plugin.waits) < STOCK_DELAY * 1.2, with_plugin.waits
+    assert max(with_plugin.waits) < STOCK_DELAY / 10, with_plugin.waits
     stock = run_idle_relay(push, None, scratch_dir / "stock")
     assert not stock.loads_plugin and stock.problems == []
     assert min(stock.waits) >= STOCK_DELAY * 0.9, stock.waits
