@@ -230,7 +230,8 @@ class RelayDovecot(Dovecot):
     tests run it (TLS 1.3, doveauth, chatmail-metadata and lastlogin behind it, quota,
     zlib, last_login, push notifications), with imap_hibernate_timeout shortened."""
 
-    def __init__(self, label, push, plugin_dir=None):
+    def __init__(self, label, push, plugin_dir=None, extra=""):
+        """extra: more configuration, appended to the instance's (bench/check_*.py)."""
         sys.path.insert(0, str(REPO))
         from tests.config import test_dovecot as live
 
@@ -239,7 +240,7 @@ class RelayDovecot(Dovecot):
                 return super().instance_overrides() + (
                     f"imap_hibernate_timeout = {HIBERNATE_SECS}s\n"
                     "log_debug = event=imap_client_hibernated OR "
-                    "event=imap_client_unhibernated\n")
+                    "event=imap_client_unhibernated\n") + extra
 
         live.ensure_vmail_user()
         self.label, self.tls = label, True
