@@ -26,9 +26,10 @@ def login(address):
     return imap
 
 
-def lmtp_deliver(address, number, socket_path=LMTP_SOCKET, timeout=None):
+def lmtp_deliver(address, number, socket_path=LMTP_SOCKET, timeout=None, content=None):
     """Deliver one message straight to Dovecot; returns time.monotonic() at Dovecot's
-    reply to DATA (bench_idle_plugin.py uses it too)."""
+    reply to DATA (bench_idle_plugin.py uses it too). content: the message's lines
+    (CRLF, dot-stuffed, without the final "."); default a bare one with the number."""
     with socket.socket(socket.AF_UNIX) as sock:
         sock.settimeout(timeout)
         sock.connect(str(socket_path))
@@ -46,7 +47,7 @@ def lmtp_deliver(address, number, socket_path=LMTP_SOCKET, timeout=None):
         for line in (b"LHLO meter", b"MAIL FROM:<meter@localhost>",
                      b"RCPT TO:<" + address.encode() + b">", b"DATA"):
             command(line)
-        command(b"Subject: %d\r\n\r\nbody\r\n." % number)
+        command((content or b"Subject: %d\r\n\r\nbody" % number) + b"\r\n.")
         return time.monotonic()
 
 
