@@ -913,7 +913,7 @@ def test_incoming_message_pushes_device_token(relay):
 def test_mail_is_read_from_its_file_without_an_index_cache(relay):
     """Deliveries (whose push notification reads headers) and a client's fetch of them
     leave no dovecot.index.cache, which upstream's size limit made Dovecot delete with
-    an error every 1,300 messages or so (bench/results/index-cache.md); the fetch
+    an error every 1,000 messages or so (bench/results/index-cache.md); the fetch
     answers from the message files."""
     addr = relay.new_address()
     client = relay.login(addr, PASSWORD)
