@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_idle_plugin as b  # noqa: E402
-from common import machine_facts, percentile  # noqa: E402
+from common import machine_facts, percentile, print_and_append  # noqa: E402
 from idle_meter import lmtp_deliver  # noqa: E402
 
 RESULTS = b.HERE / "results" / "index-cache.md"
@@ -165,10 +165,7 @@ def main():
         for d in instances:
             shutil.rmtree(d.root, ignore_errors=True)
     text = report(args, machine_facts(), b.dovecot_version()[0], results)
-    print(text)
-    if args.write:
-        with RESULTS.open("a") as out:
-            out.write(text + "\n")
+    print_and_append(text, RESULTS, args.write)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_idle_plugin as b  # noqa: E402
-from common import machine_facts, percentile  # noqa: E402
+from common import machine_facts, percentile, print_and_append  # noqa: E402
 
 RESULTS = b.HERE / "results" / "unhibernate-rcu.md"
 RCU_EXPEDITED = Path("/sys/kernel/rcu_expedited")
@@ -137,10 +137,7 @@ def main():
     for label, found in problems.items():
         if found:
             text += f"\n{label}: {len(found)} log problems, first: {found[0]}\n"
-    print(text)
-    if args.write:
-        with RESULTS.open("a") as out:
-            out.write(text + "\n")
+    print_and_append(text, RESULTS, args.write)
 
 
 if __name__ == "__main__":

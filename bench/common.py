@@ -39,6 +39,15 @@ def write_results(name, text, data=None):
     print(text)
 
 
+def print_and_append(text, results, append):
+    """The run's report on stdout and, with `append` (an experiment's --write), at the
+    end of the results file, after its earlier runs."""
+    print(text)
+    if append:
+        with results.open("a") as out:
+            out.write(text + "\n")
+
+
 def rss_kb(pid, field="VmRSS"):
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
