@@ -9,13 +9,14 @@ fields it asks for), and at the end it fetches all of them again, as a new devic
 would. Batches alternate between the instances.
 
 Reported per instance: Dovecot's error lines (the cache's "Cache file too large"
-among them), the cache file's size, LMTP's time per delivery, and the time of the
-fetches (ms).
+among them), the cache file's size, LMTP's time per delivery, the time of the fetches
+(ms), and, measured first, how long a hibernated client (imap_hibernate_timeout 2 s,
+a mailbox of a few messages) takes from a delivery to its EXISTS.
 
 Needs what bench_idle_plugin.py --relay needs (root, the host's Dovecot). Installs
 nothing; removes its instances and files when done.
 
-    check_index_cache.py [--messages 4000] [--batch 200] [--write]
+    check_index_cache.py [--messages 4000] [--batch 200] [--hibernated-rounds 10] [--write]
 """
 
 import argparse
@@ -50,6 +51,8 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=4000)
     parser.add_argument("--batch", type=int, default=200)
+    parser.add_argument("--hibernated-rounds", type=int, default=10,
+                        help="rounds of 4 hibernated clients woken by a delivery")
     parser.add_argument("--write", action="store_true", help=f"append to {RESULTS.name}")
     return parser.parse_args()
 
@@ -130,15 +133,17 @@ def report(args, facts, version, results):
         f"Linux {facts['kernel']}, {facts['os']}; Dovecot {version}",
         "",
         "| instance | error lines | \"Cache file too large\" | cache file | LMTP per message, "
-        "median (p95) | fetch of each batch, median | fetch of all at the end |",
-        "|---|---|---|---|---|---|---|",
+        "median (p95) | fetch of each batch, median | fetch of all at the end | "
+        "hibernated client woken, median (p95) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for label, r in results.items():
         too_large = sum("Cache file too large" in line for line in r["errors"])
         lines.append(
             f"| {label} | {len(r['errors'])} | {too_large} | {r['cache_kb']:.0f} KB | "
             f"{percentile(r['delivery'], 0.5):.2f} ({percentile(r['delivery'], 0.95):.2f}) "
-            f"ms | {percentile(r['batch_fetch'], 0.5):.1f} ms | {r['full_fetch']:.0f} ms |")
+            f"ms | {percentile(r['batch_fetch'], 0.5):.1f} ms | {r['full_fetch']:.0f} ms | "
+            f"{percentile(r['woken'], 0.5):.1f} ({percentile(r['woken'], 0.95):.1f}) ms |")
     for label, r in results.items():
         if r["errors"]:
             lines += ["", f"{label}, first error lines:", "", "```", *r["errors"][:3], "```"]
@@ -157,7 +162,11 @@ def main():
                      with_cache(b.RelayDovecot("cache-500K", push))]
         for d in instances:
             d.start()
+        woken, _ = b.measure_hibernated(instances, args.hibernated_rounds, 4,
+                                        time.monotonic())
         results = run(instances, args)
+        for label, values in woken.items():
+            results[label]["woken"] = [v * 1000 for v in values]
     finally:
         for d in instances:
             d.stop()
