@@ -281,6 +281,14 @@ class RelayDovecot(Dovecot):
         imap_client(self, user).close()
 
 
+def build_plugin(target, source=PLUGIN_SRC):
+    """The instant-IDLE plugin built from `source` (default dovecot/plugin/) against the
+    host's dovecot-dev, as the file `target`; returns `target` (the bench/check_*.py
+    experiments build it too)."""
+    subprocess.run(["make", "-s", "-C", source, f"PLUGIN={target}"], check=True)
+    return target
+
+
 def imap_client(dovecot, user):
     """relay_meter's IMAP client (LOGIN, SELECT INBOX, IDLE/DONE, waits for EXISTS) on
     `dovecot`'s port, with TLS when it has TLS; client.user is `user`."""
@@ -451,8 +459,7 @@ def main():
     push = None
     try:
         build.chmod(0o755)
-        subprocess.run(["make", "-s", "-C", PLUGIN_SRC, f"PLUGIN={build / PLUGIN_SO}"],
-                       check=True)
+        build_plugin(build / PLUGIN_SO)
         if relay:
             sys.path.insert(0, str(REPO))
             from tests.unit.push_server import PushServer

@@ -211,8 +211,7 @@ def build_plugin(directory, revision=None):
                                    f"{revision}:dovecot/plugin/{name}"],
                                   check=True, capture_output=True, text=True).stdout
             (source / name).write_text(text)
-    subprocess.run(["make", "-s", "-C", source, f"PLUGIN={directory / b.PLUGIN_SO}"],
-                   check=True)
+    b.build_plugin(directory / b.PLUGIN_SO, source)
     return directory
 
 

@@ -14,7 +14,6 @@ For Dovecot 2.4 run it in Debian 13 as bench/results/idle-plugin-relay-dovecot24
 
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -103,8 +102,7 @@ def main():
     build.chmod(0o755)
     d = push = None
     try:
-        subprocess.run(["make", "-s", "-C", b.PLUGIN_SRC, f"PLUGIN={build / b.PLUGIN_SO}"],
-                       check=True)
+        b.build_plugin(build / b.PLUGIN_SO)
         if relay:
             sys.path.insert(0, str(b.REPO))
             from tests.unit.push_server import PushServer

@@ -23,6 +23,7 @@ import argparse
 import base64
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -38,10 +39,9 @@ USER = "cachebnch"  # 9 characters: the relay's doveauth takes only those
 # what Delta Chat's core prefetches of a new message (PREFETCH_FLAGS in src/imap/session.rs)
 HEADER_FIELDS = ("MESSAGE-ID DATE X-MICROSOFT-ORIGINAL-MESSAGE-ID FROM CONTENT-TYPE "
                  "SECURE-JOIN CHAT-VERSION CHAT-IS-POST-MESSAGE AUTOCRYPT-SETUP-MESSAGE")
-# the index cache as our configuration had it, in place of what turns it off now
-NO_CACHE = {"2.3": "mail_never_cache_fields = *\n",
-            "2.4": "mail_never_cache_fields {\n  # \"*\" must stand alone: Dovecot's default "
-                   "entry goes first.\n  imap.envelope = no\n  * = yes\n}\n"}
+# the index cache as our configuration had it, in place of the setting that turns it off
+# (2.3: one line; 2.4: a block)
+NO_CACHE = re.compile(r"^mail_never_cache_fields (= \*|\{.*?^\})\n", re.M | re.S)
 CACHE_500K = {"2.3": "mail_cache_max_size = 500K\n",
               "2.4": "mail_cache_max_size = 500K\nmail_cache_fields = flags\n"}
 FETCH = f"(UID RFC822.SIZE BODY.PEEK[HEADER.FIELDS ({HEADER_FIELDS})])"
@@ -117,10 +117,10 @@ def with_cache(instance):
     """`instance` with the index cache of our configuration before 2026-12-07 (edited
     in its dovecot.conf: a second setting would add to 2.4's list, not replace it)."""
     conf = Path(instance.relay.path(instance.relay.platform.dovecot_main_config))
-    text = conf.read_text()
     version = instance.relay.platform.dovecot_version
-    assert text.count(NO_CACHE[version]) == 1, conf
-    conf.write_text(text.replace(NO_CACHE[version], CACHE_500K[version]))
+    text, found = NO_CACHE.subn(CACHE_500K[version], conf.read_text())
+    assert found == 1, conf
+    conf.write_text(text)
     return instance
 
 
